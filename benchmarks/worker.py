@@ -1,0 +1,113 @@
+"""One measured training run in its own process (so peak RSS is its own): posttrain or TRL.
+
+    python -m benchmarks.worker --impl posttrain --method sft --workload big-vocab --steps 6
+prints one JSON line with seconds/step, tokens/s, peak RSS and the first-step loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _timing_callback():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks = []  # (time, tokens seen) at the end of each step
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    return StepTimer()
+
+
+def _common_kwargs(workload, steps, out):
+    return dict(
+        output_dir=out, per_device_train_batch_size=workload.batch_size, max_steps=steps, logging_steps=1,
+        save_strategy="no", report_to="none", learning_rate=2e-5, bf16=False, seed=0, data_seed=0,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+    )
+
+
+def build_trainer(impl: str, method: str, workload, steps: int, out: str, options: dict):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from benchmarks.workloads import chat_dataset_file, model_dir, preference_dataset_file
+
+    path = model_dir(workload)
+    # word-level tokenizer: AutoTokenizer would rebuild it as a BPE Qwen2Tokenizer
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    kwargs = _common_kwargs(workload, steps, out)
+    if impl == "posttrain":
+        import posttrain as lib
+    else:
+        import trl as lib
+    if method == "sft":
+        data = load_dataset("json", data_files=chat_dataset_file(workload), split="train")
+        config = lib.SFTConfig(max_length=workload.max_length, **kwargs, **options)
+        return lib.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
+    if method == "dpo":
+        data = load_dataset("json", data_files=preference_dataset_file(workload), split="train")
+        config = lib.DPOConfig(max_length=workload.max_length, beta=0.1, **kwargs, **options)
+        return lib.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
+    raise SystemExit(f"unknown method {method}")
+
+
+def main(argv=None) -> int:
+    from benchmarks.workloads import WORKLOADS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--impl", choices=["posttrain", "trl"], required=True)
+    parser.add_argument("--method", default="sft")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--options", default="{}", help="JSON of extra config fields")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workload = WORKLOADS[args.workload]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(args.impl, args.method, workload, args.steps, out, json.loads(args.options))
+        timer = _timing_callback()
+        trainer.add_callback(timer)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        trainer.train()
+        marks = timer.marks
+    # step 1 pays one-off costs (allocator warm-up, lazy init): time steps 2..N
+    (t1, n1), (tn, nn_) = marks[1], marks[-1]
+    steps_timed = len(marks) - 2
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = {
+        "impl": args.impl, "method": args.method, "workload": args.workload, "steps_timed": steps_timed,
+        "sec_per_step": (tn - t1) / max(steps_timed, 1),
+        "tokens_per_sec": (nn_ - n1) / max(tn - t1, 1e-9),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mb": rss_before / 1024,
+        "first_step_loss": losses[0] if losses else None,
+        "losses": losses,
+    }
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from posttrain.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""Reach the final hidden states and the output head of a causal LM, through any wrapper.
+
+Trainers never ask a model for full-vocabulary logits during training. They call the model as
+usual (so DDP, FSDP, DeepSpeed, accelerate hooks and PEFT all see a normal forward), ask it for
+its hidden states and for no logits at all, and then apply the output head themselves in chunks
+(:mod:`posttrain.ops.logprobs`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from posttrain.ops.logprobs import HeadTransform
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model: strips DDP/DeepSpeed (``.module``), compile and PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        else:
+            break
+    return model
+
+
+@dataclass
+class OutputHead:
+    """The output projection ``W`` (V, d), its bias, and the transform the model applies to logits."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transform: HeadTransform
+
+
+def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None:
+    """The model's output head, or ``None`` when it is not a plain linear layer (e.g. LoRA on lm_head)."""
+    base = unwrap_model(model)
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear:
+        return None
+    config = getattr(base, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    transform = HeadTransform(
+        scale=float(scale) if isinstance(scale, (int, float)) else 1.0,
+        softcap=float(softcap) if softcap else None,
+        temperature=float(temperature),
+    )
+    return OutputHead(head.weight, head.bias, transform)
+
+
+@lru_cache(maxsize=64)
+def _accepts_logits_to_keep(forward) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """Final (post-norm) hidden states ``(B, L, d)`` from a normal forward that computes no logits."""
+    base = unwrap_model(model)
+    kwargs = dict(model_kwargs)
+    if _accepts_logits_to_keep(base.forward):
+        # an empty index tensor selects no position, so the head multiplies nothing
+        kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        use_cache=False,
+        **kwargs,
+    )
+    return outputs.hidden_states[-1]
+
+
+def target_positions(
+    completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean (B, L-1): position t predicts token t+1 and carries a loss.
+
+    ``completion_mask[b, t]`` marks token t as a target. In a packed row, the first token of each
+    sequence (``position_ids == 0``) is never a target: nothing before it belongs to its sequence.
+    """
+    mask = completion_mask[:, 1:].bool()
+    if position_ids is not None:
+        mask = mask & (position_ids[:, 1:] != 0)
+    return mask
+
+
+@dataclass
+class TokenLogps:
+    """Per-token log-probabilities of a batch, aligned with ``input_ids[:, 1:]``.
+
+    ``logps``, ``entropy``: (B, L-1) float32, zero where ``mask`` is False; ``argmax_match``: (B, L-1)
+    bool; ``mask``: (B, L-1) bool, the positions that were computed.
+    """
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor
+    argmax_match: torch.Tensor
+
+    def sequence_sums(self) -> torch.Tensor:
+        """(B,) summed log-probs of each row's target tokens."""
+        return self.logps.sum(-1)
+
+    def token_counts(self) -> torch.Tensor:
+        """(B,) number of target tokens of each row (float)."""
+        return self.mask.sum(-1).float()
+
+
+def token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> TokenLogps:
+    """Log-probabilities of the target tokens of ``input_ids`` under ``model``, never holding full logits.
+
+    ``completion_mask[b, t] = 1`` marks token t as a target (it is scored from position t-1).
+    Differentiable when autograd is on; run it under ``torch.no_grad()`` for reference models.
+    """
+    hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
+    mask = target_positions(completion_mask, position_ids)
+    selected = hidden[:, :-1][mask]
+    targets = input_ids[:, 1:][mask]
+    head = output_head(model, temperature=temperature)
+    if head is not None:
+        from posttrain.ops.logprobs import chunked_token_logps
+
+        flat_logps, flat_entropy, flat_match = chunked_token_logps(
+            selected, head.weight, targets, bias=head.bias, head=head.transform,
+            chunk_size=chunk_size, with_entropy=with_entropy,
+        )
+    else:  # a wrapped head (e.g. LoRA on lm_head): call the module itself
+        from posttrain.ops.logprobs import entropy_from_logits, naive_token_logps
+
+        logits = unwrap_model(model).get_output_embeddings()(selected).float() / temperature
+        flat_logps = naive_token_logps(logits, targets)
+        with torch.no_grad():
+            flat_entropy = entropy_from_logits(logits) if with_entropy else torch.full_like(flat_logps, float("nan"))
+            flat_match = logits.argmax(-1) == targets
+    shape = mask.shape
+    logps = flat_logps.new_zeros(shape).masked_scatter(mask, flat_logps)
+    entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy.detach())
+    match = torch.zeros(shape, dtype=torch.bool, device=mask.device).masked_scatter(mask, flat_match)
+    return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match)

@@ -1,0 +1,279 @@
+"""Token log-probabilities straight from final hidden states, without full-vocabulary logits.
+
+A causal LM's head maps hidden states ``h`` (N, d) to logits ``h @ W.T`` (N, V). With real
+vocabularies (V = 150k) the logits of one batch take gigabytes in float32, and a naive
+``log_softmax`` keeps two or three such tensors alive for backward. The functions here go
+through the rows in chunks, keep only per-row scalars (the log-sum-exp), and rebuild each chunk's
+logits in backward. Peak extra memory is one chunk of logits, whatever the batch.
+
+Two entry points:
+
+* :func:`chunked_token_logps` -- per-token log p(target), differentiable, for losses that are not
+  a plain weighted sum of log-probs (DPO, policy gradients). Backward recomputes each chunk.
+* :func:`fused_linear_nll` -- the weighted negative log-likelihood ``sum_i w_i * -log p(t_i)``
+  (SFT). Since the weights are known in forward, the gradients are computed there too, chunk by
+  chunk, and backward only rescales them: three matrix products instead of four.
+
+Both work in float32 internally whatever the input dtype, and apply the head's optional output
+scale, logit soft-capping and sampling temperature, so that they match ``model(...).logits``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model does to ``h @ W.T + b`` before the softmax.
+
+    ``logits = softcap * tanh(scale * z / softcap) / temperature`` with ``z = h @ W.T + b``; a
+    ``softcap`` of ``None`` skips the tanh.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision and float32 inputs; float64 stays float64 (for exact checks)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadTransform):
+    """Logits of one chunk in float32, and d(logits)/d(z) when soft-capping makes it non-constant."""
+    if weight.dtype != hidden.dtype:
+        # under autocast the forward saw a down-cast weight; backward runs outside autocast
+        weight = weight.to(hidden.dtype)
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z.to(_accumulation_dtype(z))
+    if head.scale != 1.0:
+        z = z * head.scale
+    tanh_grad = None
+    if head.softcap is not None:
+        t = torch.tanh(z / head.softcap)
+        z = t * head.softcap
+        tanh_grad = 1.0 - t * t
+    if head.temperature != 1.0:
+        z = z / head.temperature
+    return z, tanh_grad
+
+
+def _logits_grad_to_z(grad_logits: torch.Tensor, tanh_grad: torch.Tensor | None, head: HeadTransform) -> torch.Tensor:
+    """Chain rule from d(loss)/d(logits) back to d(loss)/d(h @ W.T + b)."""
+    scale = head.scale / head.temperature
+    if tanh_grad is not None:
+        grad_logits = grad_logits * tanh_grad
+    if scale != 1.0:
+        grad_logits = grad_logits * scale
+    return grad_logits
+
+
+def _accumulate_param_grads(grad_z, hidden_chunk, weight, bias, grad_weight, grad_bias, need_weight, need_bias):
+    if need_weight:
+        grad_weight.addmm_(grad_z.t(), hidden_chunk.to(grad_weight.dtype))
+    if need_bias:
+        grad_bias.add_(grad_z.sum(0))
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, head, with_entropy):
+        n = hidden.shape[0]
+        acc = _accumulation_dtype(hidden)
+        logps = hidden.new_empty(n, dtype=acc)
+        lse = hidden.new_empty(n, dtype=acc)
+        entropy = hidden.new_empty(n, dtype=acc)
+        argmax_match = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            logits, _ = _chunk_logits(hidden[start:stop], weight, bias, head)
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            logps[start:stop] = target_logits - chunk_lse
+            lse[start:stop] = chunk_lse
+            argmax_match[start:stop] = logits.argmax(-1) == targets[start:stop]
+            if with_entropy:
+                entropy[start:stop] = _entropy_given_lse(logits, chunk_lse)
+        if not with_entropy:
+            entropy.fill_(float("nan"))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        ctx.head = head
+        ctx.mark_non_differentiable(entropy, argmax_match)
+        return logps, entropy, argmax_match
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy, _grad_match):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        head = ctx.head
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        acc = _accumulation_dtype(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None
+        grad_logps = grad_logps.to(acc)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            logits, tanh_grad = _chunk_logits(hidden[start:stop], weight, bias, head)
+            g = grad_logps[start:stop]
+            # d log p(t) / d logits = onehot(t) - softmax(logits)
+            grad_logits = torch.exp(logits - lse[start:stop, None]).mul_(-g[:, None])
+            grad_logits.scatter_add_(1, targets[start:stop, None], g[:, None])
+            grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
+            if need_hidden:
+                grad_hidden[start:stop] = (grad_z @ weight.to(acc)).to(hidden.dtype)
+            _accumulate_param_grads(grad_z, hidden[start:stop], weight, bias, grad_weight, grad_bias, need_weight, need_bias)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _entropy_given_lse(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # H = lse - sum(p * logits); the row-wise dot goes through bmm to avoid another (n, V) temporary
+    probs = torch.exp(logits - lse[:, None])
+    return lse - (probs.unsqueeze(1) @ logits.unsqueeze(2)).reshape(-1)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    head: HeadTransform = HeadTransform(),
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probability of each target token, plus its entropy and whether it was the argmax.
+
+    Args:
+        hidden: (N, d) final hidden states of the positions that predict ``targets``.
+        weight: (V, d) output-embedding matrix; ``bias``: optional (V,).
+        targets: (N,) token ids.
+        head: the model's logit transform (scale, soft-cap, temperature).
+        chunk_size: rows per chunk; peak extra memory is ``chunk_size * V`` floats.
+
+    Returns:
+        ``logps`` (N,) float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``;
+        ``entropy`` (N,) float32 of the predicted distribution (no gradient; NaN unless
+        ``with_entropy``, which costs one more pass over each chunk);
+        ``argmax_match`` (N,) bool, True where the most likely token is the target (no gradient).
+    """
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        # keep the graph connected so that backward through an empty selection still works
+        return empty + 0.0 * hidden.sum(), empty, torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, head, with_entropy)
+
+
+class _FusedLinearNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size, head, with_entropy):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        compute_grads = need_hidden or need_weight or need_bias
+        n = hidden.shape[0]
+        acc = _accumulation_dtype(hidden)
+        loss = hidden.new_zeros((), dtype=acc)
+        argmax_match = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        entropy = hidden.new_empty(n, dtype=acc)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None
+        token_weights = token_weights.to(acc)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            logits, tanh_grad = _chunk_logits(hidden[start:stop], weight, bias, head)
+            chunk_targets = targets[start:stop, None]
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(1, chunk_targets).squeeze(1)
+            w = token_weights[start:stop]
+            loss += (w * (chunk_lse - target_logits)).sum()
+            argmax_match[start:stop] = logits.argmax(-1) == targets[start:stop]
+            if with_entropy:
+                entropy[start:stop] = _entropy_given_lse(logits, chunk_lse)
+            if compute_grads:
+                probs = logits.sub_(chunk_lse[:, None]).exp_()  # reuse the buffer: logits are no longer needed
+                # d(-w log p(t)) / d logits = w * (softmax - onehot(t))
+                grad_logits = probs.mul_(w[:, None])
+                grad_logits.scatter_add_(1, chunk_targets, -w[:, None])
+                grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
+                if need_hidden:
+                    grad_hidden[start:stop] = (grad_z @ weight.to(acc)).to(hidden.dtype)
+                _accumulate_param_grads(
+                    grad_z, hidden[start:stop], weight, bias, grad_weight, grad_bias, need_weight, need_bias
+                )
+        ctx.save_for_backward(
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+        if not with_entropy:
+            entropy.fill_(float("nan"))
+        ctx.mark_non_differentiable(argmax_match, entropy)
+        return loss, argmax_match, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_match, _grad_entropy):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * scale.to(grad_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias * scale.to(grad_bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def fused_linear_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    head: HeadTransform = HeadTransform(),
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted negative log-likelihood ``sum_i token_weights[i] * -log p(targets[i] | hidden[i])``.
+
+    Gradients are computed in forward (when autograd needs them), so the loss must be used
+    linearly afterwards (scaled, summed with other losses), which is how training uses it.
+
+    Args:
+        hidden: (N, d); weight: (V, d); targets: (N,); token_weights: (N,), e.g. ``1 / num_tokens``.
+
+    Returns:
+        ``loss`` scalar float32; ``argmax_match`` (N,) bool and ``entropy`` (N,) float32 (NaN unless
+        ``with_entropy``), no gradient.
+    """
+    if hidden.shape[0] == 0:
+        zero = 0.0 * hidden.sum()
+        return zero.float(), torch.zeros(0, dtype=torch.bool, device=hidden.device), hidden.new_zeros(0)
+    return _FusedLinearNLL.apply(hidden, weight, bias, targets, token_weights, chunk_size, head, with_entropy)
+
+
+def naive_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reference implementation: ``log_softmax(logits)[targets]`` in float32. (N, V), (N,) -> (N,)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis, chunked over the leading rows; (..., V) -> (...)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = []
+    for chunk in flat.split(chunk_size):
+        logp = torch.log_softmax(chunk.float(), dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out).reshape(logits.shape[:-1]) if out else logits.new_zeros(logits.shape[:-1])

@@ -1,0 +1,41 @@
+"""Generation for online methods: batched, KV-cached sampling with the prompt prefilled once per group.
+
+    engine = make_rollout_engine("hf", model, tokenizer)
+    batch = engine.generate(prompt_ids, num_generations=8, sampling=SamplingParams(max_completion_length=128))
+"""
+
+from __future__ import annotations
+
+from posttrain.rollout.batch import RolloutBatch, left_pad, right_pad
+from posttrain.rollout.engine import ENGINE_KINDS, RolloutEngine, make_rollout_engine
+from posttrain.rollout.hf_engine import HFRolloutEngine
+from posttrain.rollout.sampling import (
+    SamplingParams,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    choose_next_tokens,
+    process_logits,
+)
+from posttrain.rollout.vllm_engine import VLLMRolloutEngine
+
+__all__ = [
+    "ENGINE_KINDS",
+    "HFRolloutEngine",
+    "RolloutBatch",
+    "RolloutEngine",
+    "SamplingParams",
+    "VLLMRolloutEngine",
+    "apply_min_p",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "choose_next_tokens",
+    "left_pad",
+    "make_rollout_engine",
+    "process_logits",
+    "right_pad",
+]

@@ -1,0 +1,293 @@
+"""What every posttrain trainer shares: resolving the model, tokenizer, config and adapters, and
+keeping per-step metrics.
+
+Each method's trainer subclasses :class:`PosttrainTrainer` (itself a ``transformers.Trainer``),
+calls the ``resolve_*`` helpers in its constructor, prepares its data through
+:mod:`posttrain.data`, and implements ``compute_loss``. The optimizer, gradient accumulation,
+distributed training, checkpoints and callbacks stay with ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
+
+from posttrain.errors import ConfigError
+from posttrain.trainers.config import PosttrainConfig, note_alias_once
+
+logger = logging.getLogger("posttrain")
+
+
+# ----------------------------------------------------------------------------- resolution helpers
+
+
+def model_id_of(model: str | nn.Module) -> str:
+    """A short, path-safe name for a model: its directory or hub name."""
+    if isinstance(model, str):
+        return model.rstrip("/")
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or type(model).__name__).rstrip("/")
+
+
+def resolve_args(args: TrainingArguments | None, model: str | nn.Module, config_class: type, method: str):
+    """Return a ``config_class`` instance: the user's, a converted ``TrainingArguments``, or defaults.
+
+    With ``args=None`` the output goes to ``<model name>-<method>`` in the working directory.
+    """
+    if args is None:
+        name = os.path.basename(model_id_of(model)) or "model"
+        return config_class(output_dir=f"{name}-{method}")
+    if isinstance(args, config_class):
+        return args
+    if isinstance(args, TrainingArguments):
+        # a plain TrainingArguments (or another method's config): keep every value both know
+        known = {f for f in config_class.__dataclass_fields__ if f in type(args).__dataclass_fields__}
+        values = {k: getattr(args, k) for k in known if k not in ("_n_gpu",) and not k.startswith("_")}
+        values.pop("warmup_ratio", None)
+        return config_class(**{k: v for k, v in values.items() if _is_init_field(config_class, k)})
+    raise ConfigError(
+        f"args must be a {config_class.__name__} (or TrainingArguments), got {type(args).__name__}",
+        fix=f"pass args={config_class.__name__}(output_dir=...)",
+    )
+
+
+def _is_init_field(cls: type, name: str) -> bool:
+    f = cls.__dataclass_fields__.get(name)
+    return f is not None and f.init
+
+
+def default_model_dtype(args: PosttrainConfig) -> Any:
+    """float32 on CPU; the checkpoint's own dtype on a GPU (the Trainer's autocast does the rest)."""
+    if args.use_cpu or not torch.cuda.is_available():
+        return torch.float32
+    return "auto"
+
+
+def load_pretrained(
+    model: str | nn.Module,
+    args: PosttrainConfig,
+    auto_class: type = AutoModelForCausalLM,
+    extra_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Load ``model`` when it is a path or hub id (with ``args.model_init_kwargs``); return instances as they are."""
+    if not isinstance(model, str):
+        if args.model_init_kwargs:
+            logger.warning("model_init_kwargs is ignored because `model` is already instantiated.")
+        return model
+    kwargs: dict[str, Any] = dict(args.model_init_kwargs or {})
+    if "torch_dtype" in kwargs:
+        note_alias_once("torch_dtype", "dtype", "model_init_kwargs")
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    kwargs.setdefault("dtype", default_model_dtype(args))
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] not in ("auto",):
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs.update(extra_kwargs or {})
+    _check_gpu_only_requests(kwargs)
+    try:
+        return auto_class.from_pretrained(model, **kwargs)
+    except OSError as err:
+        raise ConfigError(
+            f"could not load model '{model}': {str(err).splitlines()[0]}",
+            field="model_name_or_path",
+            fix="pass a local model directory (`posttrain init-model DIR` makes a tiny one) or a reachable hub id",
+        ) from None
+
+
+def _check_gpu_only_requests(kwargs: dict[str, Any]) -> None:
+    attn = kwargs.get("attn_implementation")
+    if attn and "flash" in str(attn):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"attn_implementation='{attn}' needs a CUDA GPU and this machine has none",
+                field="attn_implementation", fix="use 'sdpa' (the default) or 'eager'",
+            )
+        import importlib.util
+
+        if str(attn) == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed",
+                field="attn_implementation", fix="pip install flash-attn, or use 'sdpa'",
+            )
+    quant = kwargs.get("quantization_config")
+    if quant is not None and getattr(quant, "quant_method", None) in ("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "bitsandbytes quantization (load_in_4bit / load_in_8bit) needs a CUDA GPU and this machine has none",
+                field="load_in_4bit", fix="drop the quantization flags on CPU",
+            )
+
+
+def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module, owner: str):
+    """The tokenizer to use: ``processing_class``, its older name ``tokenizer``, or the model's own."""
+    if tokenizer is not None:
+        if processing_class is not None and processing_class is not tokenizer:
+            raise ConfigError(
+                "both processing_class and tokenizer were given", field="tokenizer",
+                fix="pass only processing_class (tokenizer is its older name)",
+            )
+        note_alias_once("tokenizer", "processing_class", owner)
+        processing_class = tokenizer
+    if processing_class is None:
+        source = model if isinstance(model, str) else model_id_of(model)
+        try:
+            processing_class = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"could not load a tokenizer for '{source}': {str(err).splitlines()[0]}",
+                field="processing_class", fix="pass processing_class=AutoTokenizer.from_pretrained(...)",
+            ) from None
+    tok = getattr(processing_class, "tokenizer", processing_class)
+    if getattr(tok, "pad_token", None) is None:
+        if getattr(tok, "eos_token", None) is None:
+            raise ConfigError(
+                "the tokenizer has neither a pad token nor an EOS token", field="processing_class",
+                fix="set tokenizer.pad_token before training",
+            )
+        tok.pad_token = tok.eos_token
+    return processing_class
+
+
+def apply_peft(model: nn.Module, peft_config, args: PosttrainConfig) -> nn.Module:
+    """Wrap ``model`` with a PEFT adapter (LoRA etc.) when ``peft_config`` is given."""
+    if peft_config is None:
+        return model
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ConfigError(
+            "the model already carries a PEFT adapter and peft_config was given too",
+            field="peft_config", fix="merge the adapter first (model.merge_and_unload()) or drop peft_config",
+        )
+    if getattr(args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        # with frozen embeddings, checkpointed blocks would otherwise see inputs without grad
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen, eval-mode deep copy: the default reference model."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model of a PEFT model (the reference policy) without a second copy in memory."""
+    unwrapped = model
+    while hasattr(unwrapped, "module") and isinstance(unwrapped.module, nn.Module):
+        unwrapped = unwrapped.module
+    ctx = unwrapped.disable_adapter() if is_peft_model(unwrapped) else nullcontext()
+    with ctx:
+        yield
+
+
+# ----------------------------------------------------------------------------- the base trainer
+
+
+class PosttrainTrainer(Trainer):
+    """A ``transformers.Trainer`` with per-step metrics and posttrain's loss-normalisation hooks.
+
+    Subclasses set ``method_name`` and ``config_class`` and implement ``compute_loss``. Losses that
+    are normalised over the whole accumulated batch set ``loss_is_scaled_for_ga = True`` and
+    override :meth:`count_loss_items`.
+    """
+
+    method_name: ClassVar[str] = "base"
+    config_class: ClassVar[type] = PosttrainConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        from posttrain.report.metrics import MetricsFileCallback
+
+        if not hasattr(self, "_metrics"):
+            self._init_metrics()
+        super().__init__(*args, **kwargs)
+        self.add_callback(MetricsFileCallback())
+
+    def _init_metrics(self) -> None:
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._cumulative: dict[str, float] = defaultdict(float)
+
+    def record_metrics(self, values: dict[str, float | torch.Tensor]) -> None:
+        """Add one micro-batch's metrics; they are averaged at the next log."""
+        mode = "train" if self.model.training else "eval"
+        bucket = self._metrics[mode]
+        for name, value in values.items():
+            bucket[name].append(float(value.item() if torch.is_tensor(value) else value))
+
+    def gather_mean(self, value: torch.Tensor) -> float:
+        """Mean of a tensor over all processes."""
+        gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
+        return float(gathered.mean().item()) if gathered.numel() else float("nan")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        bucket = getattr(self, "_metrics", {}).get(mode, {})
+        for name, values in bucket.items():
+            if values:
+                logs[prefix + name] = sum(values) / len(values)
+        if hasattr(self, "_metrics"):
+            self._metrics[mode].clear()
+        if mode == "train":
+            for name, total in getattr(self, "_cumulative", {}).items():
+                logs[name] = total
+        super().log(logs, start_time)
+
+    # -- loss normalisation over the accumulated batch
+
+    def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """How many loss terms (e.g. target tokens) a micro-batch holds; ``None`` to let the Trainer decide."""
+        return None
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        counts = [self.count_loss_items(batch) for batch in batch_samples]
+        if not counts or any(c is None for c in counts):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        total = torch.stack([torch.as_tensor(c, device=device).reshape(()) for c in counts]).sum()
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    def scale_for_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """Undo DDP's gradient averaging when the loss is already normalised by a global item count."""
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    # -- evaluation computes the same loss as training, without labels
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def unwrapped_pretrained(model: nn.Module) -> PreTrainedModel | nn.Module:
+    """The transformers model inside DDP/PEFT wrappers (for saving, configs, generation)."""
+    from posttrain.models.lm_head import unwrap_model
+
+    return unwrap_model(model)

@@ -1,0 +1,137 @@
+"""The configuration every posttrain method shares, on top of ``transformers.TrainingArguments``.
+
+It adds three things to the Trainer's vocabulary:
+
+* defaults that run on the machine at hand (float32 on CPU, bf16 on a GPU that supports it, no
+  integrations switched on behind the user's back, columns kept for our own collators);
+* the older names that scripts still write (``warmup_ratio``, ``evaluation_strategy``, and each
+  method's own, declared in ``_aliases``), mapped onto one canonical field, noted once in the log;
+* a clear :class:`~posttrain.errors.ConfigError` when an explicit request cannot be met here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from transformers import TrainingArguments
+
+from posttrain.errors import ConfigError
+
+logger = logging.getLogger("posttrain")
+_noted_aliases: set[tuple[str, str]] = set()
+
+
+def note_alias_once(old: str, new: str, owner: str) -> None:
+    """Log, once per process, that an older name was mapped onto its current one."""
+    key = (owner, old)
+    if key not in _noted_aliases:
+        _noted_aliases.add(key)
+        logger.warning("%s: `%s` is the older name of `%s`; using it as `%s`.", owner, old, new, new)
+
+
+def cuda_bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class PosttrainConfig(TrainingArguments):
+    """Fields shared by every posttrain method, in addition to ``TrainingArguments``."""
+
+    # Older names mapped onto current fields; subclasses extend it. {old_name: canonical_name}
+    _aliases: ClassVar[dict[str, str]] = {"evaluation_strategy": "eval_strategy"}
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where checkpoints and the final model go (default: '<model name>-<method>')."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bfloat16 mixed precision. Default: on where a GPU supports it, off on CPU. "
+            "Asking for it where no such GPU exists is an error."
+        },
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Integrations to report to ('none', 'tensorboard', 'wandb', 'all')."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: posttrain's collators read their own columns."},
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `from_pretrained` when `model` is a path or hub id, "
+            "e.g. '{\"dtype\": \"bfloat16\", \"attn_implementation\": \"sdpa\"}'."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenize the dataset (default: one)."}
+    )
+    logits_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Tokens per chunk when computing log-probs from hidden states; bounds logit memory."},
+    )
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Older name: warm up for this fraction of all steps (sets warmup_steps)."}
+    )
+    evaluation_strategy: str | None = field(
+        default=None, metadata={"help": "Older name of `eval_strategy`."}
+    )
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for old, new in type(self)._aliases.items():
+            value = getattr(self, old, None)
+            if value is not None:
+                note_alias_once(old, new, owner)
+                setattr(self, new, value)
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ConfigError(
+                    f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", field="warmup_ratio",
+                    fix="pass a fraction such as 0.1, or --warmup_steps N",
+                )
+            note_alias_once("warmup_ratio", "warmup_steps", owner)
+            self.warmup_steps = float(self.warmup_ratio)
+        self._resolve_precision()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        if isinstance(self.model_init_kwargs, str):
+            self.model_init_kwargs = _parse_json_field(self.model_init_kwargs, "model_init_kwargs")
+        super().__post_init__()
+
+    def _resolve_precision(self) -> None:
+        has_gpu = torch.cuda.is_available()
+        if self.bf16 is None:
+            self.bf16 = cuda_bf16_available() and not self.fp16 and not self.use_cpu
+        elif self.bf16 and (self.use_cpu or not cuda_bf16_available()):
+            where = "this machine has no GPU" if not has_gpu else "this GPU does not support bfloat16"
+            raise ConfigError(
+                f"bf16 was requested but {where}", field="bf16",
+                fix="drop --bf16 (float32 is used automatically)" + ("" if not has_gpu else ", or use --fp16"),
+            )
+        if self.fp16 and (self.use_cpu or not has_gpu):
+            raise ConfigError(
+                "fp16 mixed precision needs a CUDA GPU and this machine has none", field="fp16",
+                fix="drop --fp16 (float32 is used automatically on CPU)",
+            )
+
+
+def _parse_json_field(text: str, name: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"could not parse {text!r} as JSON ({err.msg})", field=name,
+                          fix='pass a JSON object, e.g. \'{"dtype": "bfloat16"}\'') from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a JSON object, got {text!r}", field=name, fix='pass e.g. \'{"dtype": "bfloat16"}\'')
+    return value

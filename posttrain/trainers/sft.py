@@ -1,0 +1,236 @@
+"""Supervised fine-tuning: ``SFTConfig`` and ``SFTTrainer``.
+
+The loss is the mean negative log-likelihood of the target tokens (completion tokens for
+prompt-completion data, every token otherwise, assistant turns only when asked), normalised by
+the number of target tokens in the whole accumulated batch, so that gradient accumulation gives
+the same update as one large batch. It is computed from the final hidden states in chunks
+(:func:`posttrain.ops.logprobs.fused_linear_nll`): full-vocabulary logits are never held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from posttrain.data.collate import PaddingCollator, PaddingFreeCollator
+from posttrain.data.formats import DataFormat, validate_dataset
+from posttrain.data.load import describe_source
+from posttrain.data.packing import pack_dataset
+from posttrain.data.tokenize import tokenize_sft
+from posttrain.errors import ConfigError
+from posttrain.losses.sft import nll_token_weights
+from posttrain.models.lm_head import forward_hidden_states, output_head, target_positions
+from posttrain.ops.logprobs import fused_linear_nll, naive_token_logps
+from posttrain.trainers.base import (
+    PosttrainTrainer,
+    apply_peft,
+    load_pretrained,
+    resolve_args,
+    resolve_processing_class,
+)
+from posttrain.trainers.config import PosttrainConfig
+
+SFT_FORMATS = (DataFormat.LANGUAGE_MODELING, DataFormat.PROMPT_COMPLETION, DataFormat.CONVERSATIONAL)
+
+
+@dataclass
+class SFTConfig(PosttrainConfig):
+    """Configuration of :class:`SFTTrainer`: ``TrainingArguments`` plus the fields below."""
+
+    _aliases: ClassVar[dict[str, str]] = {**PosttrainConfig._aliases, "max_seq_length": "max_length"}
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate of AdamW."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Longest tokenized sequence; longer ones are truncated (None: no limit)."},
+    )
+    truncation: bool = field(
+        default=True,
+        metadata={"help": "Truncate rows longer than max_length; if False such rows are a data error."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several sequences into each row of max_length tokens (best-fit decreasing)."},
+    )
+    packing_strategy: str = field(
+        default="bfd", metadata={"help": "How to pack: 'bfd' (whole sequences) or 'wrapped' (concatenate and cut)."}
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Concatenate each batch into one row with per-sequence position ids: no padding tokens."},
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "For prompt-completion data, train on completion tokens only (default: yes)."},
+    )
+    assistant_only_loss: bool = field(
+        default=False, metadata={"help": "For conversational data, train on assistant turns only."}
+    )
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column holding raw text for language-modeling datasets."}
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "Token appended after each completion (default: the tokenizer's EOS)."}
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch's length to a multiple of this (helps some kernels)."}
+    )
+    skip_prepare_dataset: bool = field(
+        default=False,
+        metadata={"help": "The dataset is already tokenized (input_ids, completion_mask): use it as is."},
+    )
+    max_seq_length: int | None = field(default=None, metadata={"help": "Older name of max_length."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.packing and self.max_length is None:
+            raise ConfigError("packing needs a max_length", field="packing", fix="set --max_length, e.g. 1024")
+        if self.packing_strategy not in ("bfd", "wrapped"):
+            raise ConfigError(
+                f"unknown packing_strategy {self.packing_strategy!r}", field="packing_strategy", fix="use 'bfd' or 'wrapped'"
+            )
+
+
+class SFTTrainer(PosttrainTrainer):
+    """Supervised fine-tuning of a causal LM.
+
+    Args:
+        model: a model instance, or a local path / hub id loaded with ``AutoModelForCausalLM``.
+        args: an :class:`SFTConfig` (``None``: defaults, output in ``<model name>-SFT``).
+        train_dataset / eval_dataset: any format of :mod:`posttrain.data` that SFT accepts
+            (text, prompt-completion, messages), raw or already tokenized.
+        processing_class: the tokenizer (``tokenizer=`` is accepted as its older name).
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter instead of all weights.
+    """
+
+    method_name: ClassVar[str] = "SFT"
+    config_class: ClassVar[type] = SFTConfig
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        args: SFTConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        peft_config=None,
+        formatting_func: Callable | None = None,
+        tokenizer=None,
+    ) -> None:
+        args = resolve_args(args, model, SFTConfig, self.method_name)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        model = apply_peft(load_pretrained(model, args), peft_config, args)
+        self._init_metrics()
+        self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if args.eos_token is not None:
+            self._tokenizer.eos_token = args.eos_token
+
+        if train_dataset is not None:
+            train_dataset = self._prepare_dataset(train_dataset, args, formatting_func, "train")
+        if eval_dataset is not None:
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._prepare_dataset(v, args, formatting_func, k) for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = self._prepare_dataset(eval_dataset, args, formatting_func, "eval")
+
+        if data_collator is None:
+            if args.padding_free or args.packing:
+                data_collator = PaddingFreeCollator()
+            else:
+                data_collator = PaddingCollator(self._tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.loss_is_scaled_for_ga = True
+
+    # -- data
+
+    def _prepare_dataset(self, dataset, args: SFTConfig, formatting_func, split: str):
+        if args.skip_prepare_dataset or "input_ids" in getattr(dataset, "column_names", []):
+            if "completion_mask" not in dataset.column_names:
+                dataset = dataset.map(lambda row: {"completion_mask": [1] * len(row["input_ids"])})
+            return pack_dataset(dataset, args.max_length, strategy=args.packing_strategy) if args.packing else dataset
+        source = describe_source(dataset, fallback=f"{split} dataset")
+        if formatting_func is not None:
+            dataset = dataset.map(
+                lambda row: {args.dataset_text_field: formatting_func(row)}, remove_columns=dataset.column_names
+            )
+        validate_dataset(dataset, SFT_FORMATS, text_field=args.dataset_text_field, source=source)
+        dataset = tokenize_sft(
+            dataset,
+            self._tokenizer,
+            max_length=args.max_length,
+            truncation=args.truncation and args.max_length is not None,
+            completion_only_loss=args.completion_only_loss,
+            assistant_only_loss=args.assistant_only_loss,
+            text_field=args.dataset_text_field,
+            num_proc=args.dataset_num_proc,
+            source=source,
+        )
+        if args.packing:
+            dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+        return dataset
+
+    # -- loss
+
+    def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor:
+        return target_positions(batch["completion_mask"], batch.get("position_ids")).sum()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        position_ids = inputs.get("position_ids")
+        targets_mask = target_positions(inputs["completion_mask"], position_ids)
+        hidden = forward_hidden_states(model, input_ids, inputs.get("attention_mask"), position_ids)
+        selected_hidden = hidden[:, :-1][targets_mask]
+        targets = input_ids[:, 1:][targets_mask]
+        num_targets = targets_mask.sum()
+        normaliser = num_items_in_batch if num_items_in_batch is not None else num_targets
+        token_weights = nll_token_weights(targets.shape[0], normaliser, device=hidden.device)
+
+        head = output_head(model)
+        if head is not None:
+            loss, argmax_match, _ = fused_linear_nll(
+                selected_hidden, head.weight, targets, token_weights,
+                bias=head.bias, head=head.transform, chunk_size=self.args.logits_chunk_size,
+            )
+        else:  # e.g. an adapter on lm_head: use the module itself
+            logits = model.get_output_embeddings()(selected_hidden)
+            loss = -(naive_token_logps(logits, targets) * token_weights).sum()
+            argmax_match = logits.argmax(-1) == targets
+        loss = self.scale_for_devices(loss, num_items_in_batch)
+
+        self._record_sft_metrics(inputs, argmax_match, num_targets)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _record_sft_metrics(self, inputs, argmax_match, num_targets) -> None:
+        with torch.no_grad():
+            correct = argmax_match.sum().float()
+            totals = self.accelerator.gather_for_metrics(torch.stack([correct, num_targets.float()]).reshape(1, 2))
+            totals = totals.reshape(-1, 2).sum(0)
+            accuracy = (totals[0] / totals[1].clamp_min(1)).item()
+            self.record_metrics({"mean_token_accuracy": accuracy})
+            if self.model.training:
+                mask = inputs.get("attention_mask")
+                tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+                tokens = self.accelerator.gather_for_metrics(tokens.reshape(1).to(argmax_match.device)).sum()
+                self._cumulative["num_tokens"] += float(tokens.item())

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_cwd(tmp_path, monkeypatch):
+    # tests never write into the checkout: default output dirs land in a temporary folder
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """Directory of the project's tiny random Qwen2 and its tokenizer (created once, cached)."""
+    from posttrain.models.tiny import tiny_model_path
+
+    return tiny_model_path(arch="qwen2", size="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+
+from posttrain.ops.logprobs import (
+    HeadTransform,
+    chunked_token_logps,
+    entropy_from_logits,
+    fused_linear_nll,
+    naive_token_logps,
+)
+
+
+def _naive(hidden, weight, bias, targets, head):
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z * head.scale
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    z = z / head.temperature
+    return torch.log_softmax(z, dim=-1).gather(-1, targets[:, None]).squeeze(-1), z
+
+
+def _inputs(n=13, d=8, v=37, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64)
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+HEADS = [HeadTransform(), HeadTransform(scale=0.5, softcap=3.0, temperature=0.7), HeadTransform(temperature=2.0)]
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+def test_chunked_logps_match_naive_values_and_gradients(head, chunk_size):
+    hidden, weight, bias, targets = _inputs()
+    upstream = torch.randn(hidden.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    expected, logits = _naive(*leaves, targets, head)
+    (expected * upstream).sum().backward()
+    expected_grads = [t.grad for t in leaves]
+
+    leaves2 = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, entropy, match = chunked_token_logps(
+        leaves2[0], leaves2[1], targets, bias=leaves2[2], head=head, chunk_size=chunk_size, with_entropy=True
+    )
+    (logps.double() * upstream).sum().backward()
+
+    torch.testing.assert_close(logps.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip((t.grad for t in leaves2), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    probs = torch.softmax(logits.detach(), -1)
+    # float32 inside: lse - E[logits] loses a few digits when the entropy is small
+    torch.testing.assert_close(entropy.double(), -(probs * probs.log()).sum(-1), rtol=1e-4, atol=1e-4)
+    assert torch.equal(match, logits.argmax(-1) == targets)
+
+
+def test_chunked_logps_gradcheck_float64():
+    hidden, weight, bias, targets = _inputs(n=5, d=3, v=7)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    head = HeadTransform(softcap=2.0, temperature=0.9)
+    assert torch.autograd.gradcheck(
+        lambda h, w: chunked_token_logps(h, w, targets, head=head, chunk_size=2)[0], (hidden, weight)
+    )
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_fused_nll_matches_naive_weighted_nll(head):
+    hidden, weight, bias, targets = _inputs(n=11)
+    token_weights = torch.rand(11, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, _ = _naive(*leaves, targets, head)
+    expected = -(logps * token_weights).sum()
+    (expected * 2.5).backward()
+
+    leaves2 = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss, match, _ = fused_linear_nll(
+        leaves2[0], leaves2[1], targets, token_weights, bias=leaves2[2], head=head, chunk_size=3
+    )
+    (loss * 2.5).backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip((t.grad for t in leaves2), (t.grad for t in leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert match.dtype == torch.bool and match.shape == (11,)
+
+
+def test_fused_nll_hand_computed_value():
+    # two tokens, vocabulary of two, logits [0, 0] and [ln 3, 0]: p(target) = 1/2 and 3/4
+    hidden = torch.tensor([[0.0], [math.log(3.0)]])
+    weight = torch.tensor([[1.0], [0.0]])
+    targets = torch.tensor([1, 0])
+    loss, match, _ = fused_linear_nll(hidden, weight, targets, torch.tensor([0.5, 0.5]))
+    assert loss.item() == pytest.approx(0.5 * (math.log(2) - math.log(0.75)), rel=1e-6)
+    # row 0 is a tie, resolved to the first index (0), which is not its target
+    assert match.tolist() == [False, True]
+
+
+def test_empty_selection_keeps_graph():
+    hidden = torch.randn(0, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    logps, _, _ = chunked_token_logps(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss, _, _ = fused_linear_nll(hidden, weight, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    (logps.sum() + loss).backward()
+    assert hidden.grad is not None and hidden.grad.shape == (0, 4)
+
+
+def test_entropy_from_logits_uniform():
+    logits = torch.zeros(3, 5, 8)
+    torch.testing.assert_close(entropy_from_logits(logits, chunk_size=4), torch.full((3, 5), math.log(8)))
+
+
+def test_naive_token_logps():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    assert naive_token_logps(logits, torch.tensor([2])).item() == pytest.approx(-math.log(4))

@@ -1,0 +1,178 @@
+"""SFTTrainer end to end on the tiny model, in the ways TRL users call it."""
+
+import math
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain import ConfigError, DataError, SFTConfig, SFTTrainer
+
+
+def _messages(n=24, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
+                                  {"role": "assistant", "content": str(a + b)}]})
+    return Dataset.from_list(rows)
+
+
+def _prompt_completion(n=24):
+    return Dataset.from_list([{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(n)])
+
+
+def _config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
+                  learning_rate=1e-3, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def test_model_path_and_no_args(tiny_model_dir, tmp_path):
+    trainer = SFTTrainer(model=tiny_model_dir, train_dataset=_messages(8))
+    assert trainer.args.output_dir.endswith("-SFT")
+    assert trainer.args.bf16 is False  # CPU: float32, never the bf16 crash
+    trainer.args.num_train_epochs = 1
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+
+
+def test_seed_style_call_trains_saves_and_loads_in_pipeline(tiny_model_dir, tmp_path):
+    from transformers import pipeline
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, num_train_epochs=1,
+                     learning_rate=2e-5, logging_steps=10, save_strategy="epoch", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_messages(16), tokenizer=tok)
+    trainer.train()
+    trainer.save_model()
+    assert os.path.isfile(tmp_path / "sft" / "model.safetensors")
+    assert any(name.startswith("checkpoint-") for name in os.listdir(tmp_path / "sft"))
+    generator = pipeline("text-generation", model=str(tmp_path / "sft"))
+    out = generator("What is 1+2?", max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"].startswith("What is 1+2?")
+
+
+def test_logged_metrics(tiny_model_dir, tmp_path):
+    trainer = SFTTrainer(model=tiny_model_dir, args=_config(tmp_path), train_dataset=_messages(16))
+    trainer.train()
+    first = trainer.state.log_history[0]
+    for key in ("loss", "learning_rate", "grad_norm", "num_tokens", "mean_token_accuracy"):
+        assert key in first, key
+    assert 0.0 <= first["mean_token_accuracy"] <= 1.0
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h and "loss" in h]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+
+
+def test_lora(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=tiny_model_dir, args=_config(tmp_path), train_dataset=_messages(8), peft_config=peft_config)
+    assert isinstance(trainer.model, PeftModel)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    trainer.save_model()
+    assert os.path.isfile(tmp_path / "out" / "adapter_config.json")
+
+
+def test_gradient_checkpointing_enabled_before_training(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.gradient_checkpointing_enable()
+    trainer = SFTTrainer(model=model, args=_config(tmp_path), train_dataset=_messages(8))
+    assert math.isfinite(trainer.train().training_loss)
+
+
+def _naive_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids")).logits[:, :-1].double()
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    if "position_ids" in batch:
+        mask &= batch["position_ids"][:, 1:] != 0
+    logps = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    return -(logps[mask]).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("data", ["messages", "prompt_completion"])
+def test_loss_equals_naive_full_logits_loss(tiny_model_dir, tmp_path, data):
+    dataset = _messages(8) if data == "messages" else _prompt_completion(8)
+    trainer = SFTTrainer(model=tiny_model_dir, args=_config(tmp_path), train_dataset=dataset)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(trainer.model, batch)
+    torch.testing.assert_close(loss.double(), _naive_loss(trainer.model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_completion_only_loss_masks_prompt(tiny_model_dir, tmp_path):
+    trainer = SFTTrainer(model=tiny_model_dir, args=_config(tmp_path), train_dataset=_prompt_completion(4))
+    row = trainer.train_dataset[0]
+    tok = trainer.processing_class
+    targets = [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]
+    assert tok.decode(targets).replace(" ", "") == "1" + tok.eos_token
+
+
+def test_packed_and_padding_free_give_the_same_loss(tiny_model_dir, tmp_path):
+    dataset = _messages(8)
+    padded = SFTTrainer(model=tiny_model_dir, args=_config(tmp_path), train_dataset=dataset)
+    free = SFTTrainer(model=padded.model, args=_config(tmp_path, padding_free=True),
+                      processing_class=padded.processing_class, train_dataset=dataset)
+    rows = [padded.train_dataset[i] for i in range(4)]
+    with torch.no_grad():
+        a = padded.compute_loss(padded.model, padded.data_collator(rows))
+        b = free.compute_loss(free.model, free.data_collator([free.train_dataset[i] for i in range(4)]))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    packed = SFTTrainer(model=padded.model, args=_config(tmp_path, packing=True, max_length=64),
+                        processing_class=padded.processing_class, train_dataset=dataset)
+    assert len(packed.train_dataset) < len(dataset)
+    assert math.isfinite(packed.train().training_loss)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tmp_path):
+    """Token-normalised loss: 2 micro-batches of 2 give the update of one batch of 4."""
+    dataset = _prompt_completion(4).map(lambda r, i: {"completion": r["completion"] * (1 + i % 3)}, with_indices=True)
+    finals = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        args = _config(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                       max_steps=1, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset)
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        trainer.train()
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-6)
+
+
+def test_old_names_still_work(tiny_model_dir, tmp_path):
+    args = SFTConfig(output_dir=str(tmp_path), max_seq_length=33, warmup_ratio=0.1, evaluation_strategy="no")
+    assert args.max_length == 33 and args.warmup_steps == 0.1
+
+
+def test_bf16_on_cpu_is_a_clear_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="bf16"):
+        SFTConfig(output_dir="x", bf16=True)
+
+
+def test_bad_dataset_is_a_data_error(tiny_model_dir, tmp_path):
+    bad = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match="assistant"):
+        SFTTrainer(model=tiny_model_dir, args=_config(tmp_path), train_dataset=bad)
+    wrong = Dataset.from_list([{"question": "a", "reply": "b"}])
+    with pytest.raises(DataError, match="question|columns"):
+        SFTTrainer(model=tiny_model_dir, args=_config(tmp_path), train_dataset=wrong)
+
+
+def test_missing_model_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="could not load"):
+        SFTTrainer(model=str(tmp_path / "nowhere"), train_dataset=_messages(2))
