@@ -19,4 +19,4 @@ trainer = SFTTrainer(
 )
 trainer.train()
 trainer.save_model()
-print(evaluate_task(trainer.model, trainer.processing_class, task, 200, split="test"))
+print(evaluate_task(trainer.model, trainer.processing_class, task, 200)["accuracy"])

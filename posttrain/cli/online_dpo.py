@@ -34,10 +34,11 @@ def main(argv: list[str]) -> int:
     if config.reward_model_path:
         reward_funcs.append(config.reward_model_path)
     if not reward_funcs:
-        from posttrain.rewards import describe_builtins
+        from posttrain.rewards import BUILTIN_REWARDS
 
         raise ConfigError("nothing ranks the completions", field="reward_model_path",
-                          fix=f"pass --reward_model_path RM_DIR or --reward_funcs NAME ... ({describe_builtins()})")
+                          fix="pass --reward_model_path RM_DIR, or --reward_funcs with built-in names "
+                          f"({', '.join(BUILTIN_REWARDS)}), module:function or file.py:function")
     merge_model_kwargs(config, model_args)
     if config.output_dir == "trainer_output":
         config.output_dir = f"{model.rstrip('/').split('/')[-1]}-OnlineDPO"

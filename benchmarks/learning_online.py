@@ -1,0 +1,151 @@
+"""Do GRPO and RLOO learn? A briefly SFT-trained model, then online RL with the `accuracy` reward.
+
+    python benchmarks/learning_online.py --method grpo [--workdir DIR] [--steps 200] [--threads 2]
+    python benchmarks/learning_online.py --method rloo
+
+1. SFT the project's random ``small`` model briefly on the embedded arithmetic task (cached in
+   ``--workdir/sft``: later runs, and the other method, start from the same SFT model);
+2. GRPO or RLOO from it, prompts from the task's train split, the built-in ``accuracy`` reward;
+3. greedy exact-match accuracy on held-out test problems before and after (and every
+   ``--eval-every`` steps), with the time each stage took.
+
+Everything runs offline on the CPU; the figures are printed and saved to ``--workdir/<method>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from transformers import TrainerCallback
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=("grpo", "rloo"), default="grpo")
+    parser.add_argument("--workdir", default="learning_online_run")
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--max-operand", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--sft-lr", type=float, default=2e-3)
+    parser.add_argument("--sft-batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--batch", type=int, default=32, help="completions per step (per_device_train_batch_size)")
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--max-completion-length", type=int, default=6)
+    parser.add_argument("--eval-n", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--redo-sft", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _quiet(output_dir: str, **values):
+    return dict(output_dir=output_dir, save_strategy="no", disable_tqdm=True, report_to="none", **values)
+
+
+def run_sft(args, task, start: str, out: str) -> None:
+    from posttrain import SFTConfig, SFTTrainer
+
+    data = task.as_prompt_completion(args.sft_steps * args.sft_batch, split="train", seed=args.seed)
+    config = SFTConfig(**_quiet(out, per_device_train_batch_size=args.sft_batch, max_steps=args.sft_steps,
+                                learning_rate=args.sft_lr,
+                                lr_scheduler_type="cosine", warmup_steps=20, logging_steps=20, seed=args.seed))
+    trainer = SFTTrainer(model=start, args=config, train_dataset=data)
+    trainer.train()
+    trainer.save_model(out)
+
+
+class AccuracyCallback(TrainerCallback):
+    """Greedy accuracy on held-out test problems (and on train problems) every ``every`` steps and at the end."""
+
+    def __init__(self, task, test_problems, train_problems, tokenizer, every: int, curve: list) -> None:
+        self.task, self.tokenizer, self.every, self.curve = task, tokenizer, every, curve
+        self.problems = {"test": test_problems, "train": train_problems}
+        self.started = time.time()
+
+    def evaluate(self, model, step: int) -> None:
+        from posttrain.eval.accuracy import evaluate_task
+
+        point = {"step": step}
+        for split, problems in self.problems.items():
+            point[split] = evaluate_task(model, self.tokenizer, self.task, problems, max_new_tokens=6,
+                                         batch_size=100)["accuracy"]
+        point["seconds"] = round(time.time() - self.started, 1)
+        self.curve.append(point)
+        print(f"  step {step:4d}  accuracy: test {point['test']:.3f}, train prompts {point['train']:.3f}  "
+              f"({point['seconds']:.0f} s)", flush=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.evaluate(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.evaluate(model, state.global_step)
+
+
+def run_online(args, task, sft_dir: str, test_problems, out: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from posttrain import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if args.method == "grpo" else (RLOOConfig, RLOOTrainer)
+    prompts = task.as_prompt_only(args.steps * args.batch // args.num_generations, split="train", seed=args.seed + 2)
+    config = config_class(**_quiet(
+        out, per_device_train_batch_size=args.batch, num_generations=args.num_generations, max_steps=args.steps,
+        learning_rate=args.lr, max_completion_length=args.max_completion_length, temperature=args.temperature,
+        beta=args.beta, logging_steps=10, seed=args.seed, warmup_steps=5,
+    ))
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    curve: list[dict] = []
+    train_problems = task.make_problems(args.eval_n, seed=args.seed + 3, split="train")
+    callback = AccuracyCallback(task, test_problems, train_problems, tokenizer, args.eval_every, curve)
+    trainer = trainer_class(model=sft_dir, reward_funcs="accuracy", args=config, train_dataset=prompts,
+                            processing_class=tokenizer, callbacks=[callback])
+    callback.evaluate(trainer.model, 0)
+    started = time.time()
+    trainer.train()
+    rewards = [(r["step"], round(r["reward"], 3)) for r in trainer.state.log_history if "reward" in r]
+    return {"seconds": round(time.time() - started, 1), "accuracy_curve": curve, "reward_curve": rewards}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from posttrain.models.tiny import tiny_model_path
+    from posttrain.tasks import get_task
+
+    task = get_task("arithmetic", max_operand=args.max_operand)
+    test = task.make_problems(args.eval_n, seed=args.seed, split="test")
+    os.makedirs(args.workdir, exist_ok=True)
+    sft_dir = os.path.join(args.workdir, "sft")
+    if args.redo_sft or not os.path.isfile(os.path.join(sft_dir, "config.json")):
+        started = time.time()
+        run_sft(args, task, tiny_model_path("qwen2", args.size), sft_dir)
+        print(f"SFT: {args.sft_steps} steps in {time.time() - started:.0f} s", flush=True)
+    print(f"{args.method.upper()}: {args.steps} steps, {args.batch} completions/step "
+          f"({args.batch // args.num_generations} prompts x {args.num_generations}), lr {args.lr}", flush=True)
+    result = run_online(args, task, sft_dir, test, os.path.join(args.workdir, args.method))
+    first, last = result["accuracy_curve"][0], result["accuracy_curve"][-1]
+    before, after = first["test"], last["test"]
+    summary = {"method": args.method, "settings": vars(args), "before": before, "after": after,
+               "train_prompts_before": first["train"], "train_prompts_after": last["train"], **result}
+    json.dump(summary, open(os.path.join(args.workdir, f"{args.method}.json"), "w"), indent=1)
+    print(f"test accuracy: {before:.3f} -> {after:.3f} ({after - before:+.3f}) after {args.steps} {args.method.upper()} "
+          f"steps in {result['seconds']:.0f} s ({len(test)} held-out problems, greedy); on train prompts "
+          f"{first['train']:.3f} -> {last['train']:.3f}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

@@ -1,0 +1,112 @@
+"""Render conversations to text with the tokenizer's chat template.
+
+The tokenizer's template owns every special token of a conversation (BOS, turn markers,
+end-of-turn), so rendered text is later tokenized with ``add_special_tokens=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.errors import DataError
+
+Messages = list[dict[str, Any]]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """True when ``tokenizer`` can render conversations (it has a non-empty ``chat_template``)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def require_chat_template(tokenizer: Any, *, source: str | None = None, column: str | None = None) -> None:
+    """Raise a :class:`DataError` if conversational data meets a tokenizer with no chat template."""
+    if not has_chat_template(tokenizer):
+        raise DataError(
+            "the data is conversational but the tokenizer has no chat template",
+            source=source,
+            column=column,
+            expected="a tokenizer with a chat_template",
+            found=f"{type(tokenizer).__name__} without one",
+            fix="use the tokenizer of a chat/instruct model, set tokenizer.chat_template (e.g. a ChatML "
+            "template), or turn the rows into plain text ('prompt'/'completion' strings)",
+        )
+
+
+def clean_messages(messages: Messages) -> Messages:
+    """Drop keys whose value is None.
+
+    Arrow stores a dataset's messages with one shared set of keys, so a message that had no
+    ``tool_calls`` comes back with ``tool_calls=None``; a template testing ``is defined`` would
+    then render an empty tool call.
+    """
+    return [{key: value for key, value in message.items() if value is not None} for message in messages]
+
+
+def apply_chat_template_text(
+    tokenizer: Any,
+    messages: Messages,
+    *,
+    add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The text the chat template renders for ``messages``.
+
+    Args:
+        add_generation_prompt: append the header of an assistant turn (for prompts to complete).
+        tools: tool (function) schemas, for templates that render them.
+
+    Raises:
+        DataError: no chat template, or the template rejected the conversation (e.g. it requires
+            alternating user/assistant roles); the caller adds the row.
+    """
+    require_chat_template(tokenizer)
+    try:
+        text = tokenizer.apply_chat_template(
+            clean_messages(messages),
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as error:  # noqa: BLE001 - templates raise jinja2 errors of many kinds
+        raise DataError(
+            f"the chat template failed on this conversation ({type(error).__name__}: {error})",
+            found=f"roles {[m.get('role') for m in messages]}",
+            fix="make the conversation fit the model's template (many require user/assistant turns to "
+            "alternate and a system message to come first)",
+        ) from error
+    if not isinstance(text, str):  # some tokenizers return a list for a batch of one
+        text = text[0]
+    return text
+
+
+def render_prompt_completion(
+    tokenizer: Any,
+    prompt: Messages,
+    completion: Messages,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, str]:
+    """Render a conversational prompt and its completion as two pieces of text.
+
+    ``prompt_text`` is the prompt with the assistant header (``add_generation_prompt=True``);
+    ``completion_text`` is the rest of the rendering of ``prompt + completion``. Their
+    concatenation is exactly the rendering of the whole conversation.
+
+    Raises:
+        DataError: the template does not render the prompt as the beginning of the whole
+            conversation (so no prompt/completion boundary exists in the text).
+    """
+    prompt_text = apply_chat_template_text(tokenizer, prompt, add_generation_prompt=True, tools=tools)
+    full_text = apply_chat_template_text(tokenizer, list(prompt) + list(completion), tools=tools)
+    if not full_text.startswith(prompt_text):
+        diverge = next(
+            (i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b), min(len(prompt_text), len(full_text))
+        )
+        raise DataError(
+            "the chat template does not render the prompt as the beginning of the whole conversation",
+            expected=f"the conversation to start with {prompt_text[max(0, diverge - 20):diverge + 20]!r}",
+            found=repr(full_text[max(0, diverge - 20) : diverge + 20]),
+            fix="use a template that renders conversations turn by turn (the generation prompt must "
+            "match the start of the assistant turn), or give the prompt and completion as plain text",
+        )
+    return prompt_text, full_text[len(prompt_text) :]

@@ -1,0 +1,512 @@
+"""Turn validated rows into token ids and loss masks, one function per family of methods.
+
+Conventions shared by every function here:
+
+- token ids are plain lists of ints;
+- ``completion_mask[t] == 1`` means token t is a loss target (it is predicted from position t-1;
+  the trainer does the shift);
+- no doubled special tokens: text rendered by a chat template is tokenized with
+  ``add_special_tokens=False`` (the template owns BOS and turn markers); plain text gets the BOS
+  token only when the tokenizer has one and adds it by itself;
+- every completion ends with EOS: plain-text completions get one appended (unless already
+  there); a conversation ends with the template's end-of-turn token (whitespace the template puts
+  after it is dropped), and EOS is appended when that token is not EOS.
+
+All functions return a new ``datasets.Dataset`` built with ``Dataset.map(batched=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from datasets import Dataset, Features, Sequence, Value
+
+from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, resolve_format
+from posttrain.data.load import describe_source
+from posttrain.data.templates import apply_chat_template_text, render_prompt_completion, require_chat_template
+from posttrain.errors import ConfigError, DataError
+
+SFT_FORMATS = (DataFormat.LANGUAGE_MODELING, DataFormat.PROMPT_COMPLETION, DataFormat.CONVERSATIONAL)
+TRUNCATION_MODES = ("keep_end", "keep_start")
+# columns a preference row may carry that trainers use as they are
+PREFERENCE_EXTRA_COLUMNS = ("margin", "ref_chosen_logps", "ref_rejected_logps")
+
+
+# ----------------------------------------------------------------------------- special tokens
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """How a tokenizer's BOS/EOS apply to plain text.
+
+    Attributes:
+        bos: ``[bos_id]`` when the tokenizer puts BOS before plain text by itself, else ``[]``.
+        eos_id: the id appended after each completion.
+        turn_ends: special-token strings after which trailing whitespace is dropped.
+    """
+
+    bos: tuple[int, ...]
+    eos_id: int
+    turn_ends: tuple[str, ...]
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> SpecialTokens:
+        eos_id = tokenizer.eos_token_id
+        if eos_id is None:
+            raise ConfigError(
+                "the tokenizer has no EOS token, so completions cannot be ended",
+                field="eos_token",
+                fix="set tokenizer.eos_token (e.g. '<|im_end|>' for ChatML models) or pass --eos_token",
+            )
+        bos_id = tokenizer.bos_token_id
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        bos = (bos_id,) if bos_id is not None and probe[:1] == [bos_id] else ()
+        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "special", False):
+                specials.add(str(added))
+        return cls(bos, eos_id, tuple(sorted(s for s in specials if s)))
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        return ids if not self.bos or ids[:1] == list(self.bos) else [*self.bos, *ids]
+
+    def with_eos(self, ids: list[int]) -> list[int]:
+        return ids if ids and ids[-1] == self.eos_id else [*ids, self.eos_id]
+
+    def trim_after_turn_end(self, text: str) -> str:
+        """``'hi<|im_end|>\\n'`` -> ``'hi<|im_end|>'``: the newline would be trained after the stop token."""
+        stripped = text.rstrip()
+        if stripped != text and stripped.endswith(self.turn_ends):
+            return stripped
+        return text
+
+
+def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, with no special tokens added (the text or template holds them)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _located(error: DataError, *, source: str, row: int, column: str | None = None) -> DataError:
+    """The same error with the place filled in (template helpers do not know the row)."""
+    return DataError(
+        error.problem,
+        source=error.source or source,
+        row=error.row if error.row is not None else row,
+        column=error.column or column,
+        expected=error.expected,
+        found=error.found,
+        fix=error.fix,
+    )
+
+
+def _per_row(function: Callable, rows: list, indices: list[int], *, source: str, column: str) -> list:
+    results = []
+    for row_index, row in zip(indices, rows):
+        try:
+            results.append(function(row))
+        except DataError as error:
+            raise _located(error, source=source, row=row_index, column=column) from error
+    return results
+
+
+def _map(
+    dataset: Dataset, function: Callable, new_columns: dict[str, str], *, num_proc: int | None, remove: list[str], desc: str
+) -> Dataset:
+    """``dataset.map`` in batches, storing each new column as a list of ``new_columns[name]``
+    integers (int32 ids and int8 masks: a quarter of the default int64's memory)."""
+    features = Features({name: feature for name, feature in dataset.features.items() if name not in remove})
+    features.update({name: Sequence(Value(dtype)) for name, dtype in new_columns.items()})
+    return dataset.map(
+        function,
+        batched=True,
+        with_indices=True,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=remove,
+        features=features,
+        desc=desc,
+    )
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str, specials: SpecialTokens) -> list[tuple[int, int]]:
+    """Character spans of ``full_text`` holding each assistant turn (its end-of-turn token included).
+
+    Rendered progressively: the text before turn i is ``template(messages[:i], generation prompt)``
+    and the text through it is ``template(messages[:i+1])``. Needs no ``{% generation %}`` markers,
+    only a template that renders a conversation as the concatenation of its turns.
+    """
+    spans = []
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = apply_chat_template_text(tokenizer, messages[:index], add_generation_prompt=True)
+        through = specials.trim_after_turn_end(apply_chat_template_text(tokenizer, messages[: index + 1]))
+        if not (full_text.startswith(before) and full_text.startswith(through) and len(through) >= len(before)):
+            raise DataError(
+                f"assistant_only_loss: the chat template does not render message {index} as a continuation "
+                "of the messages before it, so the assistant's tokens cannot be located",
+                expected="a template that renders a conversation turn by turn",
+                fix="use such a template, or train on all tokens (assistant_only_loss=False)",
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap a span.
+
+    Overlap rather than containment: a byte-level BPE merges the space ending a header such as
+    ``'[assistant]: '`` into the reply's first word (``'Ġworld'``), and that token is the reply's.
+    """
+    mask = []
+    span_index = 0
+    for start, end in offsets:
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        inside = span_index < len(spans) and end > spans[span_index][0]
+        mask.append(1 if inside else 0)
+    return mask
+
+
+def _check_lengths(ids_rows: list[list[int]], indices: list[int], max_length: int | None, source: str) -> None:
+    if max_length is None:
+        return
+    for row_index, ids in zip(indices, ids_rows):
+        if len(ids) > max_length:
+            raise DataError(
+                "the row is longer than max_length and truncation is off",
+                source=source,
+                row=row_index,
+                expected=f"at most {max_length} tokens",
+                found=f"{len(ids)} tokens",
+                fix=f"raise max_length to at least {len(ids)}, enable truncation, or drop the row",
+            )
+
+
+def tokenize_sft(
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    max_length: int | None = 1024,
+    truncation: bool = True,
+    completion_only_loss: bool | None = None,
+    assistant_only_loss: bool = False,
+    text_field: str = "text",
+    num_proc: int | None = None,
+    source: str | None = None,
+) -> Dataset:
+    """Tokenize language-modeling, prompt-completion or conversational rows for SFT.
+
+    Returns a dataset with exactly two columns: ``input_ids`` and ``completion_mask``.
+
+    Args:
+        max_length: keep at most this many tokens per row (the first ones); ``None``: no limit.
+        truncation: if False, a row longer than ``max_length`` is a :class:`DataError`.
+        completion_only_loss: for prompt-completion rows, mark only completion tokens (``None``:
+            yes); ``False`` marks every token.
+        assistant_only_loss: for conversations, mark only the assistant turns' tokens (each turn's
+            end-of-turn token included); default: every token.
+        text_field: the text column of language-modeling data.
+    """
+    source = source or describe_source(dataset)
+    info = resolve_format(dataset, SFT_FORMATS, text_field=text_field, source=source)
+    if assistant_only_loss and not info.conversational:
+        raise ConfigError(
+            "assistant_only_loss needs conversational data (a 'messages' column, or conversational "
+            f"prompt/completion), but this dataset is {info.format.describe(text_field)} with text values",
+            field="assistant_only_loss",
+            fix="drop --assistant_only_loss, or use completion_only_loss with prompt/completion data",
+        )
+    if info.conversational:
+        require_chat_template(tokenizer, source=source, column=info.columns[0])
+    specials = SpecialTokens.of(tokenizer)
+    completion_only = completion_only_loss is not False
+
+    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if info.format is DataFormat.LANGUAGE_MODELING:
+            ids_rows = [specials.with_eos(specials.with_bos(ids)) for ids in encode(tokenizer, batch[text_field])]
+            masks = [[1] * len(ids) for ids in ids_rows]
+        elif info.format is DataFormat.PROMPT_COMPLETION:
+            ids_rows, masks = _prompt_completion_rows(batch, indices)
+        else:
+            ids_rows, masks = _conversation_rows(batch["messages"], indices)
+        if not truncation:
+            _check_lengths(ids_rows, indices, max_length, source)
+        elif max_length is not None:
+            ids_rows = [ids[:max_length] for ids in ids_rows]
+            masks = [mask[:max_length] for mask in masks]
+        return {"input_ids": ids_rows, "completion_mask": masks}
+
+    def _prompt_completion_rows(batch, indices):
+        if info.conversational:
+            pairs = _per_row(
+                lambda pair: render_prompt_completion(tokenizer, pair[0], pair[1]),
+                list(zip(batch["prompt"], batch["completion"])), indices, source=source, column="completion",
+            )
+            prompts = encode(tokenizer, [p for p, _ in pairs])
+            completions = encode(tokenizer, [specials.trim_after_turn_end(c) for _, c in pairs])
+        else:
+            prompts = [specials.with_bos(ids) for ids in encode(tokenizer, batch["prompt"])]
+            completions = encode(tokenizer, batch["completion"])
+        ids_rows, masks = [], []
+        for prompt_ids, completion_ids in zip(prompts, completions):
+            completion_ids = specials.with_eos(completion_ids)
+            ids_rows.append(prompt_ids + completion_ids)
+            masks.append([0 if completion_only else 1] * len(prompt_ids) + [1] * len(completion_ids))
+        return ids_rows, masks
+
+    def _conversation_rows(conversations, indices):
+        texts = _per_row(
+            lambda messages: specials.trim_after_turn_end(apply_chat_template_text(tokenizer, messages)),
+            conversations, indices, source=source, column="messages",
+        )
+        if not assistant_only_loss:
+            ids_rows = encode(tokenizer, texts)
+            masks = [[1] * len(ids) for ids in ids_rows]
+        else:
+            all_spans = _per_row(
+                lambda item: _assistant_spans(tokenizer, item[0], item[1], specials),
+                list(zip(conversations, texts)), indices, source=source, column="messages",
+            )
+            try:
+                encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            except (NotImplementedError, ValueError, TypeError) as error:
+                raise ConfigError(
+                    "assistant_only_loss needs a tokenizer that reports character offsets (a fast, "
+                    f"`tokenizers`-backed one); {type(tokenizer).__name__} does not ({error})",
+                    field="assistant_only_loss",
+                    fix="load the tokenizer with use_fast=True, or train on all tokens",
+                ) from error
+            ids_rows = encoded["input_ids"]
+            masks = [_mask_from_spans(offsets, spans) for offsets, spans in zip(encoded["offset_mapping"], all_spans)]
+        for ids, mask in zip(ids_rows, masks):
+            if not ids or ids[-1] != specials.eos_id:
+                # the template's end of turn is not EOS: end with EOS, a target if the turn was one
+                mask.append(mask[-1] if mask else 1)
+                ids.append(specials.eos_id)
+        return ids_rows, masks
+
+    return _map(
+        dataset, tokenize_batch, {"input_ids": "int32", "completion_mask": "int8"},
+        num_proc=num_proc, remove=dataset.column_names, desc="Tokenizing (SFT)",
+    )
+
+
+# ----------------------------------------------------------------------------- preference data
+
+
+def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None, truncation_mode: str = "keep_end") -> list[int]:
+    """At most ``max_prompt_length`` tokens: the last ones (``keep_end``) or the first (``keep_start``)."""
+    if max_prompt_length is None or len(prompt_ids) <= max_prompt_length:
+        return prompt_ids
+    if truncation_mode == "keep_end":
+        return prompt_ids[len(prompt_ids) - max_prompt_length :] if max_prompt_length > 0 else []
+    return prompt_ids[:max_prompt_length]
+
+
+def truncate_pair(
+    prompt_ids: list[int],
+    completions: list[list[int]],
+    *,
+    max_length: int | None,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[int], list[list[int]]]:
+    """Fit a prompt and its completions (sharing that prompt) into the length limits.
+
+    1. the prompt is cut to ``max_prompt_length`` per ``truncation_mode``;
+    2. each completion is cut to ``max_completion_length`` (keeping its start);
+    3. if prompt + longest completion exceeds ``max_length``, the completions are cut (keeping
+       their start) to what fits after the prompt; if the prompt alone leaves no room, it is cut
+       per ``truncation_mode`` so that completions keep ``min(longest, max_length // 2)`` tokens.
+    """
+    prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, truncation_mode)
+    if max_completion_length is not None:
+        completions = [c[:max_completion_length] for c in completions]
+    if max_length is not None:
+        longest = max((len(c) for c in completions), default=0)
+        if len(prompt_ids) + longest > max_length:
+            if len(prompt_ids) >= max_length:
+                prompt_ids = truncate_prompt(prompt_ids, max_length - min(longest, max_length // 2), truncation_mode)
+            room = max_length - len(prompt_ids)
+            completions = [c[:room] for c in completions]
+    return prompt_ids, completions
+
+
+def _check_truncation_mode(truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ConfigError(
+            f"unknown truncation_mode {truncation_mode!r}",
+            field="truncation_mode",
+            fix="use 'keep_end' (cut the prompt's beginning) or 'keep_start' (cut its end)",
+        )
+
+
+def _render_pairs(
+    batch: dict[str, list],
+    indices: list[int],
+    info: FormatInfo,
+    completion_columns: tuple[str, ...],
+    tokenizer: Any,
+    specials: SpecialTokens,
+    source: str,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Prompt ids and, per row, the ids of each completion column (each ending with EOS)."""
+    num_rows = len(indices)
+    if info.explicit_prompt:
+        prompts = batch["prompt"]
+        completions = [[batch[c][i] for c in completion_columns] for i in range(num_rows)]
+    else:  # implicit prompt: completions are whole texts/conversations sharing their beginning
+        pairs = [tuple(batch[c][i] for c in completion_columns) for i in range(num_rows)]
+        split = _per_row(lambda pair: extract_prompt(*pair), pairs, indices, source=source, column=completion_columns[0])
+        prompts = [prompt for prompt, *_ in split]
+        completions = [list(rest) for _, *rest in split]
+
+    if info.conversational:
+        def render(row: tuple[Any, list[Any]]) -> tuple[str, list[str]]:
+            prompt, row_completions = row
+            rendered = [render_prompt_completion(tokenizer, prompt, c) for c in row_completions]
+            return rendered[0][0], [specials.trim_after_turn_end(text) for _, text in rendered]
+
+        texts = _per_row(render, list(zip(prompts, completions)), indices, source=source, column=completion_columns[0])
+        prompt_ids = encode(tokenizer, [prompt for prompt, _ in texts])
+        flat = encode(tokenizer, [text for _, row in texts for text in row])
+    else:
+        prompt_ids = [specials.with_bos(ids) for ids in encode(tokenizer, prompts)]
+        flat = encode(tokenizer, [text for row in completions for text in row])
+    width = len(completion_columns)
+    per_row = [[specials.with_eos(ids) for ids in flat[i * width : (i + 1) * width]] for i in range(num_rows)]
+    return prompt_ids, per_row
+
+
+def _tokenize_completions(
+    dataset: Dataset,
+    tokenizer: Any,
+    fmt: DataFormat,
+    completion_columns: tuple[str, ...],
+    output_columns: tuple[str, ...],
+    keep_columns: tuple[str, ...],
+    *,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+    truncation_mode: str,
+    num_proc: int | None,
+    source: str | None,
+) -> Dataset:
+    _check_truncation_mode(truncation_mode)
+    source = source or describe_source(dataset)
+    info = resolve_format(dataset, [fmt], source=source)
+    if info.conversational:
+        require_chat_template(tokenizer, source=source, column=info.columns[0])
+    specials = SpecialTokens.of(tokenizer)
+
+    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        prompts, completions = _render_pairs(batch, indices, info, completion_columns, tokenizer, specials, source)
+        out: dict[str, list] = {name: [] for name in ("prompt_input_ids", *output_columns)}
+        for prompt_ids, row in zip(prompts, completions):
+            prompt_ids, row = truncate_pair(
+                prompt_ids, row, max_length=max_length, max_prompt_length=max_prompt_length,
+                max_completion_length=max_completion_length, truncation_mode=truncation_mode,
+            )
+            out["prompt_input_ids"].append(prompt_ids)
+            for name, ids in zip(output_columns, row):
+                out[name].append(ids)
+        return out
+
+    remove = [c for c in dataset.column_names if c not in keep_columns]
+    new_columns = {name: "int32" for name in ("prompt_input_ids", *output_columns)}
+    return _map(dataset, tokenize_batch, new_columns, num_proc=num_proc, remove=remove, desc=f"Tokenizing ({fmt.value})")
+
+
+def tokenize_preference(
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    num_proc: int | None = None,
+    source: str | None = None,
+) -> Dataset:
+    """Tokenize preference pairs (text or conversations, explicit or implicit prompt).
+
+    Returns columns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (completion
+    ids, each ending with EOS unless truncated), plus ``margin``, ``ref_chosen_logps`` and
+    ``ref_rejected_logps`` when the dataset has them. See :func:`truncate_pair` for the limits.
+    """
+    return _tokenize_completions(
+        dataset, tokenizer, DataFormat.PREFERENCE, ("chosen", "rejected"),
+        ("chosen_input_ids", "rejected_input_ids"), PREFERENCE_EXTRA_COLUMNS,
+        max_length=max_length, max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length, truncation_mode=truncation_mode,
+        num_proc=num_proc, source=source,
+    )
+
+
+def tokenize_unpaired_preference(
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    num_proc: int | None = None,
+    source: str | None = None,
+) -> Dataset:
+    """Tokenize unpaired preference rows: columns ``prompt_input_ids``, ``completion_input_ids``, ``label``."""
+    return _tokenize_completions(
+        dataset, tokenizer, DataFormat.UNPAIRED_PREFERENCE, ("completion",),
+        ("completion_input_ids",), ("label",),
+        max_length=max_length, max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length, truncation_mode=truncation_mode,
+        num_proc=num_proc, source=source,
+    )
+
+
+# ----------------------------------------------------------------------------- prompts (online methods)
+
+
+def tokenize_prompts(
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    max_prompt_length: int | None = None,
+    num_proc: int | None = None,
+    source: str | None = None,
+) -> Dataset:
+    """Add ``prompt_input_ids`` for generation; every existing column (``prompt``, ``answer``, ...)
+    is kept untouched for reward functions.
+
+    Conversational prompts are rendered with the assistant header (``add_generation_prompt``).
+    Prompts longer than ``max_prompt_length`` keep their last tokens (the end is what the model
+    continues from).
+    """
+    source = source or describe_source(dataset)
+    info = resolve_format(dataset, [DataFormat.PROMPT_ONLY], source=source)
+    if info.conversational:
+        require_chat_template(tokenizer, source=source, column="prompt")
+    specials = SpecialTokens.of(tokenizer)
+
+    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if info.conversational:
+            texts = _per_row(
+                lambda prompt: apply_chat_template_text(tokenizer, prompt, add_generation_prompt=True),
+                batch["prompt"], indices, source=source, column="prompt",
+            )
+            ids_rows = encode(tokenizer, texts)
+        else:
+            ids_rows = [specials.with_bos(ids) for ids in encode(tokenizer, batch["prompt"])]
+        return {"prompt_input_ids": [truncate_prompt(ids, max_prompt_length, "keep_end") for ids in ids_rows]}
+
+    return _map(
+        dataset, tokenize_batch, {"prompt_input_ids": "int32"}, num_proc=num_proc, remove=[], desc="Tokenizing prompts"
+    )

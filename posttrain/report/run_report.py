@@ -1,0 +1,41 @@
+"""A Markdown report of a run: the stage table, and plots of each stage's metrics."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from posttrain.report.plots import plot_metrics
+
+# what to plot per stage, when present in its metrics.jsonl
+STAGE_METRICS = {
+    "sft": ["loss", "mean_token_accuracy"],
+    "reward": ["loss", "accuracy", "margin"],
+    "ppo": ["objective/scores", "objective/kl", "loss/policy"],
+    "grpo": ["reward", "kl", "completions/mean_length"],
+    "rloo": ["reward", "kl"],
+    "dpo": ["loss", "rewards/accuracies", "rewards/margins"],
+}
+
+
+def write_demo_report(output_dir: str, results: list[Any], *, task: str, eval_problems: int) -> str:
+    """Write ``<output_dir>/report.md``; ``results`` are objects with name, model_dir, seconds, accuracy, extra."""
+    lines = ["# posttrain demo report", "", f"Task: `{task}`; accuracy is greedy exact match on {eval_problems} "
+             "held-out problems.", "", "| stage | accuracy | time (s) | notes |", "|---|---|---|---|"]
+    for r in results:
+        accuracy = f"{r.accuracy:.1%}" if r.accuracy is not None else "-"
+        notes = ", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.extra.items()
+                          if v is not None)
+        lines.append(f"| {r.name} | {accuracy} | {r.seconds:.0f} | {notes} |")
+    lines.append("")
+    for r in results:
+        keys = STAGE_METRICS.get(r.name)
+        if not keys:
+            continue
+        png = plot_metrics(r.model_dir, keys, os.path.join(output_dir, f"{r.name}.png"), title=r.name)
+        if png:
+            lines += [f"## {r.name}", "", f"![{r.name} metrics]({os.path.basename(png)})", ""]
+    path = os.path.join(output_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path

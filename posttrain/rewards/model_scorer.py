@@ -1,0 +1,142 @@
+"""A sequence-classification reward model used as a reward function."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.rewards.text import completion_text
+
+logger = logging.getLogger(__name__)
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+class RewardModelScorer:
+    """Scores prompt + completion with a reward model (``num_labels=1``); follows the reward-function protocol.
+
+    Args:
+        model_or_path: a loaded ``AutoModelForSequenceClassification`` or the directory (or hub id) of one.
+        tokenizer: its tokenizer; loaded from the same directory when a path is given.
+        batch_size: rows per forward pass.
+        max_length: longest input in tokens; longer inputs keep their *last* ``max_length`` tokens,
+            so the completion, which the score is read at, is never cut.
+        device: where to run; default: the model's device, or for a path CUDA when available, else CPU.
+        name: the name used in metrics and errors (default ``"reward_model"``).
+
+    Conversational rows (prompt = list of messages) are rendered with the tokenizer's chat template,
+    prompt messages followed by the assistant completion; plain rows are ``prompt + completion``.
+    """
+
+    def __init__(
+        self,
+        model_or_path: Any,
+        tokenizer=None,
+        *,
+        batch_size: int = 16,
+        max_length: int = 1024,
+        device: str | torch.device | None = None,
+        name: str = "reward_model",
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            path = os.fspath(model_or_path)
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+            except (OSError, ValueError) as error:
+                raise ConfigError(
+                    f"cannot load a sequence-classification reward model from {path!r}: {error}",
+                    field="reward_model",
+                    fix="pass a directory saved with save_pretrained from a reward model (num_labels=1)",
+                ) from error
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            model = model_or_path
+        if tokenizer is None:
+            raise ConfigError(
+                "a reward model given as an object needs its tokenizer", field="reward_model", fix="pass tokenizer="
+            )
+        num_labels = getattr(model.config, "num_labels", 1)
+        if num_labels != 1:
+            raise ConfigError(
+                f"a reward model must output one score per sequence, this one has num_labels={num_labels}",
+                field="reward_model",
+                fix="train it with RewardTrainer or load it with num_labels=1",
+            )
+        if device is not None:
+            model = model.to(device)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.__name__ = name
+
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        pad_id = text_config.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            if pad_id is not None:
+                # the classification head finds each row's last token by looking for padding
+                logger.info("reward model config has no pad_token_id; using %d from the tokenizer", pad_id)
+                text_config.pad_token_id = pad_id
+            else:
+                self.batch_size = 1  # without a pad id, only unpadded single rows can be scored
+        self.pad_token_id = pad_id
+
+    def _encode(self, prompt: Any, completion: Any) -> list[int]:
+        if _is_conversation(prompt):
+            if _is_conversation(completion):
+                completion_messages = completion
+            else:
+                completion_messages = [{"role": "assistant", "content": completion_text(completion)}]
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ConfigError(
+                    "conversational rows need a chat template and the reward model's tokenizer has none",
+                    field="reward_model",
+                    fix="set tokenizer.chat_template, or give plain-text prompts",
+                )
+            text = self.tokenizer.apply_chat_template(list(prompt) + list(completion_messages), tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_text = prompt if isinstance(prompt, str) else completion_text(prompt)
+            ids = self.tokenizer(prompt_text + completion_text(completion))["input_ids"]
+        return ids[-self.max_length :]
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        encoded = [self._encode(p, c) for p, c in zip(prompts, completions)]
+        # score rows of similar length together: less padding
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        device = next(self.model.parameters()).device
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start : start + self.batch_size]
+                    width = max(len(encoded[i]) for i in chunk)
+                    pad = self.pad_token_id if self.pad_token_id is not None else 0
+                    input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                    attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                    for row, index in enumerate(chunk):
+                        ids = encoded[index]
+                        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                        attention_mask[row, : len(ids)] = 1
+                    logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+                    for row, index in enumerate(chunk):
+                        scores[index] = float(logits[row, 0].float())
+        finally:
+            for module, training in modes:
+                module.training = training
+        return scores

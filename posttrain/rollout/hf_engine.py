@@ -1,0 +1,300 @@
+"""Batched, KV-cached sampling with a plain (or PEFT-wrapped) Hugging Face causal LM.
+
+The loop, in one place:
+
+1. left-pad the *unique* prompts and run them through the model once, filling a ``DynamicCache``;
+2. copy that cache (and the last-position logits) ``num_generations`` times per prompt, so a group
+   of G completions pays for its prompt once, not G times;
+3. decode one token per step for every unfinished row, feeding the cache, the growing attention mask
+   and each row's own position (``prompt_length + step``: left padding shifts the columns, not the
+   positions);
+4. a row is done at EOS or when its decoded text contains a stop string; done rows emit pad, and
+   once a quarter of the rows in the batch are done they are dropped from the compute batch
+   (``Cache.batch_select_indices``), so a long straggler does not drag the whole batch along.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from posttrain.errors import ConfigError
+from posttrain.rollout.kv_cache import reserved_dynamic_cache
+from posttrain.rollout.batch import RolloutBatch, check_num_generations, left_pad, normalize_prompts
+from posttrain.rollout.sampling import SamplingParams, choose_next_tokens, process_logits
+
+# Drop finished rows from the compute batch once at least this fraction of it is finished. Each drop
+# copies the remaining KV cache, about the memory traffic of one decode step, so dropping on every
+# finished row would cost more than it saves.
+COMPACT_FRACTION = 0.25
+
+
+class StopStringChecker:
+    """Finds stop strings in a completion by decoding only its last few tokens.
+
+    A stop string of ``b`` UTF-8 bytes spans at most ``b`` tokens (every token is at least one
+    byte), so decoding the last ``b + 2`` tokens after each step sees every occurrence that ends in
+    the newest token; earlier occurrences were caught at earlier steps. The extra tokens keep the
+    occurrence away from the window's first token, which some decoders render without its leading
+    space.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]) -> None:
+        if tokenizer is None:
+            raise ConfigError(
+                "stop_strings need a tokenizer to decode completions", field="stop_strings", fix="pass tokenizer= to the engine"
+            )
+        self.tokenizer = tokenizer
+        self.stop_strings = list(stop_strings)
+        self.window = max(len(s.encode("utf-8")) for s in self.stop_strings) + 2
+
+    def hits(self, token_tails: list[list[int]]) -> list[bool]:
+        """For each row's most recent tokens (at least ``self.window`` of them when available), whether
+        a stop string appears in their decoded text."""
+        texts = self.tokenizer.batch_decode(token_tails, skip_special_tokens=False)
+        return [any(stop in text for stop in self.stop_strings) for text in texts]
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class HFRolloutEngine:
+    """Samples completions with a Hugging Face causal LM, without ``model.generate``.
+
+    Args:
+        model: a ``transformers`` causal LM, or one wrapped by ``peft.get_peft_model``.
+        tokenizer: its tokenizer; used for the default EOS / pad ids and to decode for stop strings.
+        eos_token_ids: token ids that end a completion; default: the tokenizer's EOS plus the model's
+            ``generation_config.eos_token_id``.
+        pad_token_id: id written after a completion ends and used for left padding; default: the
+            tokenizer's pad token, else the first EOS id.
+        share_prompt_prefill: run each unique prompt through the model once and copy its KV cache to
+            its ``num_generations`` rows (True, faster), or repeat the prompt before the forward (False).
+        drop_finished_rows: remove finished rows from the compute batch as they accumulate.
+        reserve_cache: back the ``DynamicCache`` with memory reserved for prompt + completion, so a
+            decode step writes one column instead of copying the whole cache (see ``kv_cache``).
+
+    ``generate`` runs under ``torch.no_grad()`` with the model in eval mode (so gradient
+    checkpointing, which disables the KV cache in training mode, stays out of the way) and restores
+    every module's train/eval mode afterwards.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer=None,
+        *,
+        eos_token_ids: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        share_prompt_prefill: bool = True,
+        drop_finished_rows: bool = True,
+        reserve_cache: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.share_prompt_prefill = share_prompt_prefill
+        self.drop_finished_rows = drop_finished_rows
+        self.reserve_cache = reserve_cache
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._config = base.config
+        generation_config = getattr(base, "generation_config", None)
+
+        if eos_token_ids is None:
+            ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
+            ids += _as_id_list(getattr(generation_config, "eos_token_id", None))
+            eos_token_ids = list(dict.fromkeys(ids))
+        self.eos_token_ids = _as_id_list(eos_token_ids)
+
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(generation_config, "pad_token_id", None)
+        if pad_token_id is None and self.eos_token_ids:
+            pad_token_id = self.eos_token_ids[0]
+        if pad_token_id is None:
+            raise ConfigError(
+                "no pad token id: the tokenizer has neither a pad nor an EOS token",
+                field="pad_token_id",
+                fix="pass pad_token_id= to the engine or set tokenizer.pad_token",
+            )
+        self.pad_token_id = int(pad_token_id)
+
+        # transformers 5 renamed the cache argument from `past_key_values` to `cache`; ask the model.
+        parameters = inspect.signature(base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_last_logits = "logits_to_keep" in parameters
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]] | torch.Tensor,
+        *,
+        num_generations: int = 1,
+        sampling: SamplingParams | None = None,
+        generator: torch.Generator | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> RolloutBatch:
+        """Sample ``num_generations`` completions for each prompt.
+
+        Args:
+            prompt_ids: token ids, one list per prompt (any lengths), or a ``(B, P)`` tensor; with a
+                tensor, pass ``prompt_mask`` or leading pad tokens are taken as left padding.
+            num_generations: completions per prompt (the group size G).
+            sampling: a :class:`SamplingParams`; default ``SamplingParams()``.
+            generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+
+        Returns:
+            a :class:`RolloutBatch` of ``len(prompts) * num_generations`` rows, prompt-major.
+        """
+        sampling = sampling if sampling is not None else SamplingParams()
+        check_num_generations(num_generations)
+        prompts = normalize_prompts(prompt_ids, self.pad_token_id, prompt_mask)
+        device = self.device
+        if generator is not None and generator.device.type != device.type:
+            raise ConfigError(
+                f"the generator is on {generator.device} but the model is on {device}",
+                field="generator",
+                fix=f"create it with torch.Generator(device='{device.type}')",
+            )
+        stop_checker = StopStringChecker(self.tokenizer, sampling.stop_strings) if sampling.stop_strings else None
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self._generate(prompts, num_generations, sampling, generator, stop_checker, device)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """One model call; returns the ``(B, V)`` float32 logits of the last position."""
+        kwargs = {self._cache_kwarg: cache}
+        if self._keeps_last_logits:
+            kwargs["logits_to_keep"] = 1
+        output = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
+        )
+        return output.logits[:, -1, :].float()
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        group_size: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        stop_checker: StopStringChecker | None,
+        device: torch.device,
+    ) -> RolloutBatch:
+        pad = self.pad_token_id
+        unique_ids, unique_mask = left_pad(prompts, pad, device)
+        row_prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)
+        row_prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)
+        num_rows, prompt_width = row_prompt_ids.shape
+        max_new = sampling.max_completion_length
+
+        if self.reserve_cache:
+            cache = reserved_dynamic_cache(self._config, prompt_width + max_new)
+        else:
+            cache = DynamicCache(config=self._config)
+        if self.share_prompt_prefill:
+            prefill_ids, prefill_mask = unique_ids, unique_mask
+        else:
+            prefill_ids, prefill_mask = row_prompt_ids, row_prompt_mask
+        # Left padding: a row's first real token sits at position 0 whatever its column.
+        prefill_positions = (prefill_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        last_logits = self._forward(prefill_ids, prefill_mask, prefill_positions, cache)
+        if self.share_prompt_prefill and group_size > 1:
+            cache.batch_repeat_interleave(group_size)
+            last_logits = last_logits.repeat_interleave(group_size, dim=0)
+
+        # Per-row state, indexed by the rows still in the compute batch (`batch_rows`).
+        batch_rows = torch.arange(num_rows, device=device)
+        attention = torch.ones((num_rows, prompt_width + max_new), dtype=torch.long, device=device)
+        attention[:, :prompt_width] = row_prompt_mask
+        next_position = row_prompt_mask.sum(dim=-1)
+        use_penalty = sampling.repetition_penalty != 1.0
+        if use_penalty:
+            seen_ids = torch.full((num_rows, prompt_width + max_new), pad, dtype=torch.long, device=device)
+            seen_ids[:, :prompt_width] = row_prompt_ids
+            seen_mask = torch.zeros((num_rows, prompt_width + max_new), dtype=torch.bool, device=device)
+            seen_mask[:, :prompt_width] = row_prompt_mask.bool()
+
+        # Per-row results, indexed by the original row.
+        generated = torch.full((num_rows, max_new), pad, dtype=torch.long, device=device)
+        lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+        done = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        eos_ids = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+
+        for step in range(max_new):
+            width = prompt_width + step
+            if use_penalty:
+                processed = process_logits(last_logits, sampling, seen_ids[:, :width], seen_mask[:, :width])
+            else:
+                processed = process_logits(last_logits, sampling)
+            tokens = choose_next_tokens(processed, sampling, generator)
+            was_done = done[batch_rows]
+            tokens = tokens.masked_fill(was_done, pad)
+            generated[batch_rows, step] = tokens
+            lengths[batch_rows] += (~was_done).long()
+            finished_now = ~was_done & torch.isin(tokens, eos_ids)
+            if stop_checker is not None:
+                finished_now |= self._stop_hits(stop_checker, generated, batch_rows, ~was_done & ~finished_now, step)
+            done[batch_rows] = was_done | finished_now
+            if step == max_new - 1 or bool(done.all()):
+                break
+
+            batch_done = done[batch_rows]
+            if self.drop_finished_rows and int(batch_done.sum()) >= COMPACT_FRACTION * len(batch_rows):
+                keep = (~batch_done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                batch_rows, tokens, batch_done = batch_rows[keep], tokens[keep], batch_done[keep]
+                attention, next_position = attention[keep], next_position[keep]
+                if use_penalty:
+                    seen_ids, seen_mask = seen_ids[keep], seen_mask[keep]
+            if use_penalty:
+                seen_ids[:, width] = tokens
+                seen_mask[:, width] = ~batch_done
+            last_logits = self._forward(
+                tokens.unsqueeze(1), attention[:, : width + 1], next_position.unsqueeze(1), cache
+            )
+            next_position = next_position + 1
+
+        completion_width = max(int(lengths.max()), 1)
+        completion_ids = generated[:, :completion_width].contiguous()  # do not keep the full buffer alive
+        completion_mask = (torch.arange(completion_width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        return RolloutBatch(
+            prompt_ids=row_prompt_ids,
+            prompt_mask=row_prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            is_truncated=~done,
+            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
+            group_size=group_size,
+        )
+
+    @staticmethod
+    def _stop_hits(
+        checker: StopStringChecker, generated: torch.Tensor, batch_rows: torch.Tensor, to_check: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        """``(len(batch_rows),)`` bool: which rows just completed a stop string (only ``to_check`` rows are decoded)."""
+        hits = torch.zeros_like(to_check)
+        check_index = to_check.nonzero().squeeze(1)
+        if check_index.numel() == 0:
+            return hits
+        start = max(0, step + 1 - checker.window)
+        # rows still generating have produced exactly step + 1 tokens, so their tail is one slice
+        tails = generated[batch_rows[check_index], start : step + 1].tolist()
+        found = torch.tensor(checker.hits(tails), dtype=torch.bool, device=hits.device)
+        hits[check_index] = found
+        return hits

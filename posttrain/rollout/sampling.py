@@ -1,0 +1,203 @@
+"""Sampling settings and the logits processors that turn next-token logits into a choice.
+
+Every processor is a pure function of a ``(B, V)`` float logits tensor that returns a new tensor of
+the same shape; tokens a processor rules out get ``-inf``. They run in this order, the order most
+inference engines use, so settings mean the same thing here as elsewhere:
+
+    repetition penalty -> temperature -> top-k -> top-p -> min-p -> sample (or argmax when greedy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.errors import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    """How completions are sampled.
+
+    Attributes:
+        max_completion_length: most new tokens per completion.
+        temperature: logits are divided by this; 0 means greedy.
+        top_p: nucleus sampling, keep the smallest set of tokens whose probability sums to ``top_p``; 1.0 = off.
+        top_k: keep the ``top_k`` most likely tokens; 0 or None = off.
+        min_p: drop tokens whose probability is below ``min_p`` times the top token's; 0.0 = off.
+        repetition_penalty: CTRL-style penalty on every token already in the prompt or completion; 1.0 = off.
+        stop_strings: stop a completion as soon as its decoded text contains one of these; the tokens
+            that spell it stay in the completion.
+        do_sample: False means greedy decoding (argmax), whatever the temperature.
+    """
+
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_strings: list[str] | None = None
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_completion_length, int) or self.max_completion_length < 1:
+            raise ConfigError(
+                f"max_completion_length must be a positive integer, got {self.max_completion_length!r}",
+                field="max_completion_length",
+                fix="pass the most new tokens a completion may have, e.g. 256",
+            )
+        if self.temperature is None or self.temperature < 0:
+            raise ConfigError(
+                f"temperature must be >= 0, got {self.temperature!r}",
+                field="temperature",
+                fix="use 1.0 for plain sampling, or 0 for greedy decoding",
+            )
+        if self.top_p is None or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                f"top_p must be in (0, 1], got {self.top_p!r}", field="top_p", fix="use 1.0 to turn nucleus sampling off"
+            )
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ConfigError(
+                f"top_k must be a non-negative integer, got {self.top_k!r}", field="top_k", fix="use 0 to turn top-k off"
+            )
+        if self.min_p is None or not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(
+                f"min_p must be in [0, 1], got {self.min_p!r}", field="min_p", fix="use 0.0 to turn min-p off"
+            )
+        if self.repetition_penalty is None or self.repetition_penalty <= 0:
+            raise ConfigError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
+                field="repetition_penalty",
+                fix="use 1.0 for no penalty; values above 1 discourage repeats",
+            )
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        if self.stop_strings is not None:
+            if not all(isinstance(s, str) and s for s in self.stop_strings):
+                raise ConfigError(
+                    f"stop_strings must be non-empty strings, got {self.stop_strings!r}",
+                    field="stop_strings",
+                    fix="pass a list such as ['</answer>']",
+                )
+            self.stop_strings = list(self.stop_strings) or None
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the next token is the argmax (do_sample=False or temperature 0)."""
+        return not self.do_sample or self.temperature == 0
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen_token_ids: torch.Tensor, penalty: float, seen_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CTRL repetition penalty (Keskar et al. 2019, "CTRL", section 4.1).
+
+    For every token ``v`` already seen in the row: ``logit_v / penalty`` if ``logit_v > 0`` else
+    ``logit_v * penalty``; so ``penalty > 1`` makes seen tokens less likely whatever their sign.
+    A token seen several times is penalised once.
+
+    Shapes: ``logits (B, V)``, ``seen_token_ids (B, L)`` long (duplicates allowed), ``seen_mask (B, L)``
+    (1 = this position counts; None = all count). Returns ``(B, V)``.
+    """
+    if penalty == 1.0:
+        return logits
+    vocab_size = logits.shape[-1]
+    if seen_mask is not None:
+        # Masked positions point at an extra scratch column that is dropped afterwards.
+        seen_token_ids = seen_token_ids.masked_fill(~seen_mask.bool(), vocab_size)
+    extended = F.pad(logits, (0, 1))
+    seen_logits = extended.gather(-1, seen_token_ids)
+    penalised = torch.where(seen_logits > 0, seen_logits / penalty, seen_logits * penalty)
+    # scatter with duplicate indices is safe: every duplicate writes the same value
+    return extended.scatter(-1, seen_token_ids, penalised)[..., :vocab_size]
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide logits by ``temperature`` (> 0); softmax(z / T) is flatter for T > 1, sharper for T < 1.
+
+    Shapes: ``(B, V) -> (B, V)``.
+    """
+    if temperature == 1.0:
+        return logits
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits per row, set the rest to ``-inf`` (Fan et al. 2018).
+
+    Ties at the k-th value are all kept. ``top_k`` of 0/None, or >= V, is a no-op. Shapes: ``(B, V) -> (B, V)``.
+    """
+    if not top_k or top_k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
+
+    Keep the smallest set of most likely tokens whose probabilities sum to at least ``top_p``: with
+    tokens sorted by probability ``p_(1) >= p_(2) >= ...``, token ``(i)`` is kept iff
+    ``sum_{j<i} p_(j) < top_p``. The top token is always kept. Shapes: ``(B, V) -> (B, V)``.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    remove_sorted = mass_before >= top_p
+    remove_sorted[..., 0] = False
+    remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p filtering (Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling").
+
+    Drop token ``v`` when ``p_v < min_p * max_u p_u``; the top token always survives.
+    Shapes: ``(B, V) -> (B, V)``.
+    """
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(
+    logits: torch.Tensor,
+    sampling: SamplingParams,
+    seen_token_ids: torch.Tensor | None = None,
+    seen_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply every processor ``sampling`` asks for, in the documented order. ``(B, V) -> (B, V)`` float32.
+
+    Under greedy decoding only the repetition penalty matters (the others never move the argmax).
+    """
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen_token_ids is not None:
+        logits = apply_repetition_penalty(logits, seen_token_ids, sampling.repetition_penalty, seen_mask)
+    if sampling.is_greedy:
+        return logits
+    logits = apply_temperature(logits, sampling.temperature)
+    logits = apply_top_k(logits, sampling.top_k)
+    logits = apply_top_p(logits, sampling.top_p)
+    logits = apply_min_p(logits, sampling.min_p)
+    return logits
+
+
+def choose_next_tokens(
+    processed_logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pick one token per row from processed logits: argmax when greedy, else a categorical draw.
+
+    Shapes: ``(B, V) -> (B,)`` long. With a ``generator`` the draws are reproducible.
+    """
+    if sampling.is_greedy:
+        # max(dim) returns the first maximal index like argmax, and is about twice as fast on CPU
+        return processed_logits.max(dim=-1).indices
+    probs = processed_logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,135 @@
+"""Group Relative Policy Optimization: ``GRPOConfig`` and ``GRPOTrainer``.
+
+GRPO (Shao et al., "DeepSeekMath", arXiv:2402.03300) samples G completions per prompt, scores them
+with reward functions, and uses each completion's reward relative to its group as the advantage:
+no value model. The policy is updated with PPO's clipped objective per token, optionally with a
+k3 KL penalty towards a frozen reference (``beta > 0``).
+
+Every step of the loop is a call into the library: sampling in :mod:`posttrain.rollout`, rewards in
+:mod:`posttrain.rewards`, advantages in :mod:`posttrain.losses.advantages`, the per-token objective
+and its reduction in :mod:`posttrain.losses.policy`; the buffered generation schedule is shared
+with RLOO (:mod:`posttrain.trainers.online`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.losses.advantages import SCALE_REWARDS, decoupled_group_advantages, group_relative_advantages
+from posttrain.losses.policy import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    POLICY_LOSS_AGGREGATIONS,
+    aggregate_token_loss,
+    cispo_policy_loss,
+    clipped_policy_loss,
+    sapo_policy_loss,
+)
+from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
+
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Configuration of :class:`GRPOTrainer`: ``TrainingArguments``, the shared online fields, and these."""
+
+    loss_type: str = field(
+        default="dapo",
+        metadata={
+            "help": "How token losses become one number: dapo (sum / tokens in the accumulated batch), grpo (mean of "
+            "per-sequence means), bnpo (sum / tokens in the micro-batch), dr_grpo (sum / (B * max_completion_length)), "
+            "cispo, sapo, luspo."
+        },
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": "Divide centred rewards by the std of the group ('group'), of the batch ('batch'), or not ('none')."},
+    )
+    importance_sampling_level: str = field(
+        default="token", metadata={"help": "Importance ratio per token ('token') or per sequence ('sequence', GSPO)."}
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={"help": "Several reward functions: weighted sum then normalise, or normalise each then sum (GDPO)."},
+    )
+    delta: float | None = field(
+        default=None, metadata={"help": "Cap the unclipped ratio at delta (two-sided clipping, INTELLECT-2)."}
+    )
+    use_bias_correction_kl: bool = field(
+        default=True, metadata={"help": "Multiply the KL term by the importance ratio (unbiased KL gradient off-policy)."}
+    )
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "SAPO gate temperature where A > 0."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "SAPO gate temperature where A <= 0."})
+
+    def __post_init__(self) -> None:
+        # older configs and the CLI write scale_rewards as a boolean
+        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none", "True": "group",
+                              "False": "none"}.get(self.scale_rewards, self.scale_rewards)
+        super().__post_init__()
+        POLICY_LOSS_AGGREGATIONS.canonical(self.loss_type)  # ConfigError listing the known names
+        choices = [("scale_rewards", self.scale_rewards, SCALE_REWARDS),
+                   ("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS),
+                   ("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}", field=name, fix=f"use one of {', '.join(allowed)}")
+
+
+class GRPOTrainer(OnlineTrainer):
+    """Group Relative Policy Optimization.
+
+    ``GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=..., peft_config=...)``;
+    see :class:`posttrain.trainers.online.OnlineTrainer` for every argument.
+    """
+
+    method_name: ClassVar[str] = "GRPO"
+    config_class: ClassVar[type] = GRPOConfig
+
+    def compute_advantages(self, scored: ScoredRollout, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.args.multi_objective_aggregation == "normalize_then_sum":
+            weights = torch.tensor(self.args.reward_weights or [1.0] * len(scored.reward_names),
+                                   dtype=torch.float32, device=scored.rewards.device)
+            advantages, stats = decoupled_group_advantages(scored.rewards_per_function, weights, scored.group_size)
+        else:
+            advantages, stats = group_relative_advantages(scored.rewards, scored.group_size, self.args.scale_rewards)
+        return advantages, {"frac_reward_zero_std": stats.frac_zero_std}
+
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        if return_outputs:
+            raise ConfigError("GRPOTrainer.compute_loss returns no model outputs", field="return_outputs",
+                              fix="call it with return_outputs=False")
+        args = self.args
+        logps, entropy = self.policy_logps(model, inputs)
+        mask = inputs["loss_mask"]
+        # on-policy (the batch is used before any optimizer step) the old policy is the current one
+        old_logps = inputs["old_logps"] if "old_logps" in inputs else logps.detach()
+        kl_options = dict(ref_logps=inputs.get("ref_logps"), kl_coef=args.beta, kl_estimator="k3",
+                          use_bias_correction_kl=args.use_bias_correction_kl,
+                          importance_sampling_level=args.importance_sampling_level)
+        loss_type = POLICY_LOSS_AGGREGATIONS.canonical(args.loss_type)
+        if args.loss_type == "cispo":
+            per_token_loss, metrics = cispo_policy_loss(logps, old_logps, inputs["advantages"], mask,
+                                                        epsilon_high=args.epsilon_high, **kl_options)
+        elif args.loss_type == "sapo":
+            per_token_loss, metrics = sapo_policy_loss(
+                logps, old_logps, inputs["advantages"], mask, temperature_pos=args.sapo_temperature_pos,
+                temperature_neg=args.sapo_temperature_neg, **kl_options,
+            )
+        else:
+            per_token_loss, metrics = clipped_policy_loss(
+                logps, old_logps, inputs["advantages"], mask, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+                delta=args.delta, **kl_options,
+            )
+        loss = aggregate_token_loss(per_token_loss, mask, loss_type, max_completion_length=args.max_completion_length,
+                                    num_items_in_batch=inputs["num_items_in_batch"])
+        if loss_type == "dapo":
+            if self.model.training:  # normalised by the window's tokens on all processes: undo DDP's averaging
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss / self.loss_normaliser_for_accumulation()
+        self.record_metrics({**metrics, "entropy": self.masked_mean(entropy, mask)})
+        return loss

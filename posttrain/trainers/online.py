@@ -1,0 +1,873 @@
+"""The online loop GRPO and RLOO share: prompts -> rollout -> rewards -> advantages -> buffered micro-batches.
+
+One *generation* serves several micro-steps. The dataloader hands out prompts; every
+``steps_per_generation * num_iterations`` micro-steps the trainer samples ``num_generations``
+completions for each prompt of the current generation batch (one prefill per prompt), scores them
+with the reward functions, computes advantages over each prompt's group, shuffles the rows and cuts
+them into ``steps_per_generation`` micro-batches of ``per_device_train_batch_size`` completions,
+which the next micro-steps consume (``num_iterations`` passes over them).
+
+``per_device_train_batch_size`` counts completions, as in TRL. The generation batch of one process
+holds ``per_device_train_batch_size * steps_per_generation`` completions, whole groups only. Left
+unset, ``steps_per_generation`` is ``gradient_accumulation_steps`` raised to the smallest multiple
+that makes the generation batch a multiple of ``num_generations``: batch 1, accumulation 4 and
+8 generations generate 8 completions of one prompt and spend them on two optimizer steps.
+
+Pieces a method with a different update (PPO, online DPO) can reuse on their own:
+:class:`RepeatedBlockSampler`, :func:`resolve_generation_schedule`, :func:`completion_token_logps`,
+:func:`prompt_completion_inputs`, :func:`split_into_micro_batches`, :class:`CompletionsLog`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+
+from posttrain.errors import ConfigError
+from posttrain.models.lm_head import token_logps, unwrap_model
+from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
+from posttrain.trainers.config import PosttrainConfig
+
+logger = logging.getLogger("posttrain")
+
+PROMPT_COLUMNS = ("prompt", "prompt_input_ids", "prompt_attention_mask")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class OnlineConfig(PosttrainConfig):
+    """Fields every group-sampling online method (GRPO, RLOO) shares, on top of ``TrainingArguments``."""
+
+    _aliases: ClassVar[dict[str, str]] = {**PosttrainConfig._aliases, "max_new_tokens": "max_completion_length"}
+    # the smallest group a method's advantage estimator can work with
+    _min_generations: ClassVar[int] = 2
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate of AdamW."})
+    num_generations: int = field(
+        default=8, metadata={"help": "Completions sampled per prompt (the group size G)."}
+    )
+    num_generations_eval: int | None = field(
+        default=None, metadata={"help": "Completions per prompt during evaluation (default: num_generations)."}
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Keep at most this many prompt tokens, cutting from the left (None: no limit)."}
+    )
+    max_completion_length: int = field(default=256, metadata={"help": "Most tokens sampled per completion."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; log-probs in the loss use the same temperature."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0: off)."})
+    min_p: float | None = field(
+        default=None, metadata={"help": "Drop tokens below min_p times the top token's probability (None: off)."}
+    )
+    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL-style repetition penalty (1.0: off)."})
+    stop_strings: list[str] | None = field(
+        default=None, metadata={"help": "Stop a completion once its text contains one of these strings."}
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Completions generated at once, over all processes (default: derived from steps_per_generation)."},
+    )
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-steps served by one generation (default: gradient_accumulation_steps, raised to a multiple "
+            "that makes the generation batch hold whole groups)."
+        },
+    )
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts each epoch."})
+    use_vllm: bool = field(default=False, metadata={"help": "Sample with a colocated vLLM engine (CUDA GPU and vllm needed)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Fraction of GPU memory vLLM may take (use_vllm only)."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "Longest prompt + completion vLLM must hold (use_vllm only)."}
+    )
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient against the reference model; 0 loads no reference."})
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimisation passes over each generated batch (mu in the GRPO paper)."}
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the importance ratio: 1 - epsilon."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clip range 1 + epsilon_high (default: epsilon; DAPO uses 0.28)."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function in the total reward (default: all 1)."}
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Completions that hit max_completion_length without EOS get no loss (DAPO)."}
+    )
+    disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability of the policy to 0."})
+    sync_ref_model: bool = field(
+        default=False, metadata={"help": "Move the reference toward the policy every ref_model_sync_steps (TR-DPO)."}
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mixing weight of the policy."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "Optimizer steps between reference updates."})
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Every logging_steps, print a table of sampled completions and append it to completions.jsonl."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Rows of the completions table printed (None: all; the file gets all)."}
+    )
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Older name of max_completion_length."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_values()
+        self.min_p = 0.0 if self.min_p is None else self.min_p
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        self.steps_per_generation, self.generation_batch_size = resolve_generation_schedule(
+            per_device_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            num_generations=self.num_generations,
+            world_size=self.world_size,
+            steps_per_generation=self.steps_per_generation,
+            generation_batch_size=self.generation_batch_size,
+        )
+
+    def _check_values(self) -> None:
+        method = type(self).__name__.replace("Config", "")
+        checks = [
+            (self.num_generations >= self._min_generations, "num_generations",
+             f"{method} compares completions within a group, so it needs num_generations >= {self._min_generations}, "
+             f"got {self.num_generations}", "use e.g. --num_generations 4"),
+            (self.num_generations_eval is None or self.num_generations_eval >= 1, "num_generations_eval",
+             f"num_generations_eval must be >= 1, got {self.num_generations_eval}", "use e.g. 2, or leave it unset"),
+            (self.max_completion_length >= 1, "max_completion_length",
+             f"max_completion_length must be >= 1, got {self.max_completion_length}", "use e.g. 256"),
+            (self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
+             f"max_prompt_length must be >= 1, got {self.max_prompt_length}", "use e.g. 512, or leave it unset"),
+            (self.temperature > 0, "temperature",
+             f"temperature must be > 0 for training (log-probs are divided by it), got {self.temperature}",
+             "use 1.0, or e.g. 0.7 for less diverse samples"),
+            (self.num_iterations >= 1, "num_iterations", f"num_iterations must be >= 1, got {self.num_iterations}",
+             "use 1 (one pass over each generation) or more"),
+            (self.epsilon > 0 and (self.epsilon_high is None or self.epsilon_high > 0), "epsilon",
+             f"clip ranges must be > 0, got epsilon={self.epsilon}, epsilon_high={self.epsilon_high}", "use e.g. 0.2"),
+            (self.beta >= 0, "beta", f"beta must be >= 0, got {self.beta}", "use 0 (no KL term) or e.g. 0.04"),
+            (not self.auto_find_batch_size, "auto_find_batch_size",
+             "auto_find_batch_size would shrink the batch below whole groups of num_generations completions",
+             "drop --auto_find_batch_size and lower per_device_train_batch_size instead"),
+        ]
+        for ok, field_name, problem, fix in checks:
+            if not ok:
+                raise ConfigError(problem, field=field_name, fix=fix)
+
+
+def resolve_generation_schedule(
+    *,
+    per_device_batch_size: int,
+    gradient_accumulation_steps: int,
+    num_generations: int,
+    world_size: int = 1,
+    steps_per_generation: int | None = None,
+    generation_batch_size: int | None = None,
+) -> tuple[int, int]:
+    """``(steps_per_generation, generation_batch_size)`` for a config; ``generation_batch_size`` is global.
+
+    Each process generates ``per_device_batch_size * steps_per_generation`` completions at once, which
+    must be whole groups of ``num_generations``. Unset, ``steps_per_generation`` is the smallest
+    multiple of ``gradient_accumulation_steps`` that satisfies this; a value set by the user that
+    does not is a :class:`ConfigError`.
+    """
+    if steps_per_generation is not None and generation_batch_size is not None:
+        raise ConfigError(
+            "generation_batch_size and steps_per_generation were both set", field="steps_per_generation",
+            fix="set one of them (generation_batch_size = per_device_train_batch_size * world size * steps_per_generation)",
+        )
+    global_micro_batch = per_device_batch_size * world_size
+    if generation_batch_size is not None:
+        if generation_batch_size < 1 or generation_batch_size % global_micro_batch:
+            raise ConfigError(
+                f"generation_batch_size ({generation_batch_size}) must be a positive multiple of "
+                f"per_device_train_batch_size x processes ({global_micro_batch})", field="generation_batch_size",
+                fix=f"use a multiple of {global_micro_batch}, or leave it unset",
+            )
+        steps_per_generation = generation_batch_size // global_micro_batch
+        chosen = False
+    elif steps_per_generation is not None:
+        if steps_per_generation < 1:
+            raise ConfigError(f"steps_per_generation must be >= 1, got {steps_per_generation}",
+                              field="steps_per_generation", fix="leave it unset to follow gradient_accumulation_steps")
+        chosen = False
+    else:
+        completions = per_device_batch_size * gradient_accumulation_steps
+        steps_per_generation = gradient_accumulation_steps * (num_generations // math.gcd(completions, num_generations))
+        chosen = True
+    per_process = per_device_batch_size * steps_per_generation
+    if per_process % num_generations:
+        raise ConfigError(
+            f"each generation would hold {per_process} completions per process (per_device_train_batch_size "
+            f"{per_device_batch_size} x steps_per_generation {steps_per_generation}), not whole groups of "
+            f"num_generations={num_generations}", field="num_generations",
+            fix="make per_device_train_batch_size x steps_per_generation a multiple of num_generations, "
+            "or leave steps_per_generation and generation_batch_size unset",
+        )
+    if chosen and steps_per_generation > gradient_accumulation_steps:
+        logger.info(
+            "one generation of %d completions (%d prompts x %d) now serves %d optimizer steps: "
+            "per_device_train_batch_size x gradient_accumulation_steps = %d is not a multiple of num_generations",
+            per_process, per_process // num_generations, num_generations,
+            steps_per_generation // gradient_accumulation_steps, per_device_batch_size * gradient_accumulation_steps,
+        )
+    return steps_per_generation, per_process * world_size
+
+
+# ----------------------------------------------------------------------------- sampling prompts
+
+
+class RepeatedBlockSampler(Sampler[int]):
+    """Prompt indices in blocks of ``block_size``, each block yielded ``repeats`` times in a row.
+
+    With a dataloader of batch size ``block_size // num_processes``, each process receives its own
+    share of a block (accelerate deals consecutive batches out round-robin), and the same share
+    again for every micro-step the generation serves. A trailing partial block is dropped; the order
+    is reshuffled every epoch from one seeded generator, identically on every process.
+    """
+
+    def __init__(self, num_rows: int, block_size: int, repeats: int, *, shuffle: bool = True, seed: int = 0) -> None:
+        self.num_rows, self.block_size, self.repeats, self.shuffle = num_rows, block_size, repeats, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.num_rows, generator=self.generator) if self.shuffle else torch.arange(self.num_rows)
+        order = order.tolist()
+        for start in range(0, self.num_rows - self.block_size + 1, self.block_size):
+            block = order[start : start + self.block_size]
+            for _ in range(self.repeats):
+                yield from block
+
+    def __len__(self) -> int:
+        return (self.num_rows // self.block_size) * self.block_size * self.repeats
+
+
+# ----------------------------------------------------------------------------- tensors of a rollout
+
+
+def prompt_completion_inputs(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model inputs for prompt + completion rows: ids, attention mask, positions, and the target mask.
+
+    Positions count real tokens only, so a left-padded prompt starts at 0, as during sampling.
+    ``targets`` marks the completion tokens (the positions whose log-probs a loss reads).
+    """
+    input_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)
+    attention_mask = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    targets = torch.cat([torch.zeros_like(rows["prompt_mask"]), rows["completion_mask"]], dim=1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "targets": targets}
+
+
+def completion_token_logps(
+    model: nn.Module,
+    rows: dict[str, torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    logps_fn: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``(B, C)`` of the completion tokens (zero on padding), and entropies if asked.
+
+    ``logps_fn`` replaces :func:`posttrain.models.lm_head.token_logps` (e.g. a reference policy's).
+    Differentiable when autograd is on.
+    """
+    inputs = prompt_completion_inputs(rows)
+    compute = logps_fn or token_logps
+    kwargs = {"with_entropy": True} if with_entropy else {}
+    result = compute(
+        model, inputs["input_ids"], inputs["targets"], inputs["attention_mask"], inputs["position_ids"],
+        temperature=temperature, chunk_size=chunk_size, **kwargs,
+    )
+    start = rows["prompt_ids"].shape[1] - 1  # logps[:, t] scores token t + 1
+    entropy = result.entropy[:, start:] if with_entropy else None
+    return result.logps[:, start:], entropy
+
+
+def trim_padding(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop prompt columns that are padding in every row and completion columns past the longest completion."""
+    prompt_mask, completion_mask = rows["prompt_mask"], rows["completion_mask"]
+    used_prompt = prompt_mask.any(dim=0).nonzero()
+    first = int(used_prompt[0]) if used_prompt.numel() else prompt_mask.shape[1] - 1
+    width = max(int(completion_mask.sum(dim=1).max()), 1) if completion_mask.numel() else 1
+    trimmed = {}
+    for name, value in rows.items():
+        if name in ("prompt_ids", "prompt_mask"):
+            value = value[:, first:]
+        elif torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == completion_mask.shape[1]:
+            value = value[:, :width]
+        trimmed[name] = value
+    return trimmed
+
+
+def split_into_micro_batches(
+    rows: dict[str, torch.Tensor], num_parts: int, generator: torch.Generator | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Shuffle the rows (when a generator is given) and cut them into ``num_parts`` equal micro-batches."""
+    num_rows = next(iter(rows.values())).shape[0]
+    order = torch.randperm(num_rows, generator=generator) if generator is not None else torch.arange(num_rows)
+    size = num_rows // num_parts
+    parts = []
+    for part in range(num_parts):
+        index = order[part * size : (part + 1) * size]
+        parts.append(trim_padding({name: value[index.to(value.device)] for name, value in rows.items()}))
+    return parts
+
+
+# ----------------------------------------------------------------------------- the completions table
+
+
+class CompletionsLog:
+    """Keeps the rows of the latest generation; at each log, appends them to ``completions.jsonl`` and prints a table."""
+
+    FILE = "completions.jsonl"
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def replace(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def flush(self, output_dir: str | None, step: int, max_printed: int | None, report_to: list[str] | None = None) -> None:
+        if not self.rows:
+            return
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, self.FILE), "a", encoding="utf-8") as handle:
+                for row in self.rows:
+                    handle.write(json.dumps({"step": step, **row}, default=str) + "\n")
+        shown = self.rows if max_printed is None else self.rows[:max_printed]
+        print(format_completions_table(shown, title=f"completions at step {step}"))
+        if report_to and "wandb" in report_to:
+            _log_wandb_table(self.rows, step)
+        self.rows = []
+
+
+def format_completions_table(rows: list[dict[str, Any]], *, title: str = "completions", width: int = 48) -> str:
+    """A plain-text table: prompt, completion, each reward, total reward and advantage (texts shortened)."""
+    if not rows:
+        return f"{title}: (none)"
+    reward_names = list(rows[0].get("rewards", {}))
+    header = ["prompt", "completion", *reward_names, "reward", "advantage"]
+
+    def short(text: Any) -> str:
+        text = str(text).replace("\n", "\\n")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    def number(value: Any) -> str:
+        return "None" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+    lines = [[short(r["prompt"]), short(r["completion"]), *[number(r["rewards"][n]) for n in reward_names],
+              number(r.get("reward")), number(r.get("advantage"))] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    render = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([title, render(header), rule, *(render(line) for line in lines)])
+
+
+def _log_wandb_table(rows: list[dict[str, Any]], step: int) -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    columns = ["step", "prompt", "completion", *rows[0]["rewards"], "reward", "advantage"]
+    data = [[step, r["prompt"], r["completion"], *r["rewards"].values(), r["reward"], r["advantage"]] for r in rows]
+    wandb.log({"completions": wandb.Table(columns=columns, data=data)})
+
+
+def prompt_text(prompt: Any) -> str:
+    """A readable one-string form of a prompt: the string itself, or ``role: content`` lines of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))
+    return str(prompt)
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class ScoredRollout:
+    """Completions of one generation batch with their rewards; rows prompt-major, ``group_size`` per prompt."""
+
+    rows: dict[str, torch.Tensor]
+    prompts: list[Any]
+    completions: list[Any]
+    rewards_per_function: torch.Tensor  # (N, F), NaN where a function returned None
+    rewards: torch.Tensor  # (N,) weighted total
+    reward_names: list[str]
+    group_size: int
+
+
+
+class OnlineTrainer(PosttrainTrainer):
+    """The shared half of GRPO and RLOO: data, sampling, rewards, reference, buffering, logging.
+
+    A subclass sets ``method_name`` and ``config_class`` and implements :meth:`compute_advantages`
+    (rewards -> per-row advantages) and ``compute_loss`` (one buffered micro-batch -> scalar loss).
+
+    Args:
+        model: a model instance, or a local path / hub id loaded with ``AutoModelForCausalLM``.
+        reward_funcs: one reward function or a list; each is a callable
+            ``f(prompts, completions, **kwargs) -> list[float | None]``, the name of a built-in
+            (``"accuracy"``, ``"format"``, ...), ``"module:function"``, ``"file.py:function"``, a reward
+            model directory, or a sequence-classification model instance.
+        args: the method's config (``None``: defaults, output in ``<model name>-<method>``).
+        train_dataset / eval_dataset: datasets with a ``prompt`` column (text or messages); every other
+            column reaches the reward functions as a keyword argument.
+        processing_class: the tokenizer (``tokenizer=`` is accepted as its older name).
+        reward_processing_classes: tokenizers of reward-model instances in ``reward_funcs``.
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter instead of all weights.
+    """
+
+    config_class: ClassVar[type] = OnlineConfig
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        reward_funcs: Any = None,
+        args: OnlineConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks: list | None = None,
+        optimizers=(None, None),
+        peft_config=None,
+        tokenizer=None,
+    ) -> None:
+        from posttrain.data.collate import PromptCollator
+        from posttrain.rollout import SamplingParams
+        from posttrain.trainers.reference import ReferenceSyncCallback, disable_dropout, resolve_reference
+
+        args = resolve_args(args, model, self.config_class, self.method_name)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self._init_metrics()
+        self.reward_computer = build_reward_computer(reward_funcs, reward_processing_classes, args)
+        model = apply_peft(load_pretrained(model, args), peft_config, args)
+        if args.disable_dropout:
+            disable_dropout(model)
+        # beta = 0: no reference model is built or loaded at all
+        self.reference = (
+            resolve_reference(model, None, args, adapter_is_new=peft_config is not None) if args.beta > 0 else None
+        )
+        self.sampling = SamplingParams(
+            max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            stop_strings=args.stop_strings,
+        )
+        if train_dataset is not None:
+            train_dataset = self._prepare_dataset(train_dataset, "train", args)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._prepare_dataset(ds, name, args) for name, ds in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, "eval", args)
+
+        super().__init__(
+            model=model, args=args, data_collator=PromptCollator(self._tokenizer.pad_token_id),
+            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+            callbacks=callbacks, optimizers=optimizers,
+        )
+        self.loss_is_scaled_for_ga = True  # compute_loss normalises for accumulation itself
+        if self.reference is not None:
+            self.reference.prepare(self.accelerator)
+            if args.sync_ref_model:
+                self.add_callback(ReferenceSyncCallback(self.reference, args.ref_model_mixup_alpha, args.ref_model_sync_steps))
+        elif args.sync_ref_model:
+            raise ConfigError("sync_ref_model needs a reference model, and beta = 0 loads none", field="sync_ref_model",
+                              fix="drop --sync_ref_model, or set --beta > 0")
+        self._move_reward_models_to_device()
+        self._check_dataset_holds_a_generation(train_dataset)
+        self._micro_step = 0
+        self._buffer: list[dict[str, torch.Tensor]] | None = None
+        self._engine = None
+        self._engine_synced_step = -1
+        self._sampling_generator: torch.Generator | None = None
+        self._shuffle_generator = torch.Generator().manual_seed(args.seed)
+        self._completions_log = CompletionsLog()
+        if args.use_vllm:  # fail now, not at the first step, when vLLM or a GPU is missing
+            self._rollout_engine()
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def compute_advantages(self, scored: ScoredRollout, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(advantages (N,), metrics)`` for one generation batch; ``rows`` may hold ``old_logps``/``ref_logps``."""
+        raise NotImplementedError
+
+    def needs_generation_logps(self, mode: str) -> bool:
+        """Whether the policy's log-probs at sampling time (``old_logps``) must be stored with the batch.
+
+        They are needed when a batch outlives an optimizer step (``num_iterations > 1``, or one generation
+        spanning several optimizer steps); otherwise the ratio is 1 and ``logps.detach()`` stands in.
+        """
+        args = self.args
+        return mode == "train" and args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) != 0
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare_dataset(self, dataset, split: str, args: OnlineConfig):
+        from posttrain.data.formats import DataFormat, validate_dataset
+        from posttrain.data.load import describe_source
+        from posttrain.data.tokenize import tokenize_prompts
+
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "column_names"):
+            raise ConfigError(
+                f"the {split} dataset must be a map-style datasets.Dataset, got {type(dataset).__name__}",
+                field="train_dataset", fix="load it without streaming, or build it with Dataset.from_list(...)",
+            )
+        if "prompt_input_ids" in dataset.column_names:
+            return dataset
+        source = describe_source(dataset, fallback=f"{split} dataset")
+        validate_dataset(dataset, [DataFormat.PROMPT_ONLY], source=source)  # any dataset with a `prompt` column
+        return tokenize_prompts(
+            dataset, self._tokenizer, max_prompt_length=args.max_prompt_length, num_proc=args.dataset_num_proc,
+            source=source,
+        )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # with remove_unused_columns=True, keep what the prompt collator reads
+        if self._signature_columns is None:
+            self._signature_columns = list(PROMPT_COLUMNS)
+
+    @property
+    def _prompts_per_generation(self) -> int:
+        """Prompts one process samples completions for in one generation."""
+        return self.args.per_device_train_batch_size * self.args.steps_per_generation // self.args.num_generations
+
+    def _check_dataset_holds_a_generation(self, dataset) -> None:
+        if dataset is None:
+            return
+        needed = self._prompts_per_generation * self.args.world_size
+        if len(dataset) < needed:
+            raise ConfigError(
+                f"the train dataset has {len(dataset)} prompts, fewer than one generation batch needs ({needed})",
+                field="per_device_train_batch_size",
+                fix="add prompts, or lower per_device_train_batch_size / steps_per_generation",
+            )
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ConfigError("training needs a train_dataset", field="train_dataset", fix="pass train_dataset=...")
+        return self._get_dataloader(
+            dataset=self.train_dataset, description="Training", batch_size=self._prompts_per_generation,
+            sampler_fn=self._get_train_sampler, is_training=True,
+        )
+
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RepeatedBlockSampler(
+            len(dataset), self._prompts_per_generation * self.args.world_size,
+            self.args.steps_per_generation * self.args.num_iterations,
+            shuffle=self.args.shuffle_dataset, seed=self.args.seed,
+        )
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if eval_dataset is None:
+            raise ConfigError("evaluation needs an eval_dataset", field="eval_dataset", fix="pass eval_dataset=...")
+        generations = self.args.num_generations_eval or self.args.num_generations
+        prompts = max(1, self.args.per_device_eval_batch_size // generations)
+        return self._get_dataloader(
+            dataset=eval_dataset, description="Evaluation", batch_size=prompts, sampler_fn=self._get_eval_sampler,
+        )
+
+    # ------------------------------------------------------------------ the buffered loop
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._micro_step += 1
+
+    def _prepare_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not self.model.training:
+            rows = self._generate_and_score(batch, mode="eval").rows
+            rows["num_items_in_batch"] = rows["loss_mask"].sum().float()
+            return trim_padding(rows)
+        args = self.args
+        if self._buffer is None:  # first step, or the first after resuming from a checkpoint
+            self._micro_step = self.state.global_step * args.gradient_accumulation_steps
+        if self._buffer is None or self._micro_step % (args.steps_per_generation * args.num_iterations) == 0:
+            self._buffer = self._micro_batches(self._generate_and_score(batch, mode="train").rows)
+        return self._buffer[self._micro_step % args.steps_per_generation]
+
+    def _micro_batches(self, rows: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Cut a generation into micro-batches, each carrying the loss-token count of its accumulation window."""
+        steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        parts = split_into_micro_batches(rows, steps, self._shuffle_generator)
+        counts = torch.stack([part["loss_mask"].sum() for part in parts]).float()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        if steps % accumulation == 0:
+            windows = counts.view(-1, accumulation).sum(dim=1).repeat_interleave(accumulation)
+        else:  # a window spans several generations: use the average tokens per window
+            windows = (counts.sum() * accumulation / steps).expand(steps)
+        for part, count in zip(parts, windows):
+            part["num_items_in_batch"] = count
+        return parts
+
+    def _generate_and_score(
+        self, batch: dict[str, Any], mode: str, *, num_generations: int | None = None, record: bool = True
+    ) -> ScoredRollout:
+        """Sample, score, add old/reference log-probs and advantages to the rows of one generation batch."""
+        if num_generations is None:
+            num_generations = self.args.num_generations
+            if mode != "train":
+                num_generations = self.args.num_generations_eval or num_generations
+        scored = self.sample_and_score(batch, num_generations)
+        rows = scored.rows
+        rows["loss_mask"] = rows["completion_mask"].clone()
+        if self.args.mask_truncated_completions:
+            rows["loss_mask"][rows["is_truncated"]] = 0
+        with torch.no_grad():
+            if self.needs_generation_logps(mode):
+                rows["old_logps"] = self._batched_logps(self.model, rows)
+            if self.reference is not None:
+                rows["ref_logps"] = self._batched_logps(self.model, rows, logps_fn=self._reference_logps)
+        rows["advantages"], metrics = self.compute_advantages(scored, rows)
+        if record:
+            self._record_generation(scored, metrics, mode)
+        return scored
+
+    def sample_and_score(self, batch: dict[str, Any], num_generations: int) -> ScoredRollout:
+        """Sample ``num_generations`` completions per prompt of a collated batch and run the reward functions."""
+        device = self.accelerator.device
+        rollout = self._rollout_engine().generate(
+            batch["prompt_input_ids"].to(device), prompt_mask=batch["prompt_attention_mask"].to(device),
+            num_generations=num_generations, sampling=self.sampling, generator=self._generator(device),
+        )
+        texts = rollout.decode_completions(self._tokenizer)
+        prompts = [prompt for prompt in batch["prompt"] for _ in range(num_generations)]
+        completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+                       for prompt, text in zip(prompts, texts)]
+        columns = {name: [value for value in values for _ in range(num_generations)]
+                   for name, values in batch.items() if name not in PROMPT_COLUMNS}
+        output = self.reward_computer(
+            prompts, completions, rollout.completion_token_lists(), columns, trainer_state=self.state
+        )
+        rows = {
+            "prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+            "completion_ids": rollout.completion_ids, "completion_mask": rollout.completion_mask,
+            "is_truncated": rollout.is_truncated,
+        }
+        return ScoredRollout(
+            rows=rows, prompts=prompts, completions=completions,
+            # a row no function scored is NaN: left out of its group's statistics, advantage 0
+            rewards_per_function=output.per_function.to(device).float(),
+            rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
+            reward_names=list(output.names), group_size=num_generations,
+        )
+
+    def _rollout_engine(self):
+        from posttrain.rollout import make_rollout_engine
+
+        policy = self.accelerator.unwrap_model(self.model)
+        if self._engine is None:
+            kind = "vllm" if self.args.use_vllm else "hf"
+            options = {}
+            if self.args.use_vllm:
+                options = {"gpu_memory_utilization": self.args.vllm_gpu_memory_utilization,
+                           "max_model_len": self.args.vllm_max_model_length}
+            self._engine = make_rollout_engine(kind, policy, self._tokenizer, **options)
+            self._engine_synced_step = self.state.global_step
+        elif self.args.use_vllm and self._engine_synced_step != self.state.global_step:
+            self._engine.load_weights(policy)  # vLLM holds its own copy of the weights
+            self._engine_synced_step = self.state.global_step
+        return self._engine
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._sampling_generator is None:
+            self._sampling_generator = torch.Generator(device=device)
+            self._sampling_generator.manual_seed(self.args.seed + self.accelerator.process_index)
+        return self._sampling_generator
+
+    def _reference_logps(self, model, *args, **kwargs):
+        return self.reference.token_logps(model, *args, **kwargs)
+
+    def _batched_logps(self, model: nn.Module, rows: dict[str, torch.Tensor], logps_fn: Callable | None = None) -> torch.Tensor:
+        """``(N, C)`` completion log-probs without gradient, in slices of ``per_device_train_batch_size`` rows."""
+        names = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        width = rows["completion_ids"].shape[1]
+        step = max(1, self.args.per_device_train_batch_size)
+        pieces = []
+        for start in range(0, rows["completion_ids"].shape[0], step):
+            part = trim_padding({name: rows[name][start : start + step] for name in names})
+            logps, _ = completion_token_logps(
+                model, part, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, logps_fn=logps_fn
+            )
+            pieces.append(nn.functional.pad(logps, (0, width - logps.shape[1])))
+        return torch.cat(pieces).detach()
+
+    def policy_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, entropy)``, each ``(B, C)``, of a micro-batch's completions under the policy (with gradient)."""
+        return completion_token_logps(
+            model, inputs, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, with_entropy=True
+        )
+
+    def loss_normaliser_for_accumulation(self) -> float:
+        """Divide a per-micro-batch mean by this so that accumulation averages (1 in evaluation)."""
+        return float(self.current_gradient_accumulation_steps) if self.model.training else 1.0
+
+    # ------------------------------------------------------------------ metrics and the completions table
+
+    def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of ``values`` over ``mask`` across every process (0 when the mask is empty)."""
+        mask = mask.to(values.dtype)
+        totals = torch.stack([(values.detach() * mask).sum(), mask.sum()])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return float(totals[0] / totals[1].clamp(min=1.0))
+
+    def _gathered(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor) if self.accelerator.num_processes > 1 else tensor
+
+    def _record_generation(self, scored: ScoredRollout, extra: dict[str, float], mode: str) -> None:
+        rows = scored.rows
+        per_function = self._gathered(scored.rewards_per_function)
+        rewards = self._gathered(scored.rewards)
+        lengths = self._gathered(rows["completion_mask"].sum(dim=1)).float()
+        truncated = self._gathered(rows["is_truncated"].long()).bool()
+        metrics: dict[str, float] = {}
+        for index, name in enumerate(scored.reward_names):
+            metrics[f"rewards/{name}/mean"] = _nan_mean(per_function[:, index])
+            metrics[f"rewards/{name}/std"] = _nan_std(per_function[:, index])
+        metrics["reward"] = _nan_mean(rewards)
+        metrics["reward_std"] = _nan_std(rewards)
+        metrics["completions/mean_length"] = lengths.mean().item()
+        metrics["completions/min_length"] = lengths.min().item()
+        metrics["completions/max_length"] = lengths.max().item()
+        metrics["completions/clipped_ratio"] = truncated.float().mean().item()
+        if (~truncated).any():
+            metrics["completions/mean_terminated_length"] = lengths[~truncated].mean().item()
+        self.record_metrics({**metrics, **extra})
+        if mode == "train":
+            tokens = self._gathered((rows["prompt_mask"].sum() + rows["completion_mask"].sum()).reshape(1)).sum()
+            self._cumulative["num_tokens"] += float(tokens.item())
+            if self.args.log_completions:
+                self._completions_log.replace(self.completion_rows(scored))
+
+    @staticmethod
+    def completion_rows(scored: ScoredRollout) -> list[dict[str, Any]]:
+        """One dict per completion: prompt and completion text, each reward, the total and the advantage."""
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in scored.completions]
+        per_function = scored.rewards_per_function.tolist()
+        totals, advantage_values = scored.rewards.tolist(), scored.rows["advantages"].tolist()
+        return [
+            {
+                "prompt": prompt_text(prompt), "completion": text,
+                "rewards": {name: _nan_to_none(value) for name, value in zip(scored.reward_names, row_rewards)},
+                "reward": _nan_to_none(total), "advantage": advantage,
+            }
+            for prompt, text, row_rewards, total, advantage in zip(scored.prompts, texts, per_function, totals, advantage_values)
+        ]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        training = not any(key.startswith("eval_") for key in logs)
+        super().log(logs, start_time)
+        if training and self.args.log_completions and self.accelerator.is_main_process:
+            self._completions_log.flush(
+                self.args.output_dir, self.state.global_step, self.args.num_completions_to_print, self.args.report_to
+            )
+
+    # ------------------------------------------------------------------ debugging reward functions
+
+    def generate_completions(self, rows: Any, num_generations: int | None = None) -> list[dict[str, Any]]:
+        """Sample completions for ``rows`` and score them, without training: for debugging reward functions.
+
+        ``rows`` is a ``Dataset``, a dict of columns (``dataset[:2]``), one row (``dataset[0]``) or a list
+        of row dicts. Returns one dict per completion with ``prompt``, ``completion``, ``rewards`` (per
+        function, ``None`` where a function returned None), ``reward`` (weighted total) and ``advantage``;
+        ``num_generations`` per prompt (default: the config's).
+        """
+        dataset = self._prepare_dataset(_rows_as_dataset(rows), "rows", self.args)
+        batch = self.data_collator([dataset[i] for i in range(len(dataset))])
+        generations = num_generations or self.args.num_generations
+        scored = self._generate_and_score(batch, mode="eval", num_generations=generations, record=False)
+        return self.completion_rows(scored)
+
+    def _move_reward_models_to_device(self) -> None:
+        for function in self.reward_computer.reward_funcs:
+            network = getattr(function, "model", None)
+            if isinstance(network, nn.Module):
+                network.to(self.accelerator.device)
+
+
+def _rows_as_dataset(rows: Any):
+    from datasets import Dataset
+
+    if isinstance(rows, Dataset):
+        return rows
+    if isinstance(rows, dict):
+        prompt = rows.get("prompt")
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+        return Dataset.from_list([rows]) if single else Dataset.from_dict(rows)
+    if isinstance(rows, list):
+        return Dataset.from_list(rows)
+    raise ConfigError(f"cannot read rows of type {type(rows).__name__}", field="rows",
+                      fix="pass a Dataset, dataset[:n], dataset[i] or a list of dicts with a 'prompt' key")
+
+
+def _nan_mean(values: torch.Tensor) -> float:
+    valid = values[~torch.isnan(values)]
+    return valid.mean().item() if valid.numel() else float("nan")
+
+
+def _nan_std(values: torch.Tensor) -> float:
+    valid = values[~torch.isnan(values)]
+    return valid.std().item() if valid.numel() > 1 else 0.0
+
+
+def build_reward_computer(reward_funcs: Any, reward_processing_classes: Any, args: OnlineConfig):
+    """A :class:`posttrain.rewards.RewardComputer` from what the user passed (functions, names, models)."""
+    from posttrain.rewards import RewardComputer, RewardModelScorer, describe_builtins, load_reward_funcs
+
+    if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
+        raise ConfigError(
+            "no reward functions were given", field="reward_funcs",
+            fix=f"pass reward_funcs=[...] (callables, model directories or built-in names). {describe_builtins()}",
+        )
+    functions = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    tokenizers = reward_processing_classes
+    if not isinstance(tokenizers, (list, tuple)):
+        tokenizers = [tokenizers] * len(functions)
+    if len(tokenizers) != len(functions):
+        raise ConfigError(
+            f"{len(tokenizers)} reward_processing_classes for {len(functions)} reward functions",
+            field="reward_processing_classes", fix="pass one tokenizer per reward function (None for plain functions)",
+        )
+    resolved = []
+    for function, reward_tokenizer in zip(functions, tokenizers):
+        if isinstance(function, str):
+            resolved.extend(load_reward_funcs([function]))
+        elif isinstance(function, nn.Module):
+            resolved.append(RewardModelScorer(function, tokenizer=reward_tokenizer))
+        elif callable(function):
+            resolved.append(function)
+        else:
+            raise ConfigError(
+                f"a reward function must be callable, a name or a model; got {type(function).__name__}",
+                field="reward_funcs", fix=describe_builtins(),
+            )
+    return RewardComputer(resolved, reward_weights=args.reward_weights)

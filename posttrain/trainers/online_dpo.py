@@ -1,0 +1,428 @@
+"""Online DPO: ``OnlineDPOConfig`` and ``OnlineDPOTrainer``.
+
+Guo et al., "Direct Language Model Alignment from Online AI Feedback", arXiv:2402.04792. At every
+step the policy samples two completions per prompt; a reward model (or several reward functions)
+or a pairwise judge says which is better; the DPO loss (sigmoid or IPO) is taken on that fresh
+pair against the frozen reference. The data is always on-policy, so there is no offline
+preference dataset to collect, only prompts.
+
+Also here, shared with PPO: :func:`prepare_prompt_dataset` (any dataset with prompts -> tokenized
+``prompt_input_ids``) and :class:`RolloutSequences` (a rollout laid out as prompt + completion
+rows ready for a log-prob forward).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from posttrain.errors import ConfigError, RewardFunctionError
+from posttrain.models.lm_head import token_logps, unwrap_model
+from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
+from posttrain.trainers.config import PosttrainConfig, note_alias_once
+from posttrain.trainers.reference import disable_dropout, reference_description, resolve_reference
+
+logger = logging.getLogger("posttrain")
+
+ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+# ----------------------------------------------------------------------------- shared with PPO
+
+
+def prepare_prompt_dataset(dataset, tokenizer, max_prompt_length: int | None, num_proc: int | None, split: str):
+    """Tokenize the prompts of ``dataset`` into ``prompt_input_ids``, keeping every other column.
+
+    Accepted: any dataset with a ``prompt`` column (prompt-only, prompt-completion, preference...),
+    conversations in ``messages`` (the prompt is everything before the last assistant turn), or
+    already tokenized ``prompt_input_ids`` / ``input_ids``.
+    """
+    from posttrain.data.formats import DataFormat, validate_dataset
+    from posttrain.data.load import describe_source
+
+    columns = dataset.column_names
+    if "prompt_input_ids" in columns:
+        return dataset
+    if "input_ids" in columns and "prompt" not in columns:
+        dataset = dataset.rename_column("input_ids", "prompt_input_ids")
+        return dataset.remove_columns([c for c in ("attention_mask",) if c in dataset.column_names])
+    source = describe_source(dataset, fallback=split)
+    if "messages" in columns and "prompt" not in columns:
+        validate_dataset(dataset, [DataFormat.CONVERSATIONAL], source=source)
+        dataset = dataset.map(lambda row: {"prompt": _conversation_prompt(row["messages"])},
+                              remove_columns=["messages"])
+    validate_dataset(dataset, [DataFormat.PROMPT_ONLY], source=source)
+    from posttrain.data.tokenize import tokenize_prompts
+
+    return tokenize_prompts(dataset, tokenizer, max_prompt_length=max_prompt_length, num_proc=num_proc, source=source)
+
+
+def _conversation_prompt(messages: list[dict]) -> list[dict]:
+    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    return messages[:last_assistant]
+
+
+@dataclass
+class RolloutSequences:
+    """Prompt + completion rows of a rollout, laid out for a log-prob forward pass.
+
+    ``input_ids``, ``attention_mask``, ``position_ids``, ``target_mask``: ``(N, P + C)``; the prompt
+    is left-padded, the completion right-padded, positions count real tokens only, and
+    ``target_mask`` is 1 on completion tokens. ``completion_ids`` / ``completion_mask``: ``(N, C)``.
+    Log-probs of completion token ``t`` sit at column ``P - 1 + t`` of a ``(N, P + C - 1)`` result.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    target_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_width: int
+
+    def select(self, index: torch.Tensor | slice) -> RolloutSequences:
+        return RolloutSequences(
+            self.input_ids[index], self.attention_mask[index], self.position_ids[index], self.target_mask[index],
+            self.completion_ids[index], self.completion_mask[index], self.prompt_width,
+        )
+
+    def slice(self, start: int, stop: int) -> RolloutSequences:
+        return self.select(slice(start, stop))
+
+    def completion_values(self, value_model: nn.Module) -> torch.Tensor:
+        """``(N, C)``: the value of the state before each completion token (positions ``P-1 .. P+C-2``)."""
+        from posttrain.models.value_head import token_values
+
+        values = token_values(value_model, self.input_ids, self.attention_mask, self.position_ids)
+        return values[:, self.prompt_width - 1:-1]
+
+    def prompt_token_lists(self) -> list[list[int]]:
+        prompt_ids, prompt_mask = self.input_ids[:, :self.prompt_width], self.attention_mask[:, :self.prompt_width]
+        return [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]
+
+
+def rollout_sequences(batch) -> RolloutSequences:
+    """Lay out a :class:`~posttrain.rollout.RolloutBatch` as :class:`RolloutSequences`."""
+    attention_mask = batch.prompt_completion_mask
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    target_mask = torch.cat([torch.zeros_like(batch.prompt_mask), batch.completion_mask], dim=1)
+    return RolloutSequences(batch.prompt_completion_ids, attention_mask, position_ids, target_mask,
+                            batch.completion_ids, batch.completion_mask, batch.prompt_ids.shape[1])
+
+
+# ----------------------------------------------------------------------------- online DPO
+
+
+@dataclass
+class OnlineDPOConfig(PosttrainConfig):
+    """Configuration of :class:`OnlineDPOTrainer`: ``TrainingArguments`` plus the fields below.
+
+    ``per_device_train_batch_size`` counts prompts; each step samples two completions per prompt.
+    """
+
+    _aliases: ClassVar[dict[str, str]] = {**PosttrainConfig._aliases, "max_new_tokens": "max_completion_length"}
+
+    learning_rate: float = field(default=5e-7, metadata={"help": "Peak learning rate of AdamW."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward model directory that ranks the two completions."}
+    )
+    beta: list[float] = field(
+        default_factory=lambda: [0.1],
+        metadata={"help": "KL strength (IPO's tau); a list gives one value per epoch, the last one kept."},
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss on each fresh pair: 'sigmoid' or 'ipo'."})
+    max_completion_length: int = field(default=64, metadata={"help": "Most tokens per sampled completion."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Older name of max_completion_length."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Keep only the last N prompt tokens (None: whole prompts)."}
+    )
+    temperature: float = field(default=0.9, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Keep the k most likely tokens (0: off)."})
+    min_p: float = field(default=0.0, metadata={"help": "Drop tokens below min_p x the top probability (0: off)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty on repeated tokens (1.0: off)."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a completion that did not end with EOS."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward functions (default: 1 each)."}
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the policy."})
+    use_vllm: bool = field(default=False, metadata={"help": "Sample with vLLM (needs vllm and a CUDA GPU)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.beta, (int, float)):
+            self.beta = [float(self.beta)]
+        if not self.beta or any(b <= 0 for b in self.beta):
+            raise ConfigError(f"beta must be positive, got {self.beta}", field="beta", fix="use e.g. --beta 0.1")
+        if len(self.beta) == 1:
+            self.beta = self.beta[0]
+        if self.loss_type not in ONLINE_DPO_LOSS_TYPES:
+            raise ConfigError(f"unknown loss_type {self.loss_type!r} for online DPO", field="loss_type",
+                              fix=f"use one of {', '.join(ONLINE_DPO_LOSS_TYPES)}")
+        if not isinstance(self.max_completion_length, int) or self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length must be a positive integer, got {self.max_completion_length!r}",
+                              field="max_completion_length", fix="e.g. --max_completion_length 64")
+
+
+class OnlineDPOTrainer(PosttrainTrainer):
+    """DPO on pairs sampled from the policy as it trains, ranked by a reward model or a judge.
+
+    Args:
+        model: the policy (a model or a path).
+        ref_model: the frozen reference (default: a frozen copy, or the base model with the adapter
+            off under PEFT).
+        reward_funcs: a reward model (instance or path), a reward function
+            ``f(prompts, completions, **kwargs) -> list[float]``, or a list of them (summed with
+            ``args.reward_weights``). ``reward_model=`` is accepted as an older name.
+        judge: instead of rewards, a callable ``judge(prompts, [[completion_a, completion_b], ...])``
+            returning, per prompt, the index (0 or 1) of the better completion; an object with a
+            ``.judge`` method of that signature works too.
+        args: an :class:`OnlineDPOConfig`.
+        train_dataset / eval_dataset: prompts (any dataset with a ``prompt`` column; extra columns
+            reach the reward functions).
+        processing_class: the tokenizer (``tokenizer=`` accepted).
+        reward_processing_classes: tokenizers of reward models that do not share the policy's.
+        peft_config: train a LoRA adapter instead of all weights.
+    """
+
+    method_name: ClassVar[str] = "OnlineDPO"
+    config_class: ClassVar[type] = OnlineDPOConfig
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        ref_model: str | nn.Module | None = None,
+        reward_funcs=None,
+        args: OnlineDPOConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        peft_config=None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+        *,
+        judge=None,
+        reward_model=None,
+        reward_processing_class=None,
+        tokenizer=None,
+    ) -> None:
+        args = resolve_args(args, model, OnlineDPOConfig, self.method_name)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self._init_metrics()
+        policy = apply_peft(load_pretrained(model, args), peft_config, args)
+        if args.disable_dropout:
+            disable_dropout(policy)
+        self.reference = resolve_reference(policy, ref_model, args, adapter_is_new=peft_config is not None)
+        logger.info(reference_description(self.reference, ref_model))
+        self.judge = judge
+        self.reward_computer = self._reward_computer(reward_funcs, reward_model, judge, args,
+                                                     reward_processing_classes, reward_processing_class)
+        if train_dataset is not None:
+            train_dataset = prepare_prompt_dataset(train_dataset, self._tokenizer, args.max_prompt_length,
+                                                   args.dataset_num_proc, "train dataset")
+        if eval_dataset is not None:
+            eval_dataset = prepare_prompt_dataset(eval_dataset, self._tokenizer, args.max_prompt_length,
+                                                  args.dataset_num_proc, "eval dataset")
+        if data_collator is None:
+            from posttrain.data.collate import PromptCollator
+
+            data_collator = PromptCollator(self._tokenizer.pad_token_id)
+        super().__init__(
+            model=policy, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.loss_is_scaled_for_ga = False
+        self.reference.prepare(self.accelerator)
+        for scorer in getattr(self.reward_computer, "reward_funcs", []):
+            if hasattr(scorer, "model") and isinstance(scorer.model, nn.Module):
+                scorer.model.to(self.accelerator.device)
+        self._sample_generator = torch.Generator(device=self.accelerator.device)
+        self._sample_generator.manual_seed(args.seed + self.accelerator.process_index)
+        self._vllm_engine = None
+
+    def _reward_computer(self, reward_funcs, reward_model, judge, args, processing_classes, processing_class):
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else ([reward_funcs] if reward_funcs is not None else [])
+        funcs = list(funcs)
+        if reward_model is not None:
+            note_alias_once("reward_model", "reward_funcs", type(self).__name__)
+            funcs.append(reward_model)
+        if not funcs and args.reward_model_path:
+            funcs.append(args.reward_model_path)
+        if judge is not None and funcs:
+            raise ConfigError("both a judge and reward functions were given", field="judge",
+                              fix="rank pairs with either a judge or reward models/functions, not both")
+        if judge is not None:
+            return None
+        if not funcs:
+            raise ConfigError("online DPO needs a way to rank completions", field="reward_funcs",
+                              fix="pass reward_funcs=<reward model or function>, a judge=..., or --reward_model_path DIR")
+        if processing_class is not None:
+            note_alias_once("reward_processing_class", "reward_processing_classes", type(self).__name__)
+            processing_classes = processing_class
+        if not isinstance(processing_classes, (list, tuple)):
+            processing_classes = [processing_classes] * len(funcs)
+        if len(processing_classes) != len(funcs):
+            raise ConfigError(f"{len(processing_classes)} reward_processing_classes for {len(funcs)} reward functions",
+                              field="reward_processing_classes", fix="pass one tokenizer per reward function (None for plain functions)")
+        processing_classes = [tok if tok is not None or not isinstance(func, nn.Module) else self._reward_tokenizer(func)
+                               for func, tok in zip(funcs, processing_classes)]
+        from posttrain.trainers.online import build_reward_computer
+
+        return build_reward_computer(funcs, processing_classes, args)
+
+    def _reward_tokenizer(self, reward_model: nn.Module):
+        """The tokenizer saved beside a reward model instance, else the policy's (the usual shared base)."""
+        from transformers import AutoTokenizer
+
+        source = getattr(getattr(reward_model, "config", None), "_name_or_path", "")
+        if source:
+            try:
+                return AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError):
+                pass
+        return self._tokenizer
+
+    @property
+    def beta(self) -> float:
+        """The KL strength of the current epoch (``args.beta`` may list one value per epoch)."""
+        if isinstance(self.args.beta, (list, tuple)):
+            epoch = int(self.state.epoch or 0)
+            return float(self.args.beta[min(epoch, len(self.args.beta) - 1)])
+        return float(self.args.beta)
+
+    # -- generation and ranking
+
+    def _generate(self, model: nn.Module, inputs: dict[str, Any]):
+        from posttrain.rollout import SamplingParams, make_rollout_engine
+
+        args = self.args
+        policy = unwrap_model_keep_peft(model)
+        if args.use_vllm:
+            if self._vllm_engine is None:
+                self._vllm_engine = make_rollout_engine("vllm", policy, self._tokenizer)
+            self._vllm_engine.load_weights(policy)
+            engine = self._vllm_engine
+        else:
+            engine = make_rollout_engine("hf", policy, self._tokenizer)
+        sampling = SamplingParams(max_completion_length=args.max_completion_length, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                  repetition_penalty=args.repetition_penalty)
+        return engine.generate(inputs["prompt_input_ids"], prompt_mask=inputs["prompt_attention_mask"],
+                               num_generations=2, sampling=sampling, generator=self._sample_generator)
+
+    def _rank(self, inputs: dict[str, Any], generated) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``first_wins`` (B,) bool: completion 0 of each pair is the better; and the (2B,) scores if any."""
+        texts = generated.decode_completions(self._tokenizer)
+        num_prompts = generated.num_prompts
+        prompts = inputs.get("prompt") or self._tokenizer.batch_decode(
+            [ids[m.bool()].tolist() for ids, m in zip(inputs["prompt_input_ids"], inputs["prompt_attention_mask"])],
+            skip_special_tokens=False,
+        )
+        device = generated.completion_ids.device
+        if self.judge is not None:
+            pairs = [[texts[2 * g], texts[2 * g + 1]] for g in range(num_prompts)]
+            judge = getattr(self.judge, "judge", self.judge)
+            name = getattr(judge, "__qualname__", type(self.judge).__name__)
+            try:
+                choices = list(judge(list(prompts), pairs))
+            except Exception as error:  # noqa: BLE001 - re-raised with the judge's name
+                raise RewardFunctionError(f"the judge {name} raised {type(error).__name__}: {error}") from error
+            if len(choices) != num_prompts or any(c not in (0, 1) for c in choices):
+                raise RewardFunctionError(
+                    f"the judge {name} must return one index (0 or 1) per prompt: expected {num_prompts} "
+                    f"values, got {choices!r}"
+                )
+            return torch.tensor([c == 0 for c in choices], device=device), None
+        conversational = bool(prompts) and isinstance(prompts[0], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        columns = {k: [v for v in values for _ in range(2)] for k, values in inputs.items()
+                   if k not in ("prompt", "prompt_input_ids", "prompt_attention_mask") and isinstance(values, list)}
+        output = self.reward_computer([p for p in prompts for _ in range(2)], completions,
+                                      generated.completion_token_lists(), columns, trainer_state=self.state)
+        scores = torch.nan_to_num(output.total.to(device).float(), nan=0.0)
+        if self.args.missing_eos_penalty is not None:
+            scores = scores - self.args.missing_eos_penalty * generated.is_truncated.float()
+        self._record_reward_function_metrics(output)
+        return scores[0::2] >= scores[1::2], scores
+
+    def _record_reward_function_metrics(self, output) -> None:
+        names = list(getattr(output, "names", []) or [])
+        per_function = getattr(output, "per_function", None)
+        if per_function is None or len(names) < 2:
+            return
+        for column, name in enumerate(names):
+            values = per_function[:, column]
+            values = values[~torch.isnan(values)]
+            if values.numel():
+                self.record_metrics({f"rewards/{name}": values.float().mean().item()})
+
+    # -- the loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from posttrain.losses.preference import PreferenceLogps, combined_preference_loss
+
+        generated = self._generate(model, inputs)
+        seq = rollout_sequences(generated)
+        first_wins, scores = self._rank(inputs, generated)
+        num_prompts = generated.num_prompts
+        pairs = torch.arange(num_prompts, device=first_wins.device) * 2
+        chosen = pairs + (~first_wins).long()
+        rejected = pairs + first_wins.long()
+
+        chunk = self.args.logits_chunk_size
+        policy = token_logps(model, seq.input_ids, seq.target_mask, seq.attention_mask, seq.position_ids,
+                             chunk_size=chunk)
+        reference = self.reference.token_logps(model, seq.input_ids, seq.target_mask, seq.attention_mask,
+                                                seq.position_ids, chunk_size=chunk)
+        policy_sums, ref_sums = policy.sequence_sums(), reference.sequence_sums()
+        lengths = policy.token_counts()
+        logps = PreferenceLogps(policy_sums[chosen], policy_sums[rejected], ref_sums[chosen], ref_sums[rejected],
+                                lengths[chosen], lengths[rejected])
+        # on-policy IPO keeps summed log-probs: its target margin is 1 / (2 beta) per completion
+        loss, metrics = combined_preference_loss(logps, [self.args.loss_type], beta=self.beta,
+                                                 average_log_probs=False)
+        self._record_online_metrics(metrics, policy, reference, generated, scores, chosen, rejected)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_online_metrics(self, metrics, policy, reference, generated, scores, chosen, rejected) -> None:
+        from posttrain.losses.kl import kl_k1
+
+        kl = (kl_k1(policy.logps.detach(), reference.logps) * policy.mask).sum(-1)
+        values = {name: value for name, value in metrics.items() if not name.startswith("loss/")}
+        values.update({
+            "objective/kl": self.gather_mean(kl),
+            "objective/entropy": self.gather_mean(-policy.sequence_sums().detach()),
+            "objective/non_score_reward": self.gather_mean(-self.beta * kl),
+            "val/contain_eos_token": self.gather_mean((~generated.is_truncated).float()),
+            "completions/mean_length": self.gather_mean(generated.completion_lengths.float()),
+            "beta": self.beta,
+        })
+        if scores is not None:
+            values["objective/scores"] = self.gather_mean(scores)
+            values["objective/scores_margin"] = self.gather_mean(scores[chosen] - scores[rejected])
+            values["objective/rlhf_reward"] = self.gather_mean(scores - self.beta * kl)
+        self.record_metrics(values)
+
+
+def unwrap_model_keep_peft(model: nn.Module) -> nn.Module:
+    """Strip DDP / compile wrappers but keep a PEFT wrapper (so adapters save and switch as adapters)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "peft_config"):
+            model = model.module
+        else:
+            return model

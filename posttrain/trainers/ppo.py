@@ -1,0 +1,600 @@
+"""Proximal policy optimisation with a learned value function: ``PPOConfig`` and ``PPOTrainer``.
+
+The InstructGPT recipe (Ouyang et al., arXiv:2203.02155), with the implementation details of
+Huang et al., "The N+ Implementation Details of RLHF with PPO" (arXiv:2403.17031):
+
+1. sample one completion per prompt from the policy (``per_device_train_batch_size`` prompts);
+2. score prompt + completion with the reward model; subtract ``missing_eos_penalty`` from
+   completions that never ended;
+3. per-token rewards: ``-kl_coef * KL(policy || reference)`` at every token, plus the score at the
+   last one (:func:`posttrain.losses.advantages.token_level_kl_rewards`);
+4. advantages and returns by GAE (gamma, lam) against the value model's estimates, advantages
+   whitened over the batch;
+5. ``num_ppo_epochs`` passes over the batch, in ``num_mini_batches`` shuffled mini-batches (each
+   split into ``gradient_accumulation_steps`` micro-batches), minimising the clipped policy loss
+   plus ``vf_coef`` times the clipped value loss; one optimizer step per mini-batch.
+
+The value model is a backbone with a scalar head, initialised from the reward model and trained
+alongside the policy. The policy starts from the SFT model; the reference is a frozen copy of it,
+or the base model with the adapter switched off when training a PEFT adapter (the value model
+then trains an adapter and its head too).
+
+``trainer.train()`` runs this loop (its own, since one batch of rollouts feeds several optimizer
+steps); ``trainer.save_model()`` writes the policy as a plain causal-LM directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, TrainerState
+
+from posttrain.errors import ConfigError
+from posttrain.models.lm_head import unwrap_model
+from posttrain.models.value_head import PolicyAndValueModel, last_token_scores
+from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_processing_class
+from posttrain.trainers.config import PosttrainConfig, note_alias_once
+from posttrain.trainers.online_dpo import prepare_prompt_dataset, rollout_sequences, unwrap_model_keep_peft
+from posttrain.trainers.reference import disable_dropout, freeze, reference_description, resolve_reference
+
+logger = logging.getLogger("posttrain")
+
+
+@dataclass
+class PPOConfig(PosttrainConfig):
+    """Configuration of :class:`PPOTrainer`: ``TrainingArguments`` plus the fields below.
+
+    ``per_device_train_batch_size`` is the number of prompts sampled per update (the rollout
+    batch); it is split into ``num_mini_batches`` mini-batches, each further split into
+    ``gradient_accumulation_steps`` micro-batches for the backward pass.
+    """
+
+    _aliases: ClassVar[dict[str, str]] = {**PosttrainConfig._aliases, "max_new_tokens": "response_length"}
+
+    learning_rate: float = field(default=3e-6, metadata={"help": "Peak learning rate of AdamW."})
+    sft_model_path: str | None = field(
+        default=None, metadata={"help": "The policy to start from when no model is given (the SFT model)."}
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward model directory (a sequence classifier with one label)."}
+    )
+    value_model_path: str | None = field(
+        default=None, metadata={"help": "Where the value model starts from (default: the reward model)."}
+    )
+    total_episodes: int | None = field(
+        default=None,
+        metadata={"help": "Completions to sample over the run (default: num_train_epochs x dataset rows)."},
+    )
+    response_length: int = field(default=64, metadata={"help": "Most tokens per sampled completion."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Older name of response_length."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Keep only the last N prompt tokens (None: whole prompts)."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (also applied to log-probs)."})
+    stop_token: str | None = field(
+        default="eos",
+        metadata={"help": "'eos': a completion ends at the EOS token; None: always sample response_length tokens."},
+    )
+    stop_token_id: int | None = field(
+        default=None, metadata={"help": "A token id that ends completions (instead of EOS)."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a completion that did not end with EOS."}
+    )
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches (optimizer steps) per pass."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty in the reward."})
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "KL estimator of the penalty: 'k1' (log-ratio) or 'k3' (non-negative)."}
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE (bias-variance trade-off)."})
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "Scale per-token rewards to unit variance before GAE."}
+    )
+    local_rollout_forward_batch_size: int = field(
+        default=64, metadata={"help": "Rows per gradient-free forward pass when scoring rollouts (bounds memory)."}
+    )
+    num_sample_generations: int = field(
+        default=10, metadata={"help": "Times over the run to write sample completions to completions.jsonl (0: never)."}
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Turn dropout off in policy and value model (stable PPO ratios)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = {"response_length": self.response_length, "num_ppo_epochs": self.num_ppo_epochs,
+                    "num_mini_batches": self.num_mini_batches,
+                    "local_rollout_forward_batch_size": self.local_rollout_forward_batch_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name, fix=f"set --{name} 1 or more")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for PPO, got {self.temperature}", field="temperature",
+                              fix="sample with e.g. --temperature 0.7 (PPO needs stochastic rollouts)")
+        if self.stop_token not in ("eos", None):
+            raise ConfigError(f"stop_token must be 'eos' or None, got {self.stop_token!r}", field="stop_token",
+                              fix="use --stop_token eos, or --stop_token_id N for another token")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"unknown kl_estimator {self.kl_estimator!r}", field="kl_estimator", fix="use 'k1' or 'k3'")
+        batch = self.per_device_train_batch_size
+        if batch % self.num_mini_batches:
+            raise ConfigError(
+                f"per_device_train_batch_size ({batch}) must be divisible by num_mini_batches ({self.num_mini_batches})",
+                field="num_mini_batches", fix="choose num_mini_batches among the divisors of the batch size",
+            )
+        mini = batch // self.num_mini_batches
+        if mini % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"each mini-batch ({mini} prompts) must split into gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}) equal micro-batches",
+                field="gradient_accumulation_steps",
+                fix="make per_device_train_batch_size / num_mini_batches divisible by gradient_accumulation_steps",
+            )
+
+
+class PPOTrainer(PosttrainTrainer):
+    """PPO for language models, with a reward model and a value model.
+
+    Args:
+        args: a :class:`PPOConfig` (``config=`` is accepted as its older name).
+        processing_class: the tokenizer (``tokenizer=`` accepted); default: the policy's own.
+        model: the policy to train (a model or a path; default ``args.sft_model_path``).
+        ref_model: the frozen reference (default: a frozen copy of the initial policy, or the
+            base model with the adapter off under PEFT).
+        reward_model: a sequence classifier with one label, or its path (default
+            ``args.reward_model_path``). It must share the policy's tokenizer: it scores token ids.
+        train_dataset: prompts (a ``prompt`` column, plain text or messages; any dataset with a
+            prompt column, conversations ending with an assistant turn, or pre-tokenized
+            ``input_ids``).
+        value_model: a sequence classifier or value-head LM, or its path (default: a copy of the
+            reward model, as in InstructGPT).
+        eval_dataset: prompts on which ``evaluate()`` reports the reward of greedy completions.
+        peft_config: train LoRA adapters on policy and value model instead of all weights.
+
+    Older positional order ``PPOTrainer(args, processing_class, model, ref_model, reward_model,
+    train_dataset, value_model)`` works too.
+    """
+
+    method_name: ClassVar[str] = "PPO"
+    config_class: ClassVar[type] = PPOConfig
+
+    def __init__(
+        self,
+        args: PPOConfig | None = None,
+        processing_class=None,
+        model: str | nn.Module | None = None,
+        ref_model: str | nn.Module | None = None,
+        reward_model: str | nn.Module | None = None,
+        train_dataset=None,
+        value_model: str | nn.Module | None = None,
+        data_collator: Callable | None = None,
+        eval_dataset=None,
+        optimizers=(None, None),
+        callbacks: list | None = None,
+        peft_config=None,
+        tokenizer=None,
+        config: PPOConfig | None = None,
+        policy: str | nn.Module | None = None,
+        ref_policy: nn.Module | None = None,
+    ) -> None:
+        if isinstance(args, (nn.Module, str)) and model is None:  # PPOTrainer(model, args=...) written model-first
+            args, model = None, args
+        args = _resolve_ppo_args(args, config, model if model is not None else policy)
+        model = _older_name(model, policy, "policy", "model")
+        ref_model = _older_name(ref_model, ref_policy, "ref_policy", "ref_model")
+        model = model if model is not None else args.sft_model_path
+        if model is None:
+            raise ConfigError("no policy model given", field="sft_model_path",
+                              fix="pass model=... (or --model_name_or_path / --sft_model_path DIR)")
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self._init_metrics()
+
+        policy_model = apply_peft(load_pretrained(model, args), peft_config, args)
+        self.reference = resolve_reference(policy_model, ref_model, args, adapter_is_new=peft_config is not None)
+        logger.info(reference_description(self.reference, ref_model))
+        reward_model = reward_model if reward_model is not None else args.reward_model_path
+        if reward_model is None:
+            raise ConfigError("PPO needs a reward model", field="reward_model_path",
+                              fix="pass reward_model=... or --reward_model_path DIR (train one with `posttrain reward`)")
+        self.reward_model = freeze(self._load_scalar_model(reward_model, args))
+        value_model = self._value_model(value_model, reward_model, args, peft_config)
+        _check_same_vocabulary(policy_model, self.reward_model, self._tokenizer)
+        if args.disable_dropout:
+            disable_dropout(policy_model)
+            disable_dropout(value_model)
+        self.policy, self.value_model = policy_model, value_model
+
+        if train_dataset is None:
+            raise ConfigError("PPOTrainer needs a train_dataset of prompts", field="train_dataset",
+                              fix="pass a dataset with a 'prompt' column")
+        train_dataset = prepare_prompt_dataset(train_dataset, self._tokenizer, args.max_prompt_length,
+                                               args.dataset_num_proc, "train dataset")
+        if eval_dataset is not None:
+            eval_dataset = prepare_prompt_dataset(eval_dataset, self._tokenizer, args.max_prompt_length,
+                                                  args.dataset_num_proc, "eval dataset")
+        if data_collator is None:
+            from posttrain.data.collate import PromptCollator
+
+            data_collator = PromptCollator(self._tokenizer.pad_token_id)
+
+        super().__init__(
+            model=PolicyAndValueModel(policy_model, value_model),
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.reward_model.to(self.accelerator.device)
+        self.reference.prepare(self.accelerator)
+        self._sample_generator = torch.Generator(device=self.accelerator.device)
+        self._sample_generator.manual_seed(args.seed + self.accelerator.process_index)
+
+    # -- construction helpers
+
+    @staticmethod
+    def _load_scalar_model(model: str | nn.Module, args: PPOConfig) -> nn.Module:
+        if not isinstance(model, str):
+            return model
+        loaded = load_pretrained(model, args, auto_class=AutoModelForSequenceClassification,
+                                 extra_kwargs={"num_labels": 1})
+        if loaded.config.pad_token_id is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model)
+            loaded.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return loaded
+
+    def _value_model(self, value_model, reward_model, args: PPOConfig, peft_config) -> nn.Module:
+        source = value_model if value_model is not None else args.value_model_path
+        if source is None:
+            # InstructGPT: the value function starts as the reward model (backbone and scalar head)
+            source = reward_model if isinstance(reward_model, str) else copy.deepcopy(self.reward_model)
+        value = self._load_scalar_model(source, args)
+        if value is self.reward_model:
+            value = copy.deepcopy(value)
+        value.requires_grad_(True)
+        value.train()
+        if peft_config is not None:
+            import dataclasses
+
+            # the head must train fully: as a classifier task PEFT keeps `score` trainable and saved
+            value_peft = dataclasses.replace(peft_config, task_type="SEQ_CLS", base_model_name_or_path=None)
+            value = apply_peft(value, value_peft, args)
+        return value
+
+    # -- the training loop
+
+    def _num_updates(self) -> tuple[int, int]:
+        """(updates, episodes): how many rollout batches the run samples, and their total rows."""
+        args = self.args
+        rows_per_update = args.per_device_train_batch_size * args.world_size
+        if args.max_steps and args.max_steps > 0:
+            return args.max_steps, args.max_steps * rows_per_update
+        episodes = args.total_episodes
+        if episodes is None:
+            episodes = int(args.num_train_epochs * len(self.train_dataset))
+        updates = max(1, math.ceil(episodes / rows_per_update))
+        return updates, episodes
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run PPO: sample, score, estimate advantages, optimise; ``num_updates`` times."""
+        if resume_from_checkpoint:
+            raise ConfigError("resuming a PPO run from a checkpoint is not supported yet", field="resume_from_checkpoint",
+                              fix="start a new run from the checkpoint's policy (--model_name_or_path CHECKPOINT)")
+        args, accelerator = self.args, self.accelerator
+        num_updates, total_episodes = self._num_updates()
+        dataloader = self.get_train_dataloader()
+        self.create_optimizer_and_scheduler(num_training_steps=num_updates)
+        self.model_wrapped = accelerator.prepare(self.model)
+        self.optimizer = accelerator.prepare(self.optimizer)
+        if args.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+
+        from transformers.trainer_callback import ExportableState
+
+        stateful = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
+        self.state = TrainerState(is_local_process_zero=self.is_local_process_zero(),
+                                  is_world_process_zero=self.is_world_process_zero(), stateful_callbacks=stateful)
+        self.state.max_steps = num_updates
+        self.state.num_train_epochs = args.num_train_epochs
+        self.state.compute_steps(args, num_updates)
+        self.state.train_batch_size = args.per_device_train_batch_size
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        samples_every = max(1, num_updates // args.num_sample_generations) if args.num_sample_generations else 0
+
+        start, episode = time.time(), 0
+        batches = _cycle(dataloader)
+        for update in range(1, num_updates + 1):
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            batch = next(batches)
+            rollout = self._rollout(batch)
+            self._optimise(rollout)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            episode += rollout["num_rows"] * args.world_size
+            self.state.global_step = update
+            self.state.epoch = episode / max(1, len(self.train_dataset))
+            self._cumulative["episode"] = float(episode)
+            self.record_metrics({"eps": episode / max(time.time() - start, 1e-9)})
+            if samples_every and update % samples_every == 0:
+                self._write_samples(rollout, update)
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.control.should_log or update == num_updates:
+                self.log({"lr": self._get_learning_rate()})
+            if self.control.should_evaluate and self.eval_dataset is not None:
+                self.evaluate()
+            if self.control.should_save:
+                self._save_checkpoint(self.model, trial=None)
+                self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        from transformers.trainer_utils import TrainOutput
+
+        return TrainOutput(self.state.global_step, float("nan"), {"episode": episode, "train_runtime": time.time() - start})
+
+    def _enable_gradient_checkpointing(self) -> None:
+        kwargs = self.args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        for network in (self.policy, self.value_model):
+            base = unwrap_model(network)
+            if hasattr(base, "gradient_checkpointing_enable"):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if hasattr(base, "enable_input_require_grads"):
+                base.enable_input_require_grads()
+
+    @torch.no_grad()
+    def _rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Sample completions for a batch of prompts and compute everything PPO needs from them."""
+        from posttrain.losses.advantages import gae, token_level_kl_rewards
+        from posttrain.losses.kl import kl_divergence
+        from posttrain.ops.masked import masked_whiten
+
+        args = self.args
+        device = self.accelerator.device
+        prompt_ids = batch["prompt_input_ids"].to(device)
+        prompt_mask = batch["prompt_attention_mask"].to(device)
+        generated = self._engine().generate(prompt_ids, prompt_mask=prompt_mask, num_generations=1,
+                                            sampling=self._sampling(), generator=self._sample_generator)
+        seq = rollout_sequences(generated)
+        logps, ref_logps, values, scores = [], [], [], []
+        step = args.local_rollout_forward_batch_size
+        self.policy.eval(), self.value_model.eval()
+        for lo in range(0, seq.input_ids.shape[0], step):
+            part = seq.slice(lo, lo + step)
+            logps.append(self._policy_logps(self.policy, part))
+            ref_logps.append(self.reference.token_logps(
+                self.policy, part.input_ids, part.target_mask, part.attention_mask, part.position_ids,
+                temperature=args.temperature, chunk_size=args.logits_chunk_size,
+            ).logps[:, part.prompt_width - 1:])
+            values.append(part.completion_values(self.value_model))
+            scores.append(last_token_scores(self.reward_model, part.input_ids, part.attention_mask, part.position_ids))
+        self.policy.train(), self.value_model.train()
+        logps, ref_logps = torch.cat(logps), torch.cat(ref_logps)
+        values, scores = torch.cat(values), torch.cat(scores)
+        mask = seq.completion_mask.float()
+
+        ended = ~generated.is_truncated
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~ended).float()
+        rewards = token_level_kl_rewards(scores, logps, ref_logps, mask, args.kl_coef, args.kl_estimator)
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        kl = (kl_divergence(logps, ref_logps, args.kl_estimator) * mask).sum(-1)
+        non_score = -args.kl_coef * kl
+        self.record_metrics({
+            "objective/kl": self.gather_mean(kl),
+            "objective/entropy": self.gather_mean(-(logps * mask).sum(-1)),
+            "objective/non_score_reward": self.gather_mean(non_score),
+            "objective/rlhf_reward": self.gather_mean(scores + non_score),
+            "objective/scores": self.gather_mean(scores),
+            "val/num_eos_tokens": self.gather_mean(ended.float()) * ended.numel(),
+            "completions/mean_length": self.gather_mean(mask.sum(-1)),
+        })
+        return {"seq": seq, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
+                "mask": mask, "scores": scores, "num_rows": seq.input_ids.shape[0], "prompts": batch.get("prompt")}
+
+    def _policy_logps(self, network: nn.Module, part) -> torch.Tensor:
+        from posttrain.models.lm_head import token_logps
+
+        out = token_logps(network, part.input_ids, part.target_mask, part.attention_mask, part.position_ids,
+                          temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size)
+        return out.logps[:, part.prompt_width - 1:]
+
+    def _optimise(self, rollout: dict[str, Any]) -> None:
+        """``num_ppo_epochs`` shuffled passes over the rollouts; one optimizer step per mini-batch."""
+        from posttrain.losses.policy import clipped_policy_loss, clipped_value_loss
+        from posttrain.ops.masked import masked_mean
+
+        args, accelerator, model = self.args, self.accelerator, self.model_wrapped
+        rows = rollout["num_rows"]
+        mini = rows // args.num_mini_batches
+        micro = max(1, mini // args.gradient_accumulation_steps)
+        seq, mask = rollout["seq"], rollout["mask"]
+        model.train()
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(rows, generator=self._sample_generator, device=self._sample_generator.device)
+            order = order.to(mask.device)
+            for mini_start in range(0, rows, mini):
+                mini_rows = order[mini_start:mini_start + mini]
+                starts = list(range(0, len(mini_rows), micro))
+                for i, micro_start in enumerate(starts):
+                    idx = mini_rows[micro_start:micro_start + micro]
+                    part = seq.select(idx)
+                    sync = nullcontext() if i == len(starts) - 1 else accelerator.no_sync(model)
+                    with sync:
+                        logps, entropy, values = model(part.input_ids, part.attention_mask, part.position_ids,
+                                                       part.target_mask, temperature=args.temperature,
+                                                       chunk_size=args.logits_chunk_size)
+                        width = part.prompt_width
+                        logps, entropy, values = logps[:, width - 1:], entropy[:, width - 1:], values[:, width - 1:-1]
+                        token_mask = mask[idx]
+                        per_token, policy_metrics = clipped_policy_loss(
+                            logps, rollout["logps"][idx], rollout["advantages"][idx], token_mask,
+                            epsilon_low=args.cliprange, epsilon_high=args.cliprange,
+                        )
+                        policy_loss = masked_mean(per_token, token_mask)
+                        value_loss, value_metrics = clipped_value_loss(
+                            values, rollout["values"][idx], rollout["returns"][idx], token_mask, args.cliprange_value
+                        )
+                        loss = policy_loss + args.vf_coef * value_loss
+                        accelerator.backward(loss / len(starts))
+                    self._record_update_metrics(logps, rollout["logps"][idx], entropy, token_mask,
+                                                policy_loss, value_loss, policy_metrics, value_metrics)
+                if args.max_grad_norm is not None and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _record_update_metrics(self, logps, old_logps, entropy, mask, policy_loss, value_loss,
+                               policy_metrics, value_metrics) -> None:
+        from posttrain.ops.masked import masked_mean
+
+        log_ratio = (logps - old_logps) * mask
+        ratio = torch.exp(log_ratio)
+        self.record_metrics({
+            "policy/approxkl": self.gather_mean(0.5 * masked_mean(log_ratio ** 2, mask)),
+            "policy/clipfrac": _metric(policy_metrics, "clip_ratio/region_mean"),
+            "policy/entropy": self.gather_mean(masked_mean(entropy, mask)),
+            "loss/policy": self.gather_mean(policy_loss),
+            "loss/value": self.gather_mean(value_loss),
+            "val/clipfrac": _metric(value_metrics, "vf_clipfrac"),
+            "val/ratio": self.gather_mean(masked_mean(ratio, mask)),
+        })
+
+    # -- generation, evaluation, samples, saving
+
+    def _engine(self):
+        from posttrain.rollout import HFRolloutEngine
+
+        args = self.args
+        if args.stop_token_id is not None:
+            eos = [args.stop_token_id]
+        elif args.stop_token == "eos":
+            eos = None  # the tokenizer's and the generation config's EOS ids
+        else:
+            eos = []
+        return HFRolloutEngine(unwrap_model_keep_peft(self.policy), self._tokenizer, eos_token_ids=eos,
+                               pad_token_id=self._tokenizer.pad_token_id)
+
+    def _sampling(self, greedy: bool = False):
+        from posttrain.rollout import SamplingParams
+
+        return SamplingParams(max_completion_length=self.args.response_length, temperature=self.args.temperature,
+                              do_sample=not greedy)
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Greedy completions on the eval prompts, scored by the reward model: ``eval_objective/scores``."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ConfigError("evaluate() needs an eval_dataset", field="eval_dataset", fix="pass eval_dataset=...")
+        if eval_dataset is not None and "prompt_input_ids" not in dataset.column_names:
+            dataset = prepare_prompt_dataset(dataset, self._tokenizer, self.args.max_prompt_length, None, "eval dataset")
+        loader = self.get_eval_dataloader(dataset)
+        scores, ended = [], []
+        for batch in loader:
+            generated = self._engine().generate(batch["prompt_input_ids"], prompt_mask=batch["prompt_attention_mask"],
+                                                sampling=self._sampling(greedy=True))
+            seq = rollout_sequences(generated)
+            scores.append(last_token_scores(self.reward_model, seq.input_ids, seq.attention_mask, seq.position_ids))
+            ended.append((~generated.is_truncated).float())
+        metrics = {f"{metric_key_prefix}_objective/scores": self.gather_mean(torch.cat(scores)),
+                   f"{metric_key_prefix}_val/contain_eos_token": self.gather_mean(torch.cat(ended))}
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+    def _write_samples(self, rollout: dict[str, Any], update: int, rows: int = 4) -> None:
+        if not self.is_world_process_zero():
+            return
+        import json
+
+        seq = rollout["seq"]
+        completions = self._tokenizer.batch_decode(
+            [ids[m.bool()].tolist() for ids, m in zip(seq.completion_ids[:rows], seq.completion_mask[:rows])],
+            skip_special_tokens=True,
+        )
+        prompts = rollout["prompts"] or self._tokenizer.batch_decode(seq.prompt_token_lists()[:rows])
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a", encoding="utf-8") as handle:
+            for prompt, completion, score in zip(prompts, completions, rollout["scores"][:rows].tolist()):
+                handle.write(json.dumps({"step": update, "prompt": prompt, "completion": completion,
+                                         "score": score}, default=str) + "\n")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the policy (not the value model) as a plain model directory, with the tokenizer."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        unwrap_model_keep_peft(self.policy).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        raise ConfigError("PPOTrainer trains through train(); compute_loss is not used", field="compute_loss",
+                          fix="call trainer.train()")
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _metric(metrics: dict, *names: str) -> float:
+    for name in names:
+        if name in metrics:
+            value = metrics[name]
+            return float(value.item() if torch.is_tensor(value) else value)
+    return float("nan")
+
+
+def _older_name(value, older, old_name: str, new_name: str):
+    if older is None:
+        return value
+    if value is not None:
+        raise ConfigError(f"both {new_name} and {old_name} were given", field=old_name,
+                          fix=f"pass only {new_name} ({old_name} is its older name)")
+    note_alias_once(old_name, new_name, "PPOTrainer")
+    return older
+
+
+def _resolve_ppo_args(args, config, model) -> PPOConfig:
+    from posttrain.trainers.base import resolve_args
+
+    args = _older_name(args, config, "config", "args")
+    return resolve_args(args, model if model is not None else "policy", PPOConfig, "PPO")
+
+
+def _check_same_vocabulary(policy: nn.Module, reward_model: nn.Module, tokenizer) -> None:
+    """The reward model scores the policy's token ids directly, so their vocabularies must agree."""
+    policy_vocab = unwrap_model(policy).get_input_embeddings().num_embeddings
+    reward_vocab = unwrap_model(reward_model).get_input_embeddings().num_embeddings
+    if policy_vocab != reward_vocab:
+        raise ConfigError(
+            f"the reward model's vocabulary ({reward_vocab} tokens) differs from the policy's ({policy_vocab})",
+            field="reward_model_path",
+            fix="train the reward model from the same base model / tokenizer as the policy (the InstructGPT recipe)",
+        )

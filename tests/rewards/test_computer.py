@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from posttrain.errors import ConfigError, DataError, RewardFunctionError
+from posttrain.rewards import RewardComputer, accuracy
+
+PROMPTS = ["p0", "p1", "p2"]
+COMPLETIONS = ["c0", "c1", "c2"]
+IDS = [[1, 2], [3], [4, 5, 6]]
+
+
+def first(prompts, completions, **kwargs):
+    return [1.0, None, 2.0]
+
+
+def second(prompts, completions, **kwargs):
+    return [0.5, None, None]
+
+
+def third(completions, **kwargs):  # TRL-style functions often omit `prompts`
+    return [-1.0, 4.0, None]
+
+
+def test_weighted_total_skips_none_and_flags_rows_without_any_score(caplog):
+    computer = RewardComputer([first, second, third], reward_weights=[2.0, 10.0, 1.0])
+    none_row = RewardComputer([first, second], reward_weights=[1.0, 1.0])
+    out = computer(PROMPTS, COMPLETIONS, IDS, columns={})
+    # row 0: 2*1 + 10*0.5 + 1*(-1) = 6; row 1: only third -> 4; row 2: 2*2 = 4
+    assert out.total.tolist() == [6.0, 4.0, 4.0]
+    assert out.names == ["first", "second", "third"]
+    expected = torch.tensor([[1.0, 0.5, -1.0], [math.nan, math.nan, 4.0], [2.0, math.nan, math.nan]])
+    assert torch.equal(torch.isnan(out.per_function), torch.isnan(expected))
+    assert torch.equal(torch.nan_to_num(out.per_function), torch.nan_to_num(expected))
+    assert out.per_function.dtype == torch.float32 and out.all_none.tolist() == [False, False, False]
+
+    with caplog.at_level("WARNING"):
+        partial = none_row(PROMPTS, COMPLETIONS, IDS, columns={})
+    assert partial.total.tolist() == [1.5, 0.0, 2.0]
+    assert partial.all_none.tolist() == [False, True, False]
+    assert none_row.num_all_none_rows == 1
+    assert "1 of 3 completions got None" in caplog.text
+
+
+def test_metrics_average_each_function_over_the_rows_it_scored():
+    out = RewardComputer([first, third])(PROMPTS, COMPLETIONS, IDS, columns={})
+    metrics = out.metrics()
+    assert metrics["rewards/first/mean"] == pytest.approx(1.5)
+    assert metrics["rewards/third/mean"] == pytest.approx(1.5)
+    assert metrics["rewards/first/std"] == pytest.approx(0.5)
+    assert metrics["reward"] == pytest.approx((0.0 + 4.0 + 2.0) / 3)
+    assert metrics["frac_reward_all_none"] == 0.0
+
+
+def test_functions_receive_ids_columns_state_and_conversational_rows():
+    received = {}
+
+    def spy(prompts, completions, completion_ids, trainer_state, answer, **kwargs):
+        received.update(prompts=prompts, completions=completions, ids=completion_ids, state=trainer_state, answer=answer, rest=kwargs)
+        return [0.0] * len(completions)
+
+    prompts = [[{"role": "user", "content": "1+1?"}]] * 2
+    completions = [[{"role": "assistant", "content": "2"}], [{"role": "assistant", "content": "3"}]]
+    columns = {"answer": ["2", "2"], "level": [1, 2], "prompt": ["x", "y"], "completions": ["bad", "bad"]}
+    out = RewardComputer([spy, accuracy])(prompts, completions, [[5], [6]], columns=columns, trainer_state="STATE")
+    assert received["prompts"] == prompts and received["completions"] == completions
+    assert received["ids"] == [[5], [6]] and received["state"] == "STATE" and received["answer"] == ["2", "2"]
+    assert received["rest"] == {"level": [1, 2]}  # 'prompt' is redundant and 'completions' reserved
+    assert out.per_function[:, 1].tolist() == [1.0, 0.0]
+
+
+def test_numpy_tensor_and_bool_returns_are_accepted():
+    computer = RewardComputer(
+        [
+            lambda completions, **k: np.array([1.0, 2.0, 3.0]),
+            lambda completions, **k: torch.tensor([1, 0, 1]),
+            lambda completions, **k: [True, False, np.float32(0.5)],
+        ]
+    )
+    out = computer(PROMPTS, COMPLETIONS, IDS, columns={})
+    assert out.total.tolist() == [3.0, 2.0, 4.5]
+    assert out.names == ["lambda", "lambda_1", "lambda_2"]
+
+
+def test_a_raising_function_is_named_with_its_error():
+    def exploding(prompts, completions, **kwargs):
+        raise KeyError("answer")
+
+    with pytest.raises(RewardFunctionError) as info:
+        RewardComputer([first, exploding])(PROMPTS, COMPLETIONS, IDS, columns={})
+    message = str(info.value)
+    assert "'exploding'" in message and "KeyError" in message and "answer" in message
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_wrong_length_and_wrong_type_are_named():
+    def too_short(prompts, completions, **kwargs):
+        return [1.0]
+
+    def wordy(prompts, completions, **kwargs):
+        return [1.0, "good", 0.0]
+
+    def scalar(prompts, completions, **kwargs):
+        return 1.0
+
+    with pytest.raises(RewardFunctionError, match=r"'too_short' returned 1 values for 3 completions; expected a list of length 3"):
+        RewardComputer([too_short])(PROMPTS, COMPLETIONS, IDS, columns={})
+    with pytest.raises(RewardFunctionError, match=r"'wordy' returned a str at row 1 \('good'\)"):
+        RewardComputer([wordy])(PROMPTS, COMPLETIONS, IDS, columns={})
+    with pytest.raises(RewardFunctionError, match=r"'scalar' must return a list of 3"):
+        RewardComputer([scalar])(PROMPTS, COMPLETIONS, IDS, columns={})
+    with pytest.raises(RewardFunctionError, match=r"'my_name'"):
+        RewardComputer([too_short], names=["my_name"])(PROMPTS, COMPLETIONS, IDS, columns={})
+
+
+def test_configuration_errors():
+    with pytest.raises(ConfigError) as info:
+        RewardComputer([first, second], reward_weights=[1.0])
+    assert info.value.field == "reward_weights" and "2 reward functions" in str(info.value)
+    with pytest.raises(ConfigError, match="not a callable"):
+        RewardComputer([first, 3])
+    with pytest.raises(ConfigError, match="no reward functions"):
+        RewardComputer([])
+    with pytest.raises(ConfigError, match="names"):
+        RewardComputer([first], names=["a", "b"])
+    with pytest.raises(DataError, match="column 'answer'"):
+        RewardComputer([first])(PROMPTS, COMPLETIONS, IDS, columns={"answer": ["1"]})
+
+
+def test_string_specs_are_resolved():
+    computer = RewardComputer(["accuracy", "length_penalty(target=1)"])
+    assert computer.names == ["accuracy", "length_penalty"]
+    out = computer(["q"], ["7"], [torch.tensor([1, 2, 3])], columns={"answer": ["7"]})  # tensor rows become lists
+    assert out.per_function.tolist() == [[1.0, -2.0]]

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from posttrain.errors import ConfigError
+from posttrain.rewards import RewardComputer, RewardModelScorer
+
+
+def reference_score(model, ids: list[int]) -> float:
+    """One unpadded row at a time: the score at its last token, no pooling logic involved."""
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state
+        return model.score(hidden[0, -1]).item()
+
+
+def test_plain_rows_are_scored_like_single_unpadded_forwards(reward_model_dir):
+    scorer = RewardModelScorer(reward_model_dir, batch_size=2)
+    assert scorer.__name__ == "reward_model"
+    prompts = ["what is two plus two?", "hello", "what is two plus two?"]
+    completions = [" it is four.", " there, the answer is 4", [{"role": "assistant", "content": " four"}]]
+    scores = scorer(prompts, completions, completion_ids=[[1], [2], [3]], answer=["4"] * 3)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    # the tokenizer as loaded from the directory (transformers may rebuild it differently from the fixture)
+    saved_tokenizer = transformers.AutoTokenizer.from_pretrained(reward_model_dir)
+    texts = ["what is two plus two? it is four.", "hello there, the answer is 4", "what is two plus two? four"]
+    expected = [reference_score(model, saved_tokenizer(text)["input_ids"]) for text in texts]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert len(set(round(s, 4) for s in scores)) == 3
+
+
+def test_conversational_rows_use_the_chat_template_and_long_inputs_keep_their_end(reward_model_dir, tokenizer):
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_model_dir)
+    model.train()
+    scorer = RewardModelScorer(model, tokenizer, max_length=8, name="rm")
+    prompt = [{"role": "user", "content": "what is two plus two?"}]
+    score = scorer([prompt], ["it is four."])[0]
+    text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "it is four."}], tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 8
+    model.eval()
+    assert score == pytest.approx(reference_score(model, ids[-8:]), abs=1e-5)
+    model.train()
+    scorer([prompt], ["x"])
+    assert model.training  # mode restored
+    out = RewardComputer([scorer])([prompt], ["it is four."], [[1]], columns={})
+    assert out.names == ["rm"]
+
+
+def test_scorer_errors(tokenizer, reward_model_dir, tmp_path):
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_model_dir)
+    with pytest.raises(ConfigError, match="needs its tokenizer"):
+        RewardModelScorer(model)
+    model.config.num_labels = 2
+    with pytest.raises(ConfigError, match="num_labels=2"):
+        RewardModelScorer(model, tokenizer)
+    with pytest.raises(ConfigError, match="cannot load"):
+        RewardModelScorer(str(tmp_path))
