@@ -1,13 +1,15 @@
 """Do GRPO and RLOO learn? A briefly SFT-trained model, then online RL with the `accuracy` reward.
 
-    python benchmarks/learning_online.py --method grpo [--workdir DIR] [--steps 200] [--threads 2]
+    python benchmarks/learning_online.py --method grpo [--workdir DIR] [--steps 200] [--lr 5e-5]
     python benchmarks/learning_online.py --method rloo
 
-1. SFT the project's random ``small`` model briefly on the embedded arithmetic task (cached in
-   ``--workdir/sft``: later runs, and the other method, start from the same SFT model);
-2. GRPO or RLOO from it, prompts from the task's train split, the built-in ``accuracy`` reward;
-3. greedy exact-match accuracy on held-out test problems before and after (and every
-   ``--eval-every`` steps), with the time each stage took.
+1. SFT the project's random ``small`` model on the embedded arithmetic task (max_operand 10) with
+   ``SFTTrainer``, one shuffled pass over the training problems per epoch, and stop as soon as it
+   answers ``--sft-target`` of the training problems (greedy). The model is cached in
+   ``--workdir/sft``: later runs, and the other method, start from the same SFT model;
+2. GRPO or RLOO from it: prompts from the train split, the built-in ``accuracy`` reward;
+3. greedy exact-match accuracy on every held-out test problem (41) and every training problem (146)
+   before, every ``--eval-every`` steps and after, with the time each stage took.
 
 Everything runs offline on the CPU; the figures are printed and saved to ``--workdir/<method>.json``.
 """
@@ -30,19 +32,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="learning_online_run")
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--max-operand", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=300, help="SFT length (the cosine schedule's horizon)")
+    parser.add_argument("--sft-target", type=float, default=0.3,
+                        help="stop SFT early once greedy accuracy on training problems reaches this (0: never)")
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--sft-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--batch", type=int, default=32, help="completions per step (per_device_train_batch_size)")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--batch", type=int, default=64, help="completions per step (per_device_train_batch_size)")
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--schedule", default="linear", help="lr_scheduler_type of the RL stage")
     parser.add_argument("--max-completion-length", type=int, default=6)
-    parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--redo-sft", action="store_true")
     return parser.parse_args(argv)
@@ -52,14 +56,48 @@ def _quiet(output_dir: str, **values):
     return dict(output_dir=output_dir, save_strategy="no", disable_tqdm=True, report_to="none", **values)
 
 
+def distinct_problems(task, split: str) -> list[dict]:
+    """Every problem of a split once (41 test and 146 train problems at max_operand=10)."""
+    unique: dict[str, dict] = {}
+    for problem in task.make_problems(5000, split=split):
+        unique.setdefault(problem["question"], problem)
+    return list(unique.values())
+
+
+class StopAtAccuracy(TrainerCallback):
+    """Stop SFT once greedy accuracy on training problems reaches ``target`` (checked every ``every`` steps)."""
+
+    def __init__(self, task, problems, tokenizer, target: float, every: int = 25) -> None:
+        self.task, self.problems, self.tokenizer, self.target, self.every = task, problems, tokenizer, target, every
+        self.reached: tuple[int, float] | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from posttrain.eval.accuracy import evaluate_task
+
+        if self.target and state.global_step % self.every == 0:
+            accuracy = evaluate_task(model, self.tokenizer, self.task, self.problems, max_new_tokens=6,
+                                     batch_size=100)["accuracy"]
+            print(f"  SFT step {state.global_step}: train-problem accuracy {accuracy:.3f}", flush=True)
+            if accuracy >= self.target:
+                self.reached = (state.global_step, accuracy)
+                control.should_training_stop = True
+        return control
+
+
 def run_sft(args, task, start: str, out: str) -> None:
+    from transformers import AutoTokenizer
+
     from posttrain import SFTConfig, SFTTrainer
 
-    data = task.as_prompt_completion(args.sft_steps * args.sft_batch, split="train", seed=args.seed)
+    # every training problem once per epoch: shuffled passes over the problems learn far faster here than
+    # batches drawn from a long list of repeats (measured: 46% vs 12% of training problems after 150 steps)
+    data = task.as_prompt_completion(distinct_problems(task, "train"))
     config = SFTConfig(**_quiet(out, per_device_train_batch_size=args.sft_batch, max_steps=args.sft_steps,
-                                learning_rate=args.sft_lr,
-                                lr_scheduler_type="cosine", warmup_steps=20, logging_steps=20, seed=args.seed))
-    trainer = SFTTrainer(model=start, args=config, train_dataset=data)
+                                learning_rate=args.sft_lr, lr_scheduler_type="cosine", warmup_steps=20,
+                                adam_beta2=0.98, logging_steps=25, seed=args.seed))
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    stop = StopAtAccuracy(task, distinct_problems(task, "train"), tokenizer, args.sft_target)
+    trainer = SFTTrainer(model=start, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[stop])
     trainer.train()
     trainer.save_model(out)
 
@@ -102,11 +140,11 @@ def run_online(args, task, sft_dir: str, test_problems, out: str) -> dict:
     config = config_class(**_quiet(
         out, per_device_train_batch_size=args.batch, num_generations=args.num_generations, max_steps=args.steps,
         learning_rate=args.lr, max_completion_length=args.max_completion_length, temperature=args.temperature,
-        beta=args.beta, logging_steps=10, seed=args.seed, warmup_steps=5,
+        beta=args.beta, logging_steps=10, seed=args.seed, warmup_steps=5, lr_scheduler_type=args.schedule,
     ))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     curve: list[dict] = []
-    train_problems = task.make_problems(args.eval_n, seed=args.seed + 3, split="train")
+    train_problems = distinct_problems(task, "train")
     callback = AccuracyCallback(task, test_problems, train_problems, tokenizer, args.eval_every, curve)
     trainer = trainer_class(model=sft_dir, reward_funcs="accuracy", args=config, train_dataset=prompts,
                             processing_class=tokenizer, callbacks=[callback])
@@ -125,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     from posttrain.tasks import get_task
 
     task = get_task("arithmetic", max_operand=args.max_operand)
-    test = task.make_problems(args.eval_n, seed=args.seed, split="test")
+    test = distinct_problems(task, "test")
     os.makedirs(args.workdir, exist_ok=True)
     sft_dir = os.path.join(args.workdir, "sft")
     if args.redo_sft or not os.path.isfile(os.path.join(sft_dir, "config.json")):

@@ -26,26 +26,38 @@ import torch
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="learning_ppo_run")
-    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--max-operand", type=int, default=10)
+    parser.add_argument("--ops", default="+", help="operators of the arithmetic task")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=150)
-    parser.add_argument("--sft-lr", type=float, default=2e-3)
-    parser.add_argument("--rm-steps", type=int, default=150)
-    parser.add_argument("--rm-lr", type=float, default=5e-4)
-    parser.add_argument("--rm-batch", type=int, default=32)
+    parser.add_argument("--sft-steps", type=int, default=100, help="SFT steps of the policy (brief)")
+    parser.add_argument("--rm-sft-steps", type=int, default=500,
+                        help="SFT steps of the model the reward model starts from (longer: it must judge answers "
+                        "the policy still gets wrong)")
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
+    parser.add_argument("--rm-steps", type=int, default=300)
+    parser.add_argument("--rm-lr", type=float, default=1e-3)
+    parser.add_argument("--rm-batch", type=int, default=64)
+    parser.add_argument("--rm-data", default="balanced", choices=("task", "balanced", "samples", "balanced+samples"),
+                        help="preference pairs: the task's (correct vs plausible wrong answer); 'balanced': those plus "
+                        "as many whose rejected answer is another problem's correct one, so that no answer is "
+                        "preferred for itself; 'samples': comparisons of the policy's (the SFT model's) own samples "
+                        "labelled by the task's checker, as InstructGPT's labellers compared SFT outputs")
     parser.add_argument("--ppo-updates", type=int, default=60)
     parser.add_argument("--ppo-batch", type=int, default=32)
     parser.add_argument("--ppo-lr", type=float, default=3e-5)
     parser.add_argument("--kl-coef", type=float, default=0.02)
     parser.add_argument("--ppo-epochs", type=int, default=4)
     parser.add_argument("--mini-batches", type=int, default=2)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.3,
+                        help="sampling temperature of PPO; low values keep rollouts near the greedy answer that is evaluated")
+    parser.add_argument("--vf-coef", type=float, default=0.1)
+    parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     parser.add_argument("--eval-n", type=int, default=200)
-    parser.add_argument("--sft-batch", type=int, default=32)
+    parser.add_argument("--sft-batch", type=int, default=64)
     parser.add_argument("--stop-after", choices=("sft", "rm"), default=None, help="stop after this stage")
-    parser.add_argument("--redo", nargs="*", default=[], choices=("sft", "rm", "ppo"), help="stages to rerun")
+    parser.add_argument("--redo", nargs="*", default=[], choices=("sft", "rm-sft", "rm", "ppo"), help="stages to rerun")
     return parser.parse_args(argv)
 
 
@@ -63,11 +75,11 @@ def _quiet(output_dir: str, **values):
     return dict(output_dir=output_dir, save_strategy="no", disable_tqdm=True, report_to="none", **values)
 
 
-def run_sft(args, task, start: str, out: str) -> None:
+def run_sft(args, task, start: str, out: str, steps: int) -> None:
     from posttrain import SFTConfig, SFTTrainer
 
-    data = task.as_prompt_completion(min(args.sft_steps * args.sft_batch, 8000), split="train", seed=args.seed)
-    config = SFTConfig(**_quiet(out, per_device_train_batch_size=args.sft_batch, max_steps=args.sft_steps,
+    data = task.as_prompt_completion(min(steps * args.sft_batch, 8000), split="train", seed=args.seed)
+    config = SFTConfig(**_quiet(out, per_device_train_batch_size=args.sft_batch, max_steps=steps,
                                 learning_rate=args.sft_lr, lr_scheduler_type="cosine", warmup_steps=10,
                                 logging_steps=25, seed=args.seed))
     trainer = SFTTrainer(model=start, args=config, train_dataset=data)
@@ -75,15 +87,85 @@ def run_sft(args, task, start: str, out: str) -> None:
     trainer.save_model(out)
 
 
-def run_reward_model(args, task, sft_dir: str, out: str) -> float:
+def answers_of_other_problems(task, n: int, seed: int):
+    """Preference pairs whose rejected answer is the correct answer of another problem.
+
+    The task's own pairs reject *plausible* wrong answers (off by one, digits swapped), so some
+    numbers are rejected more often than they are correct, and a reward model learns to like or
+    dislike a number for itself, which PPO then exploits. Here rejected answers follow the same
+    distribution as correct ones, so only the match between question and answer tells them apart.
+    """
+    import random
+
+    problems = task.make_problems(n, split="train", seed=seed)
+    rng = random.Random(seed)
+    others = []
+    for problem in problems:
+        other = rng.choice(problems)
+        while other["answer"] == problem["answer"]:
+            other = rng.choice(problems)
+        others.append(other)
+    pairs = task.as_preference(problems, split="train", seed=seed)
+    wrong = task.as_preference(others, split="train", seed=seed)["chosen"]
+    return pairs.remove_columns("rejected").add_column("rejected", wrong)
+
+
+def sampled_preferences(task, sft_dir: str, problems, samples_per_prompt: int = 8, seed: int = 0):
+    """Preference pairs from the SFT model's own samples, ranked by the task's checker.
+
+    For each prompt, every (correct, incorrect) pair of its samples becomes a row (at most 4 per
+    prompt), as in InstructGPT, where labellers rank the SFT model's outputs.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.rollout import HFRolloutEngine, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    engine = HFRolloutEngine(model, tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for start in range(0, len(problems), 64):
+        chunk = problems[start:start + 64]
+        prompts = [[{"role": "user", "content": p["question"]}] for p in chunk]
+        ids = [tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"] for m in prompts]
+        batch = engine.generate(ids, num_generations=samples_per_prompt, generator=generator,
+                                sampling=SamplingParams(max_completion_length=6, temperature=1.0))
+        texts = batch.decode_completions(tokenizer)
+        for g, (prompt, problem) in enumerate(zip(prompts, chunk)):
+            group = [t for t in texts[g * samples_per_prompt:(g + 1) * samples_per_prompt] if t.strip()]
+            good = [t for t in dict.fromkeys(group) if task.check(t, problem["answer"])]
+            bad = [t for t in dict.fromkeys(group) if not task.check(t, problem["answer"])]
+            for i, (chosen, rejected) in enumerate((c, r) for c in good for r in bad):
+                if i == 4:
+                    break
+                rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                             "rejected": [{"role": "assistant", "content": rejected}]})
+    return Dataset.from_list(rows)
+
+
+def run_reward_model(args, task, rm_start: str, out: str, policy_dir: str) -> float:
+    from datasets import concatenate_datasets
+
     from posttrain import RewardConfig, RewardTrainer
 
-    train = task.as_preference(min(args.rm_steps * args.rm_batch, 8000), split="train", seed=args.seed + 1)
+    size = min(args.rm_steps * args.rm_batch, 8000)
+    parts = []
+    if args.rm_data.startswith(("task", "balanced")):
+        parts.append(task.as_preference(size, split="train", seed=args.seed + 1))
+    if args.rm_data.startswith("balanced"):
+        parts.append(answers_of_other_problems(task, size, seed=args.seed + 4))
+    if args.rm_data.endswith("samples"):
+        problems = task.make_problems(size // 2, split="train", seed=args.seed + 1)
+        parts.append(sampled_preferences(task, policy_dir, problems, seed=args.seed))
+    train = concatenate_datasets(parts).shuffle(seed=args.seed)
     test = task.as_preference(args.eval_n, split="test", seed=args.seed)
     config = RewardConfig(**_quiet(out, per_device_train_batch_size=args.rm_batch, max_steps=args.rm_steps,
                                    learning_rate=args.rm_lr, lr_scheduler_type="cosine", warmup_steps=10,
                                    logging_steps=25, seed=args.seed, center_rewards_coefficient=0.01))
-    trainer = RewardTrainer(model=sft_dir, args=config, train_dataset=train, eval_dataset=test)
+    trainer = RewardTrainer(model=rm_start, args=config, train_dataset=train, eval_dataset=test)
     trainer.train()
     trainer.save_model(out)
     metrics = trainer.evaluate()
@@ -97,7 +179,7 @@ def run_ppo(args, task, sft_dir: str, rm_dir: str, out: str) -> list[dict]:
     config = PPOConfig(**_quiet(out, per_device_train_batch_size=args.ppo_batch,
                                 total_episodes=args.ppo_updates * args.ppo_batch, learning_rate=args.ppo_lr,
                                 num_ppo_epochs=args.ppo_epochs, num_mini_batches=args.mini_batches,
-                                kl_coef=args.kl_coef, response_length=6, temperature=args.temperature,
+                                kl_coef=args.kl_coef, response_length=6, temperature=args.temperature, vf_coef=args.vf_coef, lam=args.lam,
                                 missing_eos_penalty=1.0, logging_steps=5, seed=args.seed, num_sample_generations=0))
     trainer = PPOTrainer(args=config, model=sft_dir, reward_model=rm_dir, train_dataset=prompts)
     trainer.train()
@@ -112,11 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     from posttrain.models.tiny import tiny_model_path
     from posttrain.tasks import get_task
 
-    task = get_task("arithmetic", max_operand=args.max_operand)
+    task = get_task("arithmetic", max_operand=args.max_operand, ops=tuple(args.ops))
     test = task.make_problems(args.eval_n, seed=args.seed, split="test")
     seen = task.make_problems(args.eval_n, seed=args.seed + 3, split="train")
     os.makedirs(args.workdir, exist_ok=True)
-    sft_dir, rm_dir, ppo_dir = (os.path.join(args.workdir, name) for name in ("sft", "rm", "ppo"))
+    sft_dir, rm_sft_dir, rm_dir, ppo_dir = (os.path.join(args.workdir, name) for name in ("sft", "rm-sft", "rm", "ppo"))
     summary_path = os.path.join(args.workdir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
 
@@ -130,14 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(summary, open(summary_path, "w"), indent=1)
 
     start = tiny_model_path("qwen2", args.size)
-    stage("sft", sft_dir, lambda: run_sft(args, task, start, sft_dir))
+    stage("sft", sft_dir, lambda: run_sft(args, task, start, sft_dir, args.sft_steps))
     if "sft_accuracy" not in summary or "sft_train_accuracy" not in summary or "sft" in args.redo:
         summary["sft_accuracy"] = _accuracy(sft_dir, task, test)
         summary["sft_train_accuracy"] = _accuracy(sft_dir, task, seen)
     print(f"SFT: test accuracy {summary['sft_accuracy']:.3f} ({summary.get('sft_seconds', '?')} s)", flush=True)
     if args.stop_after == "sft":
         return summary
-    stage("rm", rm_dir, lambda: run_reward_model(args, task, sft_dir, rm_dir))
+    stage("rm-sft", rm_sft_dir, lambda: run_sft(args, task, start, rm_sft_dir, args.rm_sft_steps))
+    stage("rm", rm_dir, lambda: run_reward_model(args, task, rm_sft_dir, rm_dir, sft_dir))
     print(f"reward model: pair accuracy on test {summary.get('rm_result', float('nan')):.3f} "
           f"({summary.get('rm_seconds', '?')} s)", flush=True)
     if args.stop_after == "rm":

@@ -41,6 +41,7 @@ def summarise(runs: list[dict]) -> dict:
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in ok),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
         "first_step_loss": ok[0]["first_step_loss"],
+        "mean_reward": statistics.mean(x for r in ok for x in r.get("rewards", [])) if any(r.get("rewards") for r in ok) else None,
         "runs": len(ok),
     }
 
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
             results.append(entry)
 
     print()
-    header = f"{'method':<6} {'workload':<10} {'impl':<10} {'s/step':>8} {'tok/s':>9} {'peak RSS MB':>12} {'1st loss':>9}"
+    header = (f"{'method':<6} {'workload':<10} {'impl':<10} {'s/step':>8} {'tok/s':>9} {'peak RSS MB':>12} "
+              f"{'1st loss':>9} {'reward':>7}")
     print(header)
     print("-" * len(header))
     for entry in results:
@@ -85,15 +87,19 @@ def main(argv=None) -> int:
             if "error" in s:
                 print(f"{entry['method']:<6} {entry['workload']:<10} {impl:<10} ERROR: {s['error'].splitlines()[-1][:60]}")
                 continue
+            loss = f"{s['first_step_loss']:>9.4f}" if s["first_step_loss"] is not None else f"{'-':>9}"
+            reward = f"{s['mean_reward']:>7.3f}" if s.get("mean_reward") is not None else f"{'-':>7}"
             print(f"{entry['method']:<6} {entry['workload']:<10} {impl:<10} {s['sec_per_step']:>8.2f} "
-                  f"{s['tokens_per_sec']:>9.0f} {s['peak_rss_mb']:>12.0f} {s['first_step_loss']:>9.4f}")
+                  f"{s['tokens_per_sec']:>9.0f} {s['peak_rss_mb']:>12.0f} {loss} {reward}")
         if all("error" not in entry.get(i, {"error": 1}) for i in ("posttrain", "trl")):
             p, t = entry["posttrain"], entry["trl"]
             entry["speedup_steps_per_sec"] = t["sec_per_step"] / p["sec_per_step"]
             entry["rss_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
+            agreement = ""
+            if p["first_step_loss"] is not None and t["first_step_loss"] is not None:
+                agreement = f", first-step loss diff {abs(p['first_step_loss'] - t['first_step_loss']):.2e}"
             print(f"{'':<17} posttrain/TRL: {entry['speedup_steps_per_sec']:.2f}x steps/s, "
-                  f"{entry['rss_ratio']:.2f}x peak RSS, first-step loss diff "
-                  f"{abs(p['first_step_loss'] - t['first_step_loss']):.2e}")
+                  f"{entry['rss_ratio']:.2f}x peak RSS{agreement}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"results": results, "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}, handle, indent=2)

@@ -46,7 +46,7 @@ def build_trainer(impl: str, method: str, workload, steps: int, out: str, option
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from benchmarks.workloads import chat_dataset_file, model_dir, preference_dataset_file
+    from benchmarks.workloads import chat_dataset_file, model_dir, preference_dataset_file, prompt_dataset_file
 
     path = model_dir(workload)
     # word-level tokenizer: AutoTokenizer would rebuild it as a BPE Qwen2Tokenizer
@@ -65,7 +65,26 @@ def build_trainer(impl: str, method: str, workload, steps: int, out: str, option
         data = load_dataset("json", data_files=preference_dataset_file(workload), split="train")
         config = lib.DPOConfig(max_length=workload.max_length, beta=0.1, **kwargs, **options)
         return lib.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
+    if method in ("grpo", "rloo"):
+        data = load_dataset("json", data_files=prompt_dataset_file(workload), split="train")
+        config_class = lib.GRPOConfig if method == "grpo" else lib.RLOOConfig
+        trainer_class = lib.GRPOTrainer if method == "grpo" else lib.RLOOTrainer
+        online = dict(num_generations=4, max_completion_length=ONLINE_NEW_TOKENS, temperature=1.0, beta=0.0)
+        online.update(options)
+        kwargs["per_device_train_batch_size"] = 8
+        config = config_class(**kwargs, **online)
+        return trainer_class(model=model, reward_funcs=distinct_token_reward, args=config, train_dataset=data,
+                             processing_class=tok)
     raise SystemExit(f"unknown method {method}")
+
+
+ONLINE_NEW_TOKENS = 32
+
+
+def distinct_token_reward(completions, **kwargs):
+    """A cheap, deterministic reward both libraries can compute: share of distinct words."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [len(set(t.split())) / max(1, len(t.split())) for t in texts]
 
 
 def main(argv=None) -> int:
@@ -96,6 +115,7 @@ def main(argv=None) -> int:
     (t1, n1), (tn, nn_) = marks[1], marks[-1]
     steps_timed = len(marks) - 2
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     result = {
         "impl": args.impl, "method": args.method, "workload": args.workload, "steps_timed": steps_timed,
         "sec_per_step": (tn - t1) / max(steps_timed, 1),
@@ -104,6 +124,7 @@ def main(argv=None) -> int:
         "rss_after_load_mb": rss_before / 1024,
         "first_step_loss": losses[0] if losses else None,
         "losses": losses,
+        "rewards": rewards,
     }
     print("RESULT " + json.dumps(result))
     return 0

@@ -125,3 +125,20 @@ def preference_dataset_file(workload: Workload) -> str:
             handle.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def prompt_dataset_file(workload: Workload) -> str:
+    """A JSONL file of conversational prompt-only rows, for the online methods."""
+    path = os.path.join(CACHE, f"prompts-{workload.name}.jsonl")
+    if os.path.exists(path):
+        return path
+    os.makedirs(CACHE, exist_ok=True)
+    rng = random.Random(2)
+    n_words = workload.vocab_size - 7
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        for _ in range(workload.rows):
+            text = " ".join(f"w{rng.randrange(n_words)}" for _ in range(workload.user_tokens))
+            handle.write(json.dumps({"prompt": [{"role": "user", "content": text}]}) + "\n")
+    os.replace(tmp, path)
+    return path

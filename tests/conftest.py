@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+# tiny models gain nothing from a second thread, and OpenMP threads spinning against each other
+# on a busy 2-core machine slow small matrix products down by orders of magnitude
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_cwd(tmp_path, monkeypatch):

@@ -28,12 +28,12 @@ class DemoSettings:
     stages: tuple[str, ...] = STAGES
     seed: int = 0
     quick: bool = False
-    eval_problems: int = 300
-    max_operand: int = 20
-    sft_examples: int = 6000
+    eval_problems: int = 41
+    max_operand: int = 10
+    sft_examples: int = 12800
     sft_epochs: int = 1
     sft_learning_rate: float = 2e-3
-    sft_batch_size: int = 32
+    sft_batch_size: int = 64
     reward_examples: int = 2000
     online_steps: int = 60
     online_learning_rate: float = 5e-5

@@ -137,7 +137,7 @@ def token_logps(
     position_ids: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ) -> TokenLogps:
     """Log-probabilities of the target tokens of ``input_ids`` under ``model``, never holding full logits.

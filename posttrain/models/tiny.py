@@ -347,6 +347,7 @@ def tiny_model_path(
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared between users
     try:
         create = create_tiny_reward_model if reward else create_tiny_model
         create(staging, arch=arch, size=size, vocab_size=vocab_size, seed=seed)

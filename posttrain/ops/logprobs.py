@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -45,25 +46,65 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable (rows, cols) buffer for one chunk of logits.
+
+    Allocating a fresh chunk for every chunk of every step makes the allocator map and fault in
+    hundreds of megabytes each time; one buffer kept per device and dtype costs that once.
+    """
+    key = (torch.device(device), dtype)
+    buffer = _workspaces.get(key)
+    if buffer is None or buffer.numel() < rows * cols:
+        _workspaces.pop(key, None)
+        buffer = torch.empty(rows * cols, device=device, dtype=dtype)
+        _workspaces[key] = buffer
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def release_workspaces() -> None:
+    """Free the cached logit buffers (they are rebuilt on the next call)."""
+    _workspaces.clear()
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one float32 chunk of logits takes about ``budget_bytes``."""
+    return max(64, min(16384, budget_bytes // (4 * max(1, vocab_size))))
+
+
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadTransform):
-    """Logits of one chunk in float32, and d(logits)/d(z) when soft-capping makes it non-constant."""
+    """Logits of one chunk in float32 (a view of the shared workspace), and d(logits)/d(z) when
+    soft-capping makes it non-constant. The result is overwritten by the next chunk."""
     if weight.dtype != hidden.dtype:
         # under autocast the forward saw a down-cast weight; backward runs outside autocast
         weight = weight.to(hidden.dtype)
-    z = hidden @ weight.t()
+    acc = _accumulation_dtype(hidden)
+    if hidden.dtype == acc:
+        z = torch.matmul(hidden, weight.t(), out=_workspace(hidden.shape[0], weight.shape[0], hidden.device, acc))
+    else:
+        z = (hidden @ weight.t()).to(acc)
     if bias is not None:
-        z = z + bias
-    z = z.to(_accumulation_dtype(z))
+        z.add_(bias)
     if head.scale != 1.0:
-        z = z * head.scale
+        z.mul_(head.scale)
     tanh_grad = None
     if head.softcap is not None:
         t = torch.tanh(z / head.softcap)
-        z = t * head.softcap
+        z.copy_(t).mul_(head.softcap)
         tanh_grad = 1.0 - t * t
     if head.temperature != 1.0:
-        z = z / head.temperature
+        z.div_(head.temperature)
     return z, tanh_grad
+
+
+def _exp_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn ``logits`` into ``exp(logits - rowmax)`` in place; return (log-sum-exp, argmax, row sums)."""
+    row_max, argmax = logits.max(dim=-1)
+    logits.sub_(row_max[:, None]).exp_()
+    row_sum = logits.sum(dim=-1)
+    return row_max + row_sum.log(), argmax, row_sum
 
 
 def _logits_grad_to_z(grad_logits: torch.Tensor, tanh_grad: torch.Tensor | None, head: HeadTransform) -> torch.Tensor:
@@ -95,13 +136,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             logits, _ = _chunk_logits(hidden[start:stop], weight, bias, head)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
             target_logits = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            if with_entropy:
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                entropy[start:stop] = _entropy_given_lse(logits, chunk_lse)
+            chunk_lse, argmax, _ = _exp_in_place(logits)
             logps[start:stop] = target_logits - chunk_lse
             lse[start:stop] = chunk_lse
-            argmax_match[start:stop] = logits.argmax(-1) == targets[start:stop]
-            if with_entropy:
-                entropy[start:stop] = _entropy_given_lse(logits, chunk_lse)
+            argmax_match[start:stop] = argmax == targets[start:stop]
         if not with_entropy:
             entropy.fill_(float("nan"))
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -125,7 +167,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             logits, tanh_grad = _chunk_logits(hidden[start:stop], weight, bias, head)
             g = grad_logps[start:stop]
             # d log p(t) / d logits = onehot(t) - softmax(logits)
-            grad_logits = torch.exp(logits - lse[start:stop, None]).mul_(-g[:, None])
+            grad_logits = logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[start:stop, None], g[:, None])
             grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
             if need_hidden:
@@ -151,7 +193,7 @@ def chunked_token_logps(
     *,
     bias: torch.Tensor | None = None,
     head: HeadTransform = HeadTransform(),
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probability of each target token, plus its entropy and whether it was the argmax.
@@ -161,7 +203,8 @@ def chunked_token_logps(
         weight: (V, d) output-embedding matrix; ``bias``: optional (V,).
         targets: (N,) token ids.
         head: the model's logit transform (scale, soft-cap, temperature).
-        chunk_size: rows per chunk; peak extra memory is ``chunk_size * V`` floats.
+        chunk_size: rows per chunk; peak extra memory is ``chunk_size * V`` floats. ``None`` picks
+            it from the vocabulary so that a chunk takes about 256 MiB.
 
     Returns:
         ``logps`` (N,) float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``;
@@ -169,6 +212,7 @@ def chunked_token_logps(
         ``with_entropy``, which costs one more pass over each chunk);
         ``argmax_match`` (N,) bool, True where the most likely token is the target (no gradient).
     """
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         # keep the graph connected so that backward through an empty selection still works
@@ -194,17 +238,16 @@ class _FusedLinearNLL(torch.autograd.Function):
             stop = min(start + chunk_size, n)
             logits, tanh_grad = _chunk_logits(hidden[start:stop], weight, bias, head)
             chunk_targets = targets[start:stop, None]
-            chunk_lse = torch.logsumexp(logits, dim=-1)
             target_logits = logits.gather(1, chunk_targets).squeeze(1)
+            if with_entropy:
+                entropy[start:stop] = _entropy_given_lse(logits, torch.logsumexp(logits, dim=-1))
+            chunk_lse, argmax, row_sum = _exp_in_place(logits)
             w = token_weights[start:stop]
             loss += (w * (chunk_lse - target_logits)).sum()
-            argmax_match[start:stop] = logits.argmax(-1) == targets[start:stop]
-            if with_entropy:
-                entropy[start:stop] = _entropy_given_lse(logits, chunk_lse)
+            argmax_match[start:stop] = argmax == targets[start:stop]
             if compute_grads:
-                probs = logits.sub_(chunk_lse[:, None]).exp_()  # reuse the buffer: logits are no longer needed
-                # d(-w log p(t)) / d logits = w * (softmax - onehot(t))
-                grad_logits = probs.mul_(w[:, None])
+                # d(-w log p(t)) / d logits = w * (softmax - onehot(t)); the buffer holds exp(logits - max)
+                grad_logits = logits.mul_((w / row_sum)[:, None])
                 grad_logits.scatter_add_(1, chunk_targets, -w[:, None])
                 grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
                 if need_hidden:
@@ -243,7 +286,7 @@ def fused_linear_nll(
     *,
     bias: torch.Tensor | None = None,
     head: HeadTransform = HeadTransform(),
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted negative log-likelihood ``sum_i token_weights[i] * -log p(targets[i] | hidden[i])``.
@@ -258,6 +301,7 @@ def fused_linear_nll(
         ``loss`` scalar float32; ``argmax_match`` (N,) bool and ``entropy`` (N,) float32 (NaN unless
         ``with_entropy``), no gradient.
     """
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     if hidden.shape[0] == 0:
         zero = 0.0 * hidden.sum()
         return zero.float(), torch.zeros(0, dtype=torch.bool, device=hidden.device), hidden.new_zeros(0)

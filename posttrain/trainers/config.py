@@ -72,9 +72,10 @@ class PosttrainConfig(TrainingArguments):
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes used to tokenize the dataset (default: one)."}
     )
-    logits_chunk_size: int = field(
-        default=1024,
-        metadata={"help": "Tokens per chunk when computing log-probs from hidden states; bounds logit memory."},
+    logits_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per chunk when computing log-probs from hidden states (default: about 256 MiB "
+                  "of logits per chunk); bounds logit memory."},
     )
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Older name: warm up for this fraction of all steps (sets warmup_steps)."}

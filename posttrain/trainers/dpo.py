@@ -544,7 +544,7 @@ def rows_from_flat(values: torch.Tensor, sequence_mask: torch.Tensor, fill: floa
 
 
 @torch.no_grad()
-def token_log_sum_sq_probs(model, inputs: dict[str, torch.Tensor], *, chunk_size: int = 1024) -> torch.Tensor:
+def token_log_sum_sq_probs(model, inputs: dict[str, torch.Tensor], *, chunk_size: int | None = None) -> torch.Tensor:
     """``log sum_v p_v^2`` at each target position, (B, L-1) aligned like :func:`token_logps`, 0 elsewhere.
 
     WPO's per-token normaliser. It needs the full distribution at each target, so this is a second,
@@ -558,6 +558,7 @@ def token_log_sum_sq_probs(model, inputs: dict[str, torch.Tensor], *, chunk_size
     selected = hidden[:, :-1][mask]
     head = output_head(model)
     values = []
+    chunk_size = chunk_size or 1024
     for start in range(0, selected.shape[0], chunk_size):
         chunk = selected[start : start + chunk_size]
         if head is not None:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from posttrain.errors import ConfigError
-from posttrain.models.lm_head import token_logps, unwrap_model
+from posttrain.models.lm_head import token_logps
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
 from posttrain.trainers.config import PosttrainConfig
 
@@ -158,6 +158,8 @@ class OnlineConfig(PosttrainConfig):
             (self.epsilon > 0 and (self.epsilon_high is None or self.epsilon_high > 0), "epsilon",
              f"clip ranges must be > 0, got epsilon={self.epsilon}, epsilon_high={self.epsilon_high}", "use e.g. 0.2"),
             (self.beta >= 0, "beta", f"beta must be >= 0, got {self.beta}", "use 0 (no KL term) or e.g. 0.04"),
+            (self.beta > 0 or not self.sync_ref_model, "sync_ref_model",
+             "sync_ref_model moves the reference model, and beta = 0 loads none", "drop it, or set beta > 0"),
             (not self.auto_find_batch_size, "auto_find_batch_size",
              "auto_find_batch_size would shrink the batch below whole groups of num_generations completions",
              "drop --auto_find_batch_size and lower per_device_train_batch_size instead"),
@@ -493,9 +495,6 @@ class OnlineTrainer(PosttrainTrainer):
             self.reference.prepare(self.accelerator)
             if args.sync_ref_model:
                 self.add_callback(ReferenceSyncCallback(self.reference, args.ref_model_mixup_alpha, args.ref_model_sync_steps))
-        elif args.sync_ref_model:
-            raise ConfigError("sync_ref_model needs a reference model, and beta = 0 loads none", field="sync_ref_model",
-                              fix="drop --sync_ref_model, or set --beta > 0")
         self._move_reward_models_to_device()
         self._check_dataset_holds_a_generation(train_dataset)
         self._micro_step = 0

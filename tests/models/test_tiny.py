@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import threading
+import unicodedata
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ VARIED_TEXTS = [
     "What is 7 + 12?",
     "1234567890 and -42, 3.14159, 1,000,000 or 2024-06-30T12:00",
     "Héllo wörld, café naïve façade — Zürich 東京 数学 🙂 ﬁ",
+    "Cafe\u0301 and A\u030a decomposed",  # NFC composes these, before and after a reload alike
     "  leading spaces\n\n\ttabs\r\nand   runs   of spaces  ",
     "def add(a, b):\n    return a + b  # it's done, we'll see; they're ok",
     "<|im_start|>user\nWhat is 3 - 1?<|im_end|>\n<|im_start|>assistant\n<think>2</think><answer>2</answer><|im_end|>",
@@ -100,7 +102,7 @@ def test_decode_inverts_encode():
     tokenizer = build_tokenizer()
     for text in VARIED_TEXTS:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
 
 
 def test_chat_template_renders_chatml():

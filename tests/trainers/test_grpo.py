@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoTokenizer
 
 from posttrain import ConfigError, GRPOConfig, GRPOTrainer
 from posttrain.trainers.online import RepeatedBlockSampler, ScoredRollout, resolve_generation_schedule
@@ -103,7 +104,8 @@ def test_sampler_repeats_each_block_then_moves_on():
     assert list(sampler) == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 4, 5, 4, 5, 4, 5]  # row 6: partial block, dropped
     assert len(sampler) == 18
     shuffled = list(RepeatedBlockSampler(6, block_size=3, repeats=2, shuffle=True, seed=1))
-    assert shuffled[:3] == shuffled[3:6] and sorted(shuffled[::2][:0] + shuffled[0:3] + shuffled[6:9]) == list(range(6))
+    assert shuffled[0:3] == shuffled[3:6] and shuffled[6:9] == shuffled[9:12]
+    assert sorted(shuffled[0:3] + shuffled[6:9]) == list(range(6)) and shuffled[0:6] != [0, 1, 2, 0, 1, 2]
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -296,6 +298,20 @@ def test_reward_functions_receive_rows_columns_and_state(tiny_model_dir, tmp_pat
     assert trainer.state.global_step == 0
 
 
+def test_prompt_completion_data_with_string_prompts(tiny_model_dir, tmp_path):
+    dataset = Dataset.from_list([{"prompt": f"{i} + 1 =", "completion": f" {i + 1}", "answer": i + 1} for i in range(4)])
+    trainer = GRPOTrainer(tiny_model_dir, reward_funcs="accuracy", args=_config(tmp_path), train_dataset=dataset)
+    rows = trainer.generate_completions(dataset[0], num_generations=2)
+    assert [row["prompt"] for row in rows] == ["0 + 1 =", "0 + 1 ="]
+    assert all(isinstance(row["completion"], str) and row["rewards"]["accuracy"] in (0.0, 1.0) for row in rows)
+
+
+def test_vllm_without_a_gpu_is_a_config_error_at_construction(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="vllm|GPU"):
+        GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=_config(tmp_path, use_vllm=True),
+                    train_dataset=_prompts(4))
+
+
 def test_missing_reward_funcs_lists_the_builtins(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="accuracy") as info:
         GRPOTrainer(tiny_model_dir, args=_config(tmp_path), train_dataset=_prompts(4))
@@ -331,7 +347,8 @@ def test_memory_lean_config_generates_once_for_two_optimizer_steps(tiny_model_di
     args = _config(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=4, num_generations=8,
                    max_grad_norm=0.1, lr_scheduler_type="cosine", warmup_ratio=0.1, adam_beta2=0.99, weight_decay=0.1,
                    max_steps=2)
-    trainer = GRPOTrainer(tiny_model_dir, reward_funcs=counting, args=args, train_dataset=_prompts(4))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = GRPOTrainer(tiny_model_dir, reward_funcs=counting, args=args, train_dataset=_prompts(4), tokenizer=tokenizer)
     assert trainer.args.steps_per_generation == 8 and trainer.needs_generation_logps("train")
     trainer.train()
     assert calls == [8]  # one prompt x 8 completions, spread over 2 x 4 micro-steps

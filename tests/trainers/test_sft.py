@@ -176,3 +176,23 @@ def test_bad_dataset_is_a_data_error(tiny_model_dir, tmp_path):
 def test_missing_model_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="could not load"):
         SFTTrainer(model=str(tmp_path / "nowhere"), train_dataset=_messages(2))
+
+
+@pytest.mark.slow
+def test_sft_learns_the_arithmetic_task(tiny_model_dir, tmp_path):
+    """Greedy exact-match accuracy on the trained problems goes from ~0 to well above it."""
+    from posttrain import get_task
+    from posttrain.eval.accuracy import evaluate_task
+
+    task = get_task("arithmetic")
+    problems = task.make_problems(16, split="train")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before = evaluate_task(model, tok, task, problems, max_new_tokens=4)["accuracy"]
+    args = _config(tmp_path, per_device_train_batch_size=16, max_steps=150, learning_rate=1e-2,
+                   lr_scheduler_type="cosine", warmup_steps=10, logging_steps=50)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=task.as_messages(problems * 150), processing_class=tok)
+    trainer.train()
+    after = evaluate_task(trainer.model, tok, task, problems, max_new_tokens=4)["accuracy"]
+    # measured 0.0 -> 0.31 on this machine; the bar only asks for clear learning
+    assert before <= 0.1 and after >= 0.2, (before, after)
