@@ -1,15 +1,19 @@
 """Does PPO learn? SFT -> reward model -> PPO on the embedded arithmetic task, offline, on a CPU.
 
-    python benchmarks/learning_ppo.py [--workdir DIR] [--size small] [--ppo-updates 60]
+    python benchmarks/learning_ppo.py [--workdir DIR]                   # the recipe: PPO on the reward model
+    python benchmarks/learning_ppo.py --workdir DIR --reward checker    # diagnostic: PPO on exact rewards
 
-1. SFT a tiny random model briefly on the task (prompt-completion, conversational);
-2. train a reward model on the task's preference pairs (correct vs plausible wrong answer),
-   initialised from the SFT model (InstructGPT);
-3. PPO from the SFT model against that reward model.
+1. ``sft``: a tiny random model, briefly supervised on the task (the policy, ~50% correct);
+2. ``rm-sft``: the same model supervised longer (it must judge answers the policy still gets wrong);
+3. ``rm``: a reward model initialised from ``rm-sft`` (InstructGPT), trained on the task's
+   preference pairs (correct vs plausible wrong answer) plus, by default, pairs whose rejected
+   answer is another problem's answer (see ``answers_of_other_problems``);
+4. ``ppo``: PPO from ``sft`` against ``rm`` (value model initialised from ``rm``).
 
-Prints the test accuracy (greedy, held-out problems) of the SFT model and of the PPO policy, the
-reward model's pair accuracy, and the time of each stage. Stages already done in ``--workdir`` are
-reused (delete the folder to start over), so PPO settings can be tried against a fixed SFT + RM.
+Prints greedy accuracy before and after PPO on held-out problems and on training problems, the
+reward model's pair accuracy, and the time of each stage (one CPU thread). Stages already done in
+``--workdir`` are reused (``--redo STAGE`` reruns one), so PPO settings can be tried against a
+fixed SFT model and reward model.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -27,37 +32,43 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="learning_ppo_run")
     parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
-    parser.add_argument("--max-operand", type=int, default=10)
+    parser.add_argument("--max-operand", type=int, default=20)
     parser.add_argument("--ops", default="+", help="operators of the arithmetic task")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=100, help="SFT steps of the policy (brief)")
-    parser.add_argument("--rm-sft-steps", type=int, default=500,
+    parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the policy (brief)")
+    parser.add_argument("--rm-sft-steps", type=int, default=1000,
                         help="SFT steps of the model the reward model starts from (longer: it must judge answers "
                         "the policy still gets wrong)")
     parser.add_argument("--sft-lr", type=float, default=3e-3)
-    parser.add_argument("--rm-steps", type=int, default=300)
+    parser.add_argument("--rm-steps", type=int, default=600)
     parser.add_argument("--rm-lr", type=float, default=1e-3)
     parser.add_argument("--rm-batch", type=int, default=64)
-    parser.add_argument("--rm-data", default="balanced", choices=("task", "balanced", "samples", "balanced+samples"),
+    parser.add_argument("--rm-center", type=float, default=0.01,
+                        help="center_rewards_coefficient: larger values pull each pair's mean reward to 0, which "
+                        "removes the per-prompt offsets a pairwise loss leaves free (PPO's critic must otherwise learn them)")
+    parser.add_argument("--rm-data", default="balanced", choices=("task", "balanced", "samples"),
                         help="preference pairs: the task's (correct vs plausible wrong answer); 'balanced': those plus "
                         "as many whose rejected answer is another problem's correct one, so that no answer is "
                         "preferred for itself; 'samples': comparisons of the policy's (the SFT model's) own samples "
                         "labelled by the task's checker, as InstructGPT's labellers compared SFT outputs")
-    parser.add_argument("--ppo-updates", type=int, default=60)
-    parser.add_argument("--ppo-batch", type=int, default=32)
+    parser.add_argument("--ppo-updates", type=int, default=50)
+    parser.add_argument("--ppo-batch", type=int, default=64)
     parser.add_argument("--ppo-lr", type=float, default=3e-5)
-    parser.add_argument("--kl-coef", type=float, default=0.02)
+    parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--ppo-epochs", type=int, default=4)
     parser.add_argument("--mini-batches", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=0.3,
                         help="sampling temperature of PPO; low values keep rollouts near the greedy answer that is evaluated")
     parser.add_argument("--vf-coef", type=float, default=0.1)
+    parser.add_argument("--reward", default="model", choices=("model", "checker"),
+                        help="PPO's scores: the reward model (the recipe), or the task's checker (a diagnostic "
+                        "that shows what PPO learns from exact rewards; the reward model still starts the critic)")
     parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--sft-batch", type=int, default=64)
     parser.add_argument("--stop-after", choices=("sft", "rm"), default=None, help="stop after this stage")
-    parser.add_argument("--redo", nargs="*", default=[], choices=("sft", "rm-sft", "rm", "ppo"), help="stages to rerun")
+    parser.add_argument("--redo", nargs="*", default=[], choices=("sft", "rm-sft", "rm", "ppo", "ppo-checker"), help="stages to rerun")
     return parser.parse_args(argv)
 
 
@@ -164,12 +175,33 @@ def run_reward_model(args, task, rm_start: str, out: str, policy_dir: str) -> fl
     test = task.as_preference(args.eval_n, split="test", seed=args.seed)
     config = RewardConfig(**_quiet(out, per_device_train_batch_size=args.rm_batch, max_steps=args.rm_steps,
                                    learning_rate=args.rm_lr, lr_scheduler_type="cosine", warmup_steps=10,
-                                   logging_steps=25, seed=args.seed, center_rewards_coefficient=0.01))
+                                   logging_steps=25, seed=args.seed, center_rewards_coefficient=args.rm_center))
     trainer = RewardTrainer(model=rm_start, args=config, train_dataset=train, eval_dataset=test)
     trainer.train()
     trainer.save_model(out)
     metrics = trainer.evaluate()
     return float(metrics.get("eval_accuracy", float("nan")))
+
+
+def checker_trainer_class(task):
+    """A PPOTrainer whose scores come from the task's checker (+1 correct, -1 not) instead of the reward model.
+
+    A diagnostic: it separates what PPO can learn from what the learned reward model can teach.
+    """
+    from posttrain import PPOTrainer
+
+    class CheckerScoredPPOTrainer(PPOTrainer):
+        def reward_scores(self, sequences):
+            scores = []
+            width = sequences.prompt_width
+            for ids, mask in zip(sequences.input_ids, sequences.attention_mask):
+                prompt = self._tokenizer.decode(ids[:width][mask[:width].bool()].tolist())
+                completion = self._tokenizer.decode(ids[width:][mask[width:].bool()].tolist(), skip_special_tokens=True)
+                a, b = (int(x) for x in re.findall(r"What is (\d+) \+ (\d+)\?", prompt)[-1])
+                scores.append(1.0 if task.check(completion, a + b) else -1.0)
+            return torch.tensor(scores, device=sequences.input_ids.device)
+
+    return CheckerScoredPPOTrainer
 
 
 def run_ppo(args, task, sft_dir: str, rm_dir: str, out: str) -> list[dict]:
@@ -181,7 +213,8 @@ def run_ppo(args, task, sft_dir: str, rm_dir: str, out: str) -> list[dict]:
                                 num_ppo_epochs=args.ppo_epochs, num_mini_batches=args.mini_batches,
                                 kl_coef=args.kl_coef, response_length=6, temperature=args.temperature, vf_coef=args.vf_coef, lam=args.lam,
                                 missing_eos_penalty=1.0, logging_steps=5, seed=args.seed, num_sample_generations=0))
-    trainer = PPOTrainer(args=config, model=sft_dir, reward_model=rm_dir, train_dataset=prompts)
+    trainer_class = checker_trainer_class(task) if args.reward == "checker" else PPOTrainer
+    trainer = trainer_class(args=config, model=sft_dir, reward_model=rm_dir, train_dataset=prompts)
     trainer.train()
     trainer.save_model(out)
     return [e for e in trainer.state.log_history if "objective/scores" in e]
@@ -198,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     test = task.make_problems(args.eval_n, seed=args.seed, split="test")
     seen = task.make_problems(args.eval_n, seed=args.seed + 3, split="train")
     os.makedirs(args.workdir, exist_ok=True)
-    sft_dir, rm_sft_dir, rm_dir, ppo_dir = (os.path.join(args.workdir, name) for name in ("sft", "rm-sft", "rm", "ppo"))
+    ppo_name = "ppo" if args.reward == "model" else "ppo-checker"
+    sft_dir, rm_sft_dir, rm_dir, ppo_dir = (os.path.join(args.workdir, name) for name in ("sft", "rm-sft", "rm", ppo_name))
     summary_path = os.path.join(args.workdir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
 
@@ -225,18 +259,18 @@ def main(argv: list[str] | None = None) -> dict:
           f"({summary.get('rm_seconds', '?')} s)", flush=True)
     if args.stop_after == "rm":
         return summary
-    stage("ppo", ppo_dir, lambda: run_ppo(args, task, sft_dir, rm_dir, ppo_dir))
-    logs = summary.get("ppo_result") or []
+    stage(ppo_name, ppo_dir, lambda: run_ppo(args, task, sft_dir, rm_dir, ppo_dir))
+    logs = summary.get(f"{ppo_name}_result") or []
     if logs:
         first, last = logs[0], logs[-1]
-        print(f"PPO: reward {first['objective/scores']:.3f} -> {last['objective/scores']:.3f}, "
-              f"kl {last['objective/kl']:.3f} ({summary.get('ppo_seconds', '?')} s)", flush=True)
-    summary["ppo_accuracy"] = _accuracy(ppo_dir, task, test)
-    summary["ppo_train_accuracy"] = _accuracy(ppo_dir, task, seen)
+        print(f"{ppo_name}: score {first['objective/scores']:.3f} -> {last['objective/scores']:.3f}, "
+              f"kl {last['objective/kl']:.3f} ({summary.get(f'{ppo_name}_seconds', '?')} s)", flush=True)
+    summary[f"{ppo_name}_accuracy"] = _accuracy(ppo_dir, task, test)
+    summary[f"{ppo_name}_train_accuracy"] = _accuracy(ppo_dir, task, seen)
     json.dump(summary, open(summary_path, "w"), indent=1)
-    print(f"accuracy on held-out problems: SFT {summary['sft_accuracy']:.3f} -> PPO {summary['ppo_accuracy']:.3f}; "
-          f"on training problems: SFT {summary['sft_train_accuracy']:.3f} -> PPO {summary['ppo_train_accuracy']:.3f} "
-          f"({len(test)} problems each, greedy)", flush=True)
+    print(f"accuracy on held-out problems: SFT {summary['sft_accuracy']:.3f} -> {ppo_name} "
+          f"{summary[f'{ppo_name}_accuracy']:.3f}; on training problems: SFT {summary['sft_train_accuracy']:.3f} -> "
+          f"{ppo_name} {summary[f'{ppo_name}_train_accuracy']:.3f} ({len(test)} problems each, greedy)", flush=True)
     return summary
 
 

@@ -28,13 +28,11 @@ class DemoSettings:
     stages: tuple[str, ...] = STAGES
     seed: int = 0
     quick: bool = False
-    eval_problems: int = 41
     max_operand: int = 10
-    sft_examples: int = 12800
-    sft_epochs: int = 1
+    sft_steps: int = 300
     sft_learning_rate: float = 2e-3
     sft_batch_size: int = 64
-    reward_examples: int = 2000
+    reward_examples: int = 2048
     online_steps: int = 60
     online_learning_rate: float = 5e-5
 
@@ -44,7 +42,7 @@ class StageResult:
     name: str
     model_dir: str
     seconds: float
-    accuracy: float | None = None
+    accuracy: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,20 +62,28 @@ def _parse(argv: list[str]) -> DemoSettings:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}", field="stages", fix=f"choose from {', '.join(STAGES)}")
     settings = DemoSettings(output_dir=args.output_dir, stages=stages, seed=args.seed, quick=args.quick)
     if args.quick:
-        settings.eval_problems, settings.sft_examples, settings.reward_examples = 40, 256, 128
-        settings.online_steps = 2
+        settings.sft_steps, settings.reward_examples, settings.online_steps = 4, 64, 2
     return settings
 
 
-def _evaluate(model_dir: str, task, settings: DemoSettings) -> float:
+def distinct_problems(task, split: str) -> list[dict]:
+    """Every problem of a split once, in a fixed order."""
+    unique: dict[str, dict] = {}
+    for problem in task.make_problems(20 * task.problem_space_size(), split=split):
+        unique.setdefault(problem["question"], problem)
+    return list(unique.values())
+
+
+def _evaluate(model_dir: str, task, settings: DemoSettings) -> dict[str, float]:
+    """Greedy accuracy on every held-out test problem and on every training problem."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.eval.accuracy import evaluate_task
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    result = evaluate_task(model, tokenizer, task, settings.eval_problems, max_new_tokens=8)
-    return result["accuracy"]
+    return {split: evaluate_task(model, tokenizer, task, distinct_problems(task, split), max_new_tokens=6,
+                                 batch_size=128)["accuracy"] for split in ("test", "train")}
 
 
 def _common(settings: DemoSettings, stage: str) -> dict[str, Any]:
@@ -88,11 +94,13 @@ def _common(settings: DemoSettings, stage: str) -> dict[str, Any]:
 def stage_sft(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
     from posttrain import SFTConfig, SFTTrainer
 
-    args = SFTConfig(per_device_train_batch_size=settings.sft_batch_size, num_train_epochs=settings.sft_epochs,
-                     learning_rate=settings.sft_learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
-                     max_length=64, **_common(settings, "sft"))
+    # every training problem once per epoch, reshuffled each epoch: this learns far faster than
+    # batches drawn from a long list of repeated problems
+    args = SFTConfig(per_device_train_batch_size=settings.sft_batch_size, max_steps=settings.sft_steps,
+                     learning_rate=settings.sft_learning_rate, lr_scheduler_type="cosine", warmup_steps=20,
+                     adam_beta2=0.98, max_length=64, **_common(settings, "sft"))
     trainer = SFTTrainer(model=base_dir, args=args,
-                         train_dataset=task.as_messages(settings.sft_examples, split="train", seed=settings.seed))
+                         train_dataset=task.as_prompt_completion(distinct_problems(task, "train")))
     trainer.train()
     trainer.save_model()
     return StageResult("sft", args.output_dir, 0.0, extra={"train_loss": trainer.state.log_history[-1].get("train_loss")})
@@ -104,7 +112,7 @@ def stage_reward(settings: DemoSettings, task, base_dir: str, results: dict[str,
     args = RewardConfig(per_device_train_batch_size=32, num_train_epochs=1, learning_rate=1e-3, max_length=64,
                         **_common(settings, "reward"))
     train = task.as_preference(settings.reward_examples, split="train", seed=settings.seed)
-    test = task.as_preference(max(settings.eval_problems, 64), split="test", seed=settings.seed)
+    test = task.as_preference(distinct_problems(task, "test"), split="test", seed=settings.seed)
     trainer = RewardTrainer(model=results["sft"].model_dir, args=args, train_dataset=train, eval_dataset=test)
     trainer.train()
     trainer.save_model()
@@ -131,11 +139,11 @@ def stage_ppo(settings: DemoSettings, task, base_dir: str, results: dict[str, St
 def stage_grpo(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
     from posttrain import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(per_device_train_batch_size=32, num_generations=8, max_completion_length=8,
+    args = GRPOConfig(per_device_train_batch_size=64, num_generations=8, max_completion_length=6,
                       max_steps=settings.online_steps, learning_rate=settings.online_learning_rate,
-                      temperature=1.0, beta=0.0, **_common(settings, "grpo"))
-    trainer = GRPOTrainer(model=results["sft"].model_dir, reward_funcs="accuracy", args=args,
-                          train_dataset=task.as_prompt_only(4096, split="train", seed=settings.seed))
+                      temperature=1.0, beta=0.0, warmup_steps=5, **_common(settings, "grpo"))
+    prompts = task.as_prompt_only(settings.online_steps * 8, split="train", seed=settings.seed + 2)
+    trainer = GRPOTrainer(model=results["sft"].model_dir, reward_funcs="accuracy", args=args, train_dataset=prompts)
     trainer.train()
     trainer.save_model()
     return StageResult("grpo", args.output_dir, 0.0)
@@ -177,13 +185,14 @@ def run_demo(settings: DemoSettings) -> list[StageResult]:
         _announce(result)
     from posttrain.report.run_report import write_demo_report
 
-    path = write_demo_report(settings.output_dir, ordered, task=repr(task), eval_problems=settings.eval_problems)
+    path = write_demo_report(settings.output_dir, ordered, task=repr(task))
     print(f"report: {path}")
     return ordered
 
 
 def _announce(result: StageResult) -> None:
-    accuracy = f"accuracy {result.accuracy:.1%}" if result.accuracy is not None else ""
+    accuracy = (f"accuracy: held-out {result.accuracy['test']:.1%}, train problems {result.accuracy['train']:.1%}"
+                if result.accuracy is not None else "")
     extra = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.extra.items()
                       if v is not None)
     print(f"[demo] {result.name:<12} {result.seconds:6.0f}s  {accuracy} {extra}".rstrip(), flush=True)

@@ -18,15 +18,17 @@ STAGE_METRICS = {
 }
 
 
-def write_demo_report(output_dir: str, results: list[Any], *, task: str, eval_problems: int) -> str:
-    """Write ``<output_dir>/report.md``; ``results`` are objects with name, model_dir, seconds, accuracy, extra."""
-    lines = ["# posttrain demo report", "", f"Task: `{task}`; accuracy is greedy exact match on {eval_problems} "
-             "held-out problems.", "", "| stage | accuracy | time (s) | notes |", "|---|---|---|---|"]
+def write_demo_report(output_dir: str, results: list[Any], *, task: str) -> str:
+    """Write ``<output_dir>/report.md``; ``results`` have name, model_dir, seconds, accuracy ({split: value}), extra."""
+    lines = ["# posttrain demo report", "", f"Task: `{task}`. Accuracy is greedy exact match on every held-out "
+             "(test) problem and on every training problem.", "",
+             "| stage | held-out accuracy | train-problem accuracy | time (s) | notes |", "|---|---|---|---|---|"]
     for r in results:
-        accuracy = f"{r.accuracy:.1%}" if r.accuracy is not None else "-"
+        test = f"{r.accuracy['test']:.1%}" if r.accuracy else "-"
+        train = f"{r.accuracy['train']:.1%}" if r.accuracy else "-"
         notes = ", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.extra.items()
                           if v is not None)
-        lines.append(f"| {r.name} | {accuracy} | {r.seconds:.0f} | {notes} |")
+        lines.append(f"| {r.name} | {test} | {train} | {r.seconds:.0f} | {notes} |")
     lines.append("")
     for r in results:
         keys = STAGE_METRICS.get(r.name)

@@ -191,7 +191,7 @@ class PPOTrainer(PosttrainTrainer):
         policy: str | nn.Module | None = None,
         ref_policy: nn.Module | None = None,
     ) -> None:
-        if isinstance(args, (nn.Module, str)) and model is None:  # PPOTrainer(model, args=...) written model-first
+        if isinstance(args, (nn.Module, str)) and model is None:  # PPOTrainer(model) written model-first
             args, model = None, args
         args = _resolve_ppo_args(args, config, model if model is not None else policy)
         model = _older_name(model, policy, "policy", "model")
@@ -385,7 +385,7 @@ class PPOTrainer(PosttrainTrainer):
                 temperature=args.temperature, chunk_size=args.logits_chunk_size,
             ).logps[:, part.prompt_width - 1:])
             values.append(part.completion_values(self.value_model))
-            scores.append(last_token_scores(self.reward_model, part.input_ids, part.attention_mask, part.position_ids))
+            scores.append(self.reward_scores(part))
         self.policy.train(), self.value_model.train()
         logps, ref_logps = torch.cat(logps), torch.cat(ref_logps)
         values, scores = torch.cat(values), torch.cat(scores)
@@ -413,6 +413,10 @@ class PPOTrainer(PosttrainTrainer):
         })
         return {"seq": seq, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
                 "mask": mask, "scores": scores, "num_rows": seq.input_ids.shape[0], "prompts": batch.get("prompt")}
+
+    def reward_scores(self, sequences) -> torch.Tensor:
+        """``(N,)`` scores of prompt + completion rows (:class:`RolloutSequences`); override to score differently."""
+        return last_token_scores(self.reward_model, sequences.input_ids, sequences.attention_mask, sequences.position_ids)
 
     def _policy_logps(self, network: nn.Module, part) -> torch.Tensor:
         from posttrain.models.lm_head import token_logps
@@ -518,7 +522,7 @@ class PPOTrainer(PosttrainTrainer):
             generated = self._engine().generate(batch["prompt_input_ids"], prompt_mask=batch["prompt_attention_mask"],
                                                 sampling=self._sampling(greedy=True))
             seq = rollout_sequences(generated)
-            scores.append(last_token_scores(self.reward_model, seq.input_ids, seq.attention_mask, seq.position_ids))
+            scores.append(self.reward_scores(seq))
             ended.append((~generated.is_truncated).float())
         metrics = {f"{metric_key_prefix}_objective/scores": self.gather_mean(torch.cat(scores)),
                    f"{metric_key_prefix}_val/contain_eos_token": self.gather_mean(torch.cat(ended))}
