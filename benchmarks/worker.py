@@ -48,10 +48,18 @@ def build_trainer(impl: str, method: str, workload, steps: int, out: str, option
 
     from benchmarks.workloads import chat_dataset_file, model_dir, preference_dataset_file, prompt_dataset_file
 
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     path = model_dir(workload)
     # word-level tokenizer: AutoTokenizer would rebuild it as a BPE Qwen2Tokenizer
     tok = PreTrainedTokenizerFast.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    torch.manual_seed(0)  # the same random score head for both libraries
+    if method == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype="float32")
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     kwargs = _common_kwargs(workload, steps, out)
     if impl == "posttrain":
         import posttrain as lib
@@ -65,6 +73,10 @@ def build_trainer(impl: str, method: str, workload, steps: int, out: str, option
         data = load_dataset("json", data_files=preference_dataset_file(workload), split="train")
         config = lib.DPOConfig(max_length=workload.max_length, beta=0.1, **kwargs, **options)
         return lib.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
+    if method == "reward":
+        data = load_dataset("json", data_files=preference_dataset_file(workload), split="train")
+        config = lib.RewardConfig(max_length=workload.max_length, **kwargs, **options)
+        return lib.RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
     if method in ("grpo", "rloo"):
         data = load_dataset("json", data_files=prompt_dataset_file(workload), split="train")
         config_class = lib.GRPOConfig if method == "grpo" else lib.RLOOConfig

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from posttrain.errors import ConfigError, RewardFunctionError
-from posttrain.models.lm_head import token_logps, unwrap_model
+from posttrain.models.lm_head import token_logps
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
 from posttrain.trainers.config import PosttrainConfig, note_alias_once
 from posttrain.trainers.reference import disable_dropout, reference_description, resolve_reference
