@@ -127,7 +127,7 @@ def stage_ppo(settings: DemoSettings, task, base_dir: str, results: dict[str, St
     batch = 32
     args = PPOConfig(per_device_train_batch_size=batch, total_episodes=batch * settings.online_steps,
                      learning_rate=settings.online_learning_rate, response_length=8, num_ppo_epochs=2,
-                     num_mini_batches=2, kl_coef=0.02, temperature=0.7, missing_eos_penalty=1.0,
+                     num_mini_batches=2, kl_coef=0.05, temperature=0.3, missing_eos_penalty=1.0,
                      **_common(settings, "ppo"))
     trainer = PPOTrainer(args=args, model=results["sft"].model_dir, reward_model=results["reward"].model_dir,
                          train_dataset=task.as_prompt_only(4096, split="train", seed=settings.seed))
