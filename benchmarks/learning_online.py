@@ -1,6 +1,6 @@
 """Do GRPO and RLOO learn? A briefly SFT-trained model, then online RL with the `accuracy` reward.
 
-    python benchmarks/learning_online.py --method grpo [--workdir DIR] [--steps 200] [--lr 5e-5]
+    python benchmarks/learning_online.py --method grpo [--workdir DIR] [--steps 200] [--lr 5e-5] [--batch 128]
     python benchmarks/learning_online.py --method rloo
 
 1. SFT the project's random ``small`` model on the embedded arithmetic task (max_operand 10) with
@@ -40,8 +40,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--sft-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--batch", type=int, default=64, help="completions per step (per_device_train_batch_size)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="RL learning rate (default: 5e-5 for GRPO; 1e-4 for RLOO, whose advantages are not "
+                        "divided by the group's standard deviation and so come out smaller)")
+    parser.add_argument("--batch", type=int, default=128, help="completions per step (per_device_train_batch_size)")
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.0)
@@ -157,6 +159,8 @@ def run_online(args, task, sft_dir: str, test_problems, out: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
+    if args.lr is None:
+        args.lr = 5e-5 if args.method == "grpo" else 1e-4
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from posttrain.models.tiny import tiny_model_path

@@ -385,6 +385,27 @@ def _render_pairs(
     return prompt_ids, per_row
 
 
+def encode_prompt_completion(
+    tokenizer: Any, prompt: Any, completion: Any, specials: SpecialTokens | None = None
+) -> list[int]:
+    """Ids of one prompt + completion laid out exactly as :func:`tokenize_preference` lays out a pair's side.
+
+    A reward model reads its score at the last token, so scoring a sequence rendered any other way
+    (a newline after the turn end, a missing EOS) reads it where training never put it. Conversational
+    prompts take a message list or a plain string as the completion (it becomes the assistant turn).
+    """
+    specials = specials or SpecialTokens.of(tokenizer)
+    if isinstance(prompt, list):
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        prompt_text, completion_text = render_prompt_completion(tokenizer, prompt, completion)
+        prompt_ids, completion_ids = encode(tokenizer, [prompt_text, specials.trim_after_turn_end(completion_text)])
+    else:
+        prompt_ids, completion_ids = encode(tokenizer, [prompt, completion])
+        prompt_ids = specials.with_bos(prompt_ids)
+    return [*prompt_ids, *specials.with_eos(completion_ids)]
+
+
 def _tokenize_completions(
     dataset: Dataset,
     tokenizer: Any,

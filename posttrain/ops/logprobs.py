@@ -99,12 +99,33 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return z, tanh_grad
 
 
-def _exp_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Turn ``logits`` into ``exp(logits - rowmax)`` in place; return (log-sum-exp, argmax, row sums)."""
+ENTROPY_ROW_BLOCK = 32
+
+
+def _exp_in_place(logits: torch.Tensor, with_entropy: bool = False):
+    """Turn ``logits`` into ``exp(logits - rowmax)`` in place.
+
+    Returns (log-sum-exp, argmax, row sums, entropy or None). With ``e = exp(z - max)`` and
+    ``S = sum(e)``, the entropy is ``log S - sum(e * (z - max)) / S``: it needs the shifted logits and
+    their exponentials at once, so those rows are exponentiated a small block at a time into a
+    temporary and copied back (no extra full-size buffer, no second exp pass).
+    """
     row_max, argmax = logits.max(dim=-1)
-    logits.sub_(row_max[:, None]).exp_()
+    logits.sub_(row_max[:, None])
+    weighted = None
+    if with_entropy:
+        weighted = logits.new_empty(logits.shape[0])
+        for start in range(0, logits.shape[0], ENTROPY_ROW_BLOCK):
+            shifted = logits[start : start + ENTROPY_ROW_BLOCK]
+            exps = torch.exp(shifted)
+            weighted[start : start + ENTROPY_ROW_BLOCK] = (exps.unsqueeze(1) @ shifted.unsqueeze(2)).reshape(-1)
+            shifted.copy_(exps)
+    else:
+        logits.exp_()
     row_sum = logits.sum(dim=-1)
-    return row_max + row_sum.log(), argmax, row_sum
+    log_sum = row_sum.log()
+    entropy = log_sum - weighted / row_sum if with_entropy else None
+    return row_max + log_sum, argmax, row_sum, entropy
 
 
 def _logits_grad_to_z(grad_logits: torch.Tensor, tanh_grad: torch.Tensor | None, head: HeadTransform) -> torch.Tensor:
@@ -137,10 +158,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             stop = min(start + chunk_size, n)
             logits, _ = _chunk_logits(hidden[start:stop], weight, bias, head)
             target_logits = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            chunk_lse, argmax, _, chunk_entropy = _exp_in_place(logits, with_entropy)
             if with_entropy:
-                chunk_lse = torch.logsumexp(logits, dim=-1)
-                entropy[start:stop] = _entropy_given_lse(logits, chunk_lse)
-            chunk_lse, argmax, _ = _exp_in_place(logits)
+                entropy[start:stop] = chunk_entropy
             logps[start:stop] = target_logits - chunk_lse
             lse[start:stop] = chunk_lse
             argmax_match[start:stop] = argmax == targets[start:stop]
@@ -180,12 +200,6 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _entropy_given_lse(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    # H = lse - sum(p * logits); the row-wise dot goes through bmm to avoid another (n, V) temporary
-    probs = torch.exp(logits - lse[:, None])
-    return lse - (probs.unsqueeze(1) @ logits.unsqueeze(2)).reshape(-1)
-
-
 def chunked_token_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -209,7 +223,7 @@ def chunked_token_logps(
     Returns:
         ``logps`` (N,) float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``;
         ``entropy`` (N,) float32 of the predicted distribution (no gradient; NaN unless
-        ``with_entropy``, which costs one more pass over each chunk);
+        ``with_entropy``, which costs a row-wise dot product per chunk);
         ``argmax_match`` (N,) bool, True where the most likely token is the target (no gradient).
     """
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
@@ -239,9 +253,9 @@ class _FusedLinearNLL(torch.autograd.Function):
             logits, tanh_grad = _chunk_logits(hidden[start:stop], weight, bias, head)
             chunk_targets = targets[start:stop, None]
             target_logits = logits.gather(1, chunk_targets).squeeze(1)
+            chunk_lse, argmax, row_sum, chunk_entropy = _exp_in_place(logits, with_entropy)
             if with_entropy:
-                entropy[start:stop] = _entropy_given_lse(logits, torch.logsumexp(logits, dim=-1))
-            chunk_lse, argmax, row_sum = _exp_in_place(logits)
+                entropy[start:stop] = chunk_entropy
             w = token_weights[start:stop]
             loss += (w * (chunk_lse - target_logits)).sum()
             argmax_match[start:stop] = argmax == targets[start:stop]

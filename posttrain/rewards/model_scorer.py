@@ -30,8 +30,10 @@ class RewardModelScorer:
         device: where to run; default: the model's device, or for a path CUDA when available, else CPU.
         name: the name used in metrics and errors (default ``"reward_model"``).
 
-    Conversational rows (prompt = list of messages) are rendered with the tokenizer's chat template,
-    prompt messages followed by the assistant completion; plain rows are ``prompt + completion``.
+    Rows are laid out as ``RewardTrainer`` lays out a preference pair's side, so that the score is
+    read where training put it: conversational rows (prompt = list of messages) through the chat
+    template, with nothing after the assistant turn's end token; plain rows as BOS (when the
+    tokenizer adds one) + prompt + completion + EOS.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class RewardModelScorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.__name__ = name
+        self._specials = None
 
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         pad_id = text_config.pad_token_id
@@ -95,22 +98,24 @@ class RewardModelScorer:
         self.pad_token_id = pad_id
 
     def _encode(self, prompt: Any, completion: Any) -> list[int]:
+        from posttrain.data.tokenize import SpecialTokens, encode_prompt_completion
+
+        if self._specials is None:
+            self._specials = SpecialTokens.of(self.tokenizer)
         if _is_conversation(prompt):
-            if _is_conversation(completion):
-                completion_messages = completion
-            else:
-                completion_messages = [{"role": "assistant", "content": completion_text(completion)}]
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ConfigError(
                     "conversational rows need a chat template and the reward model's tokenizer has none",
                     field="reward_model",
                     fix="set tokenizer.chat_template, or give plain-text prompts",
                 )
-            text = self.tokenizer.apply_chat_template(list(prompt) + list(completion_messages), tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not _is_conversation(completion):
+                completion = completion_text(completion)
         else:
-            prompt_text = prompt if isinstance(prompt, str) else completion_text(prompt)
-            ids = self.tokenizer(prompt_text + completion_text(completion))["input_ids"]
+            prompt = prompt if isinstance(prompt, str) else completion_text(prompt)
+            completion = completion_text(completion)
+        # the layout RewardTrainer trained on: the score is read at the same token (the EOS)
+        ids = encode_prompt_completion(self.tokenizer, prompt, completion, self._specials)
         return ids[-self.max_length :]
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:

@@ -199,5 +199,26 @@ def choose_next_tokens(
     if sampling.is_greedy:
         # max(dim) returns the first maximal index like argmax, and is about twice as fast on CPU
         return processed_logits.max(dim=-1).indices
-    probs = processed_logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return sample_from_logits(processed_logits, generator)
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One categorical draw per row of ``softmax(logits)`` by inverting the cumulative distribution.
+
+    ``torch.multinomial`` renormalises and walks the rows in double precision; with a 152k-token
+    vocabulary it takes about 30 ms for 8 rows on one CPU core, where a cumulative sum and a binary
+    search take under 2 ms. The cumulative sum runs in float64 so that tokens far down the list keep
+    their probability. Tokens with probability zero (filtered out) are never drawn: the search returns
+    the first index whose cumulative mass is strictly above the uniform draw.
+    Shapes: ``(B, V) -> (B,)`` long.
+    """
+    probs = logits.softmax(dim=-1)
+    cumulative = probs.to(torch.float64).cumsum_(dim=-1)
+    uniform = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
+    tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).squeeze(-1)
+    # a draw that rounds up to the total mass would fall off the end: take the last token with mass
+    overflow = tokens >= probs.shape[-1]
+    if bool(overflow.any()):
+        last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
+        tokens = torch.where(overflow, last_nonzero, tokens)
+    return tokens

@@ -92,6 +92,26 @@ def test_fused_nll_matches_naive_weighted_nll(head):
     assert match.dtype == torch.bool and match.shape == (11,)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_entropy_across_row_blocks_matches_float64(fused):
+    # more rows per chunk than one exponentiation block, so the block loop and its tail both run
+    from posttrain.ops.logprobs import ENTROPY_ROW_BLOCK
+
+    n = 2 * ENTROPY_ROW_BLOCK + 5
+    hidden, weight, bias, targets = _inputs(n=n, d=6, v=50, seed=4)
+    head = HeadTransform(temperature=0.8)
+    _, logits = _naive(hidden, weight, bias, targets, head)
+    probs = torch.softmax(logits, -1)
+    want = -(probs * probs.log()).sum(-1)
+    h, w, b = hidden.float(), weight.float(), bias.float()
+    if fused:
+        _, _, entropy = fused_linear_nll(h, w, targets, torch.ones(n), bias=b, head=head, chunk_size=n,
+                                         with_entropy=True)
+    else:
+        _, entropy, _ = chunked_token_logps(h, w, targets, bias=b, head=head, chunk_size=n, with_entropy=True)
+    torch.testing.assert_close(entropy.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_nll_hand_computed_value():
     # two tokens, vocabulary of two, logits [0, 0] and [ln 3, 0]: p(target) = 1/2 and 3/4
     hidden = torch.tensor([[0.0], [math.log(3.0)]])

@@ -15,7 +15,18 @@ def reference_score(model, ids: list[int]) -> float:
         return model.score(hidden[0, -1]).item()
 
 
-def test_plain_rows_are_scored_like_single_unpadded_forwards(reward_model_dir):
+def trained_layout(tokenizer, prompt, completion) -> list[int]:
+    """The ids RewardTrainer trains on for a pair whose chosen side is ``completion``."""
+    from datasets import Dataset
+
+    from posttrain.data.tokenize import tokenize_preference
+
+    row = tokenize_preference(Dataset.from_list([{"prompt": prompt, "chosen": completion, "rejected": completion}]),
+                              tokenizer, max_length=None)[0]
+    return row["prompt_input_ids"] + row["chosen_input_ids"]
+
+
+def test_plain_rows_are_scored_at_the_token_reward_training_scores(reward_model_dir):
     scorer = RewardModelScorer(reward_model_dir, batch_size=2)
     assert scorer.__name__ == "reward_model"
     prompts = ["what is two plus two?", "hello", "what is two plus two?"]
@@ -24,8 +35,11 @@ def test_plain_rows_are_scored_like_single_unpadded_forwards(reward_model_dir):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
     # the tokenizer as loaded from the directory (transformers may rebuild it differently from the fixture)
     saved_tokenizer = transformers.AutoTokenizer.from_pretrained(reward_model_dir)
-    texts = ["what is two plus two? it is four.", "hello there, the answer is 4", "what is two plus two? four"]
-    expected = [reference_score(model, saved_tokenizer(text)["input_ids"]) for text in texts]
+    pairs = [("what is two plus two?", " it is four."), ("hello", " there, the answer is 4"),
+             ("what is two plus two?", " four")]
+    layouts = [trained_layout(saved_tokenizer, p, c) for p, c in pairs]
+    assert all(ids[-1] == saved_tokenizer.eos_token_id for ids in layouts)
+    expected = [reference_score(model, ids) for ids in layouts]
     assert scores == pytest.approx(expected, abs=1e-5)
     assert len(set(round(s, 4) for s in scores)) == 3
 
@@ -36,8 +50,11 @@ def test_conversational_rows_use_the_chat_template_and_long_inputs_keep_their_en
     scorer = RewardModelScorer(model, tokenizer, max_length=8, name="rm")
     prompt = [{"role": "user", "content": "what is two plus two?"}]
     score = scorer([prompt], ["it is four."])[0]
+    ids = trained_layout(tokenizer, prompt, [{"role": "assistant", "content": "it is four."}])
+    # the template writes a newline after the turn's end token; training (and scoring) stop at that token
     text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "it is four."}], tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert text.endswith("\n") and ids[-1] == tokenizer.eos_token_id
+    assert ids == tokenizer(text.rstrip(), add_special_tokens=False)["input_ids"]
     assert len(ids) > 8
     model.eval()
     assert score == pytest.approx(reference_score(model, ids[-8:]), abs=1e-5)

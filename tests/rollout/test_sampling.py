@@ -103,6 +103,15 @@ def test_sampling_frequencies_match_probabilities_and_respect_filters():
     assert torch.equal(draws, again)
 
 
+def test_a_draw_at_the_top_of_the_range_takes_the_last_token_with_mass(monkeypatch):
+    import posttrain.rollout.sampling as sampling_module
+
+    # the uniform draw is in [0, 1); force the edge where rounding would step past the last index
+    monkeypatch.setattr(sampling_module.torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw["dtype"]))
+    logits = torch.tensor([[0.0, 1.0, NEG_INF, NEG_INF], [0.0, 0.0, 0.0, 0.0]])
+    assert sampling_module.sample_from_logits(logits).tolist() == [1, 3]
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
