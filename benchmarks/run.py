@@ -48,7 +48,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="sft")
+    parser.add_argument("--methods", default="sft,dpo,reward,grpo,rloo")
     parser.add_argument("--workloads", default="small,big-vocab")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
