@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from posttrain.errors import ConfigError
 from posttrain.rollout.kv_cache import reserved_dynamic_cache
+from posttrain.rollout.lean_decode import LeanDecoder
 from posttrain.rollout.batch import RolloutBatch, check_num_generations, left_pad, normalize_prompts
 from posttrain.rollout.sampling import SamplingParams, choose_next_tokens, process_logits
 
@@ -81,6 +82,9 @@ class HFRolloutEngine:
         drop_finished_rows: remove finished rows from the compute batch as they accumulate.
         reserve_cache: back the ``DynamicCache`` with memory reserved for prompt + completion, so a
             decode step writes one column instead of copying the whole cache (see ``kv_cache``).
+        lean_decode: decode with :class:`~posttrain.rollout.lean_decode.LeanDecoder` when it supports
+            the model (Llama, Qwen2, Qwen3), instead of the model's forward; the prompt always goes
+            through the model's forward.
 
     ``generate`` runs under ``torch.no_grad()`` with the model in eval mode (so gradient
     checkpointing, which disables the KV cache in training mode, stays out of the way) and restores
@@ -97,8 +101,10 @@ class HFRolloutEngine:
         share_prompt_prefill: bool = True,
         drop_finished_rows: bool = True,
         reserve_cache: bool = True,
+        lean_decode: bool = True,
     ) -> None:
         self.model = model
+        self.lean_decode = lean_decode
         self.tokenizer = tokenizer
         self.share_prompt_prefill = share_prompt_prefill
         self.drop_finished_rows = drop_finished_rows
@@ -214,6 +220,10 @@ class HFRolloutEngine:
         # Left padding: a row's first real token sits at position 0 whatever its column.
         prefill_positions = (prefill_mask.cumsum(dim=-1) - 1).clamp(min=0)
         last_logits = self._forward(prefill_ids, prefill_mask, prefill_positions, cache)
+        # built per call: hooks or adapters may have been added since the last one
+        lean = LeanDecoder.build(self.model) if self.lean_decode else None
+        if lean is not None:
+            lean.prepare(prompt_width + max_new, device)
         if self.share_prompt_prefill and group_size > 1:
             cache.batch_repeat_interleave(group_size)
             last_logits = last_logits.repeat_interleave(group_size, dim=0)
@@ -265,9 +275,12 @@ class HFRolloutEngine:
             if use_penalty:
                 seen_ids[:, width] = tokens
                 seen_mask[:, width] = ~batch_done
-            last_logits = self._forward(
-                tokens.unsqueeze(1), attention[:, : width + 1], next_position.unsqueeze(1), cache
-            )
+            if lean is not None:
+                last_logits = lean.step(tokens, attention[:, : width + 1], next_position, cache)
+            else:
+                last_logits = self._forward(
+                    tokens.unsqueeze(1), attention[:, : width + 1], next_position.unsqueeze(1), cache
+                )
             next_position = next_position + 1
 
         completion_width = max(int(lengths.max()), 1)
