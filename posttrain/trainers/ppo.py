@@ -20,7 +20,9 @@ or the base model with the adapter switched off when training a PEFT adapter (th
 then trains an adapter and its head too).
 
 ``trainer.train()`` runs this loop (its own, since one batch of rollouts feeds several optimizer
-steps); ``trainer.save_model()`` writes the policy as a plain causal-LM directory.
+steps); ``trainer.save_model()`` writes the policy as a plain causal-LM directory. Checkpoints also
+hold the value model and the sampling state (:mod:`posttrain.trainers.ppo_checkpoint`), so
+``trainer.train(resume_from_checkpoint=True)`` continues a run as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -42,108 +43,24 @@ from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
 from posttrain.models.value_head import PolicyAndValueModel, last_token_scores
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_processing_class
-from posttrain.trainers.config import PosttrainConfig, note_alias_once
+from posttrain.trainers.config import note_alias_once
 from posttrain.trainers.online_dpo import prepare_prompt_dataset, rollout_sequences, unwrap_model_keep_peft
+from posttrain.trainers.ppo_checkpoint import (
+    TRAINER_STATE_FILE,
+    VALUE_MODEL_DIR,
+    check_checkpoint,
+    find_checkpoint,
+    load_ppo_state,
+    load_weights,
+    save_ppo_state,
+    save_value_model,
+)
+from posttrain.trainers.ppo_config import PPOConfig
 from posttrain.trainers.reference import disable_dropout, freeze, reference_description, resolve_reference
 
 logger = logging.getLogger("posttrain")
 
-
-@dataclass
-class PPOConfig(PosttrainConfig):
-    """Configuration of :class:`PPOTrainer`: ``TrainingArguments`` plus the fields below.
-
-    ``per_device_train_batch_size`` is the number of prompts sampled per update (the rollout
-    batch); it is split into ``num_mini_batches`` mini-batches, each further split into
-    ``gradient_accumulation_steps`` micro-batches for the backward pass.
-    """
-
-    _aliases: ClassVar[dict[str, str]] = {**PosttrainConfig._aliases, "max_new_tokens": "response_length"}
-
-    learning_rate: float = field(default=3e-6, metadata={"help": "Peak learning rate of AdamW."})
-    sft_model_path: str | None = field(
-        default=None, metadata={"help": "The policy to start from when no model is given (the SFT model)."}
-    )
-    reward_model_path: str | None = field(
-        default=None, metadata={"help": "Reward model directory (a sequence classifier with one label)."}
-    )
-    value_model_path: str | None = field(
-        default=None, metadata={"help": "Where the value model starts from (default: the reward model)."}
-    )
-    total_episodes: int | None = field(
-        default=None,
-        metadata={"help": "Completions to sample over the run (default: num_train_epochs x dataset rows)."},
-    )
-    response_length: int = field(default=64, metadata={"help": "Most tokens per sampled completion."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Older name of response_length."})
-    max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Keep only the last N prompt tokens (None: whole prompts)."}
-    )
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (also applied to log-probs)."})
-    stop_token: str | None = field(
-        default="eos",
-        metadata={"help": "'eos': a completion ends at the EOS token; None: always sample response_length tokens."},
-    )
-    stop_token_id: int | None = field(
-        default=None, metadata={"help": "A token id that ends completions (instead of EOS)."}
-    )
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of a completion that did not end with EOS."}
-    )
-    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches (optimizer steps) per pass."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty in the reward."})
-    kl_estimator: str = field(
-        default="k1", metadata={"help": "KL estimator of the penalty: 'k1' (log-ratio) or 'k3' (non-negative)."}
-    )
-    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
-    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE (bias-variance trade-off)."})
-    whiten_rewards: bool = field(
-        default=False, metadata={"help": "Scale per-token rewards to unit variance before GAE."}
-    )
-    local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "Rows per gradient-free forward pass when scoring rollouts (bounds memory)."}
-    )
-    num_sample_generations: int = field(
-        default=10, metadata={"help": "Times over the run to write sample completions to completions.jsonl (0: never)."}
-    )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Turn dropout off in policy and value model (stable PPO ratios)."}
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        positive = {"response_length": self.response_length, "num_ppo_epochs": self.num_ppo_epochs,
-                    "num_mini_batches": self.num_mini_batches,
-                    "local_rollout_forward_batch_size": self.local_rollout_forward_batch_size}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name, fix=f"set --{name} 1 or more")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0 for PPO, got {self.temperature}", field="temperature",
-                              fix="sample with e.g. --temperature 0.7 (PPO needs stochastic rollouts)")
-        if self.stop_token not in ("eos", None):
-            raise ConfigError(f"stop_token must be 'eos' or None, got {self.stop_token!r}", field="stop_token",
-                              fix="use --stop_token eos, or --stop_token_id N for another token")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ConfigError(f"unknown kl_estimator {self.kl_estimator!r}", field="kl_estimator", fix="use 'k1' or 'k3'")
-        batch = self.per_device_train_batch_size
-        if batch % self.num_mini_batches:
-            raise ConfigError(
-                f"per_device_train_batch_size ({batch}) must be divisible by num_mini_batches ({self.num_mini_batches})",
-                field="num_mini_batches", fix="choose num_mini_batches among the divisors of the batch size",
-            )
-        mini = batch // self.num_mini_batches
-        if mini % self.gradient_accumulation_steps:
-            raise ConfigError(
-                f"each mini-batch ({mini} prompts) must split into gradient_accumulation_steps "
-                f"({self.gradient_accumulation_steps}) equal micro-batches",
-                field="gradient_accumulation_steps",
-                fix="make per_device_train_batch_size / num_mini_batches divisible by gradient_accumulation_steps",
-            )
+__all__ = ["PPOConfig", "PPOTrainer"]
 
 
 class PPOTrainer(PosttrainTrainer):
@@ -295,11 +212,16 @@ class PPOTrainer(PosttrainTrainer):
         return updates, episodes
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Run PPO: sample, score, estimate advantages, optimise; ``num_updates`` times."""
-        if resume_from_checkpoint:
-            raise ConfigError("resuming a PPO run from a checkpoint is not supported yet", field="resume_from_checkpoint",
-                              fix="start a new run from the checkpoint's policy (--model_name_or_path CHECKPOINT)")
+        """Run PPO: sample, score, estimate advantages, optimise; ``num_updates`` times.
+
+        ``resume_from_checkpoint``: ``True`` for the latest ``checkpoint-N`` in ``output_dir``, or a
+        checkpoint directory. The run then continues after the checkpoint's update as if it had never
+        stopped: same weights, optimizer, schedule, RNG and sampling state, and the next prompt batch.
+        """
         args, accelerator = self.args, self.accelerator
+        checkpoint = find_checkpoint(resume_from_checkpoint, args.output_dir) if resume_from_checkpoint else None
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, args, self.policy, self.value_model)
         num_updates, total_episodes = self._num_updates()
         dataloader = self.get_train_dataloader()
         self.create_optimizer_and_scheduler(num_training_steps=num_updates)
@@ -311,8 +233,11 @@ class PPOTrainer(PosttrainTrainer):
         from transformers.trainer_callback import ExportableState
 
         stateful = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
-        self.state = TrainerState(is_local_process_zero=self.is_local_process_zero(),
-                                  is_world_process_zero=self.is_world_process_zero(), stateful_callbacks=stateful)
+        self.state = TrainerState(stateful_callbacks=stateful)
+        if checkpoint is not None:
+            self._restore_models_and_state(checkpoint)
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
         self.state.max_steps = num_updates
         self.state.num_train_epochs = args.num_train_epochs
         self.state.compute_steps(args, num_updates)
@@ -320,9 +245,12 @@ class PPOTrainer(PosttrainTrainer):
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         samples_every = max(1, num_updates // args.num_sample_generations) if args.num_sample_generations else 0
 
-        start, episode = time.time(), 0
         batches = _cycle(dataloader)
-        for update in range(1, num_updates + 1):
+        if checkpoint is not None:
+            self._restore_sampling(checkpoint, batches)
+        start, episode = time.time(), int(self._cumulative.get("episode", 0)) if checkpoint is not None else 0
+        first_episode = episode
+        for update in range(self.state.global_step + 1, num_updates + 1):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             batch = next(batches)
             rollout = self._rollout(batch)
@@ -333,7 +261,7 @@ class PPOTrainer(PosttrainTrainer):
             self.state.global_step = update
             self.state.epoch = episode / max(1, len(self.train_dataset))
             self._cumulative["episode"] = float(episode)
-            self.record_metrics({"eps": episode / max(time.time() - start, 1e-9)})
+            self.record_metrics({"eps": (episode - first_episode) / max(time.time() - start, 1e-9)})
             if samples_every and update % samples_every == 0:
                 self._write_samples(rollout, update)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
@@ -350,6 +278,46 @@ class PPOTrainer(PosttrainTrainer):
         from transformers.trainer_utils import TrainOutput
 
         return TrainOutput(self.state.global_step, float("nan"), {"episode": episode, "train_runtime": time.time() - start})
+
+    def _restore_models_and_state(self, checkpoint: str) -> None:
+        """Load policy, value model, optimizer, scheduler and ``trainer_state.json`` from ``checkpoint``."""
+        from transformers.trainer_utils import compare_trainer_and_checkpoint_args
+
+        load_weights(self.policy, checkpoint, "policy")
+        load_weights(self.value_model, os.path.join(checkpoint, VALUE_MODEL_DIR), "value model")
+        self._load_optimizer_and_scheduler(checkpoint)
+        self._load_scaler(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_FILE))
+        compare_trainer_and_checkpoint_args(self.args, self.state)
+        self._load_callback_state()
+        logger.info(f"resuming PPO from {checkpoint} after update {self.state.global_step}")
+
+    def _restore_sampling(self, checkpoint: str, batches) -> None:
+        """Move past the prompt batches the saved run consumed, then restore its RNGs and running totals."""
+        if not self.args.ignore_data_skip:
+            # the loader replays the first run's order (its sampler is reseeded from the seed and the epoch
+            # number), so drawing global_step batches lands on the one the first run would use next
+            for _ in range(self.state.global_step):
+                next(batches)
+        # only now: starting a loader iterator during the replay draws from the global RNG, and the
+        # resumed run must find the RNGs as the saved run left them
+        self._load_rng_state(checkpoint)
+        saved = load_ppo_state(checkpoint, self.args)
+        self._sample_generator.set_state(saved["sample_generator"])
+        self._cumulative.update(saved["cumulative"])
+        for name, values in saved["pending_metrics"].items():
+            self._metrics["train"][name].extend(values)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (policy, optimizer, scheduler, RNG, trainer state), value model and PPO state."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint = os.path.join(self._get_output_dir(trial=trial), name)
+        save_value_model(self.value_model, checkpoint, self.args)
+        if not self.args.save_only_model:
+            save_ppo_state(checkpoint, self.args, self._sample_generator, self._cumulative, self._metrics["train"])
+        super()._save_checkpoint(model, trial)
 
     def _enable_gradient_checkpointing(self) -> None:
         kwargs = self.args.gradient_checkpointing_kwargs or {"use_reentrant": False}

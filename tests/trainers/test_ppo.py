@@ -7,8 +7,10 @@ GAE loop in float64) and compared.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -271,12 +273,99 @@ def test_peft_trains_adapters_of_policy_and_value_model(tiny_model_dir, reward_m
     assert os.path.isfile(tmp_path / "ppo" / "adapter_config.json")
 
 
-def test_resume_is_a_clear_error(tiny_model_dir, reward_model_dir, tmp_path):
-    trainer = PPOTrainer(args=_config(tmp_path), model=tiny_model_dir, reward_model=reward_model_dir,
-                         train_dataset=_prompts())
-    with pytest.raises(ConfigError) as error:
+# ----------------------------------------------------------------------------- checkpoints and resuming
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def _resumable_run(model_dir, reward_dir, tmp_path, name, peft=False, logging_steps=1, resume=None) -> PPOTrainer:
+    """4 updates of 4 prompts over 12 prompts (3 batches an epoch), a checkpoint every 2 updates."""
+    args = _config(tmp_path, output_dir=str(tmp_path / name), total_episodes=16, save_strategy="steps", save_steps=2,
+                   logging_steps=logging_steps)
+    trainer = PPOTrainer(args=args, model=model_dir, reward_model=reward_dir, train_dataset=_prompts(12),
+                         peft_config=_lora() if peft else None)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _update_logs(trainer: PPOTrainer) -> dict[int, dict]:
+    # eps is a speed, the one logged value that is not a function of the run's state
+    return {entry["step"]: {k: v for k, v in entry.items() if k != "eps"}
+            for entry in trainer.state.log_history if "loss/policy" in entry}
+
+
+# logging every 3 updates: the log at update 3 averages metrics of updates 1-2 saved in the checkpoint
+@pytest.mark.parametrize("peft, logging_steps", [(False, 3), (True, 1)], ids=["full", "lora"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, reward_model_dir, tmp_path, peft, logging_steps):
+    """A: 4 updates straight through. B: resumed from A's checkpoint-2 (mid-epoch), runs updates 3-4."""
+    run_a = _resumable_run(tiny_model_dir, reward_model_dir, tmp_path, "a", peft=peft, logging_steps=logging_steps)
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    expected = {"config.json" if not peft else "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                "rng_state.pth", "trainer_state.json", "ppo_state.pt", "value_model"}
+    assert expected <= set(os.listdir(checkpoint))
+    if peft:
+        resume = str(checkpoint)  # an explicit directory
+    else:
+        shutil.copytree(checkpoint, tmp_path / "b" / "checkpoint-2")
+        resume = True  # the latest checkpoint in B's own output_dir
+    run_b = _resumable_run(tiny_model_dir, reward_model_dir, tmp_path, "b", peft=peft, logging_steps=logging_steps,
+                           resume=resume)
+
+    assert run_b.state.global_step == 4 and run_b.state.log_history[-1]["episode"] == 16
+    for network in ("policy", "value_model"):
+        trained_a = dict(getattr(run_a, network).named_parameters())
+        trained_b = dict(getattr(run_b, network).named_parameters())
+        assert trained_a.keys() == trained_b.keys()
+        for name, param in trained_a.items():
+            torch.testing.assert_close(trained_b[name], param, rtol=0, atol=0, msg=f"{network}.{name}")
+    logs_a, logs_b = _update_logs(run_a), _update_logs(run_b)
+    assert 3 in logs_b and 4 in logs_b and sorted(logs_b) == sorted(logs_a)
+    for step in logs_a:  # those before the checkpoint come back with trainer_state.json
+        assert logs_b[step] == logs_a[step], step
+    # updates 3-4 moved the policy, so equal final weights are more than a copy of the checkpoint's
+    from posttrain.trainers.ppo_checkpoint import load_weights
+
+    at_checkpoint = copy.deepcopy(run_a.policy)
+    load_weights(at_checkpoint, str(checkpoint), "policy")
+    assert any(not torch.equal(p, q) for p, q in zip(at_checkpoint.parameters(), run_a.policy.parameters()))
+
+
+def test_resume_errors_name_the_missing_piece(tiny_model_dir, reward_model_dir, tmp_path, capsys):
+    from posttrain.cli.main import main
+
+    args = _config(tmp_path, output_dir=str(tmp_path / "run"), save_strategy="steps", save_steps=2)
+    trainer = PPOTrainer(args=args, model=tiny_model_dir, reward_model=reward_model_dir, train_dataset=_prompts())
+    with pytest.raises(ConfigError, match="no checkpoint") as error:
         trainer.train(resume_from_checkpoint=True)
-    assert error.value.field == "resume_from_checkpoint"
+    assert error.value.field == "resume_from_checkpoint" and str(tmp_path / "run") in str(error.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "nowhere"))
+
+    trainer.train()
+    saved = tmp_path / "run" / "checkpoint-2"
+    for removed, named in (("value_model", "value_model/model.safetensors"), ("optimizer.pt", "optimizer.pt")):
+        broken = tmp_path / f"without-{removed}"
+        shutil.copytree(saved, broken)
+        target = broken / removed
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        with pytest.raises(ConfigError) as error:
+            trainer.train(resume_from_checkpoint=str(broken))
+        assert named in str(error.value) and error.value.fix and error.value.field == "resume_from_checkpoint"
+
+    # the command line passes `--resume_from_checkpoint true` as a string: it means the latest checkpoint
+    data = tmp_path / "prompts.jsonl"
+    _prompts(4).to_json(str(data))
+    code = main(["ppo", "--model_name_or_path", tiny_model_dir, "--reward_model_path", reward_model_dir,
+                 "--dataset_name", str(data), "--output_dir", str(tmp_path / "empty"),
+                 "--resume_from_checkpoint", "true"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    last_line = err.splitlines()[-1]
+    assert "Traceback" not in err and "resume_from_checkpoint" in last_line and str(tmp_path / "empty") in last_line
 
 
 # ----------------------------------------------------------------------------- learning
