@@ -7,7 +7,7 @@
 2. ``rm-sft``: the same model supervised longer (it must judge answers the policy still gets wrong);
 3. ``rm``: a reward model initialised from ``rm-sft`` (InstructGPT), trained on the task's
    preference pairs (correct vs plausible wrong answer) plus, by default, pairs whose rejected
-   answer is another problem's answer (see ``answers_of_other_problems``);
+   answer is another problem's answer (``Task.as_preference(rejected="other_answer")``);
 4. ``ppo``: PPO from ``sft`` against ``rm`` (value model initialised from ``rm``).
 
 Prints greedy accuracy before and after PPO on held-out problems and on training problems, the
@@ -84,29 +84,6 @@ def _accuracy(model_dir: str, task, problems) -> float:
     return evaluate_task(model, tokenizer, task, problems, max_new_tokens=6, batch_size=100)["accuracy"]
 
 
-def reward_model_top_answer_accuracy(rm_dir: str, problems, candidates: list[int]) -> float:
-    """How often the reward model's favourite among ``candidates`` is the correct answer.
-
-    This bounds what PPO can reach by maximising the reward model's score, which pair accuracy
-    does not: a reward model can order most (correct, near-miss) pairs right and still prefer some
-    wrong answer on many problems.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from posttrain.rewards.model_scorer import RewardModelScorer
-
-    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    scorer = RewardModelScorer(model, AutoTokenizer.from_pretrained(rm_dir), batch_size=len(candidates))
-    hits = 0
-    for problem in problems:
-        prompts = [[{"role": "user", "content": problem["question"]}]] * len(candidates)
-        completions = [[{"role": "assistant", "content": str(answer)}] for answer in candidates]
-        with torch.no_grad():
-            scores = scorer(prompts=prompts, completions=completions)
-        hits += candidates[max(range(len(candidates)), key=scores.__getitem__)] == problem["answer"]
-    return hits / len(problems)
-
-
 def _quiet(output_dir: str, **values):
     return dict(output_dir=output_dir, save_strategy="no", disable_tqdm=True, report_to="none", **values)
 
@@ -121,29 +98,6 @@ def run_sft(args, task, start: str, out: str, steps: int) -> None:
     trainer = SFTTrainer(model=start, args=config, train_dataset=data)
     trainer.train()
     trainer.save_model(out)
-
-
-def answers_of_other_problems(task, n: int, seed: int):
-    """Preference pairs whose rejected answer is the correct answer of another problem.
-
-    The task's own pairs reject *plausible* wrong answers (off by one, digits swapped), so some
-    numbers are rejected more often than they are correct, and a reward model learns to like or
-    dislike a number for itself, which PPO then exploits. Here rejected answers follow the same
-    distribution as correct ones, so only the match between question and answer tells them apart.
-    """
-    import random
-
-    problems = task.make_problems(n, split="train", seed=seed)
-    rng = random.Random(seed)
-    others = []
-    for problem in problems:
-        other = rng.choice(problems)
-        while other["answer"] == problem["answer"]:
-            other = rng.choice(problems)
-        others.append(other)
-    pairs = task.as_preference(problems, split="train", seed=seed)
-    wrong = task.as_preference(others, split="train", seed=seed)["chosen"]
-    return pairs.remove_columns("rejected").add_column("rejected", wrong)
 
 
 def sampled_preferences(task, sft_dir: str, problems, samples_per_prompt: int = 8, seed: int = 0):
@@ -192,7 +146,7 @@ def run_reward_model(args, task, rm_start: str, out: str, policy_dir: str) -> fl
     if args.rm_data.startswith(("task", "balanced")):
         parts.append(task.as_preference(size, split="train", seed=args.seed + 1))
     if args.rm_data.startswith("balanced"):
-        parts.append(answers_of_other_problems(task, size, seed=args.seed + 4))
+        parts.append(task.as_preference(size, split="train", seed=args.seed + 4, rejected="other_answer"))
     if args.rm_data.endswith("samples"):
         problems = task.make_problems(size // 2, split="train", seed=args.seed + 1)
         parts.append(sampled_preferences(task, policy_dir, problems, seed=args.seed))
@@ -282,10 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
     stage("rm", rm_dir, lambda: run_reward_model(args, task, rm_sft_dir, rm_dir, sft_dir))
     print(f"reward model: pair accuracy on test {summary.get('rm_result', float('nan')):.3f} "
           f"({summary.get('rm_seconds', '?')} s)", flush=True)
+    from posttrain.eval.reward_model import top_answer_accuracy
+
     if "rm_top_answer_accuracy" not in summary or "rm" in args.redo:
         candidates = sorted({p["answer"] for p in test + seen})
-        summary["rm_top_answer_accuracy"] = reward_model_top_answer_accuracy(rm_dir, test, candidates)
-        summary["rm_top_answer_train_accuracy"] = reward_model_top_answer_accuracy(rm_dir, seen, candidates)
+        summary["rm_top_answer_accuracy"] = top_answer_accuracy(rm_dir, test, candidates, task=task)
+        summary["rm_top_answer_train_accuracy"] = top_answer_accuracy(rm_dir, seen, candidates, task=task)
         json.dump(summary, open(summary_path, "w"), indent=1)
     print(f"reward model's favourite answer is right on {summary['rm_top_answer_accuracy']:.3f} of held-out and "
           f"{summary['rm_top_answer_train_accuracy']:.3f} of training problems", flush=True)

@@ -1,10 +1,15 @@
 """`posttrain demo`: the offline RLHF pipeline on an embedded task, start to finish.
 
-It makes a small random model and tokenizer, then runs the stages in order, each from the
-previous one's output, measuring task accuracy (greedy, held-out problems) after each:
+It makes a tiny random model and tokenizer, then runs the stages in order, each from the
+previous one's output, measuring task accuracy (greedy, held-out and training problems) after each:
 
     model  -> sft -> reward -> ppo        (the classic SFT -> reward model -> PPO chain)
                   -> grpo                 (verifiable-reward RL from the same SFT model)
+
+The reward stage first supervises the base model longer than the policy (a judge must know answers
+the policy still gets wrong), then trains the reward model from it on pairs that reject plausible
+wrong answers and pairs that reject other problems' answers. It reports pair accuracy and how often
+the reward model's favourite answer is the correct one, which bounds what PPO can get from it.
 
 and writes ``report.md`` with the accuracy table and metric plots into the output directory.
 Everything is made locally; nothing is downloaded.
@@ -28,13 +33,18 @@ class DemoSettings:
     stages: tuple[str, ...] = STAGES
     seed: int = 0
     quick: bool = False
-    max_operand: int = 10
+    model_size: str = "tiny"
+    max_operand: int = 20
+    ops: tuple[str, ...] = ("+",)
     sft_steps: int = 300
-    sft_learning_rate: float = 2e-3
-    sft_batch_size: int = 64
-    reward_examples: int = 2048
-    online_steps: int = 60
-    online_learning_rate: float = 5e-5
+    sft_learning_rate: float = 3e-3
+    batch_size: int = 64
+    judge_sft_steps: int = 1000
+    reward_steps: int = 1500
+    reward_learning_rate: float = 1e-3
+    online_steps: int = 200
+    online_learning_rate: float = 1e-4
+    online_temperature: float = 0.3
 
 
 @dataclass
@@ -62,7 +72,7 @@ def _parse(argv: list[str]) -> DemoSettings:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}", field="stages", fix=f"choose from {', '.join(STAGES)}")
     settings = DemoSettings(output_dir=args.output_dir, stages=stages, seed=args.seed, quick=args.quick)
     if args.quick:
-        settings.sft_steps, settings.reward_examples, settings.online_steps = 4, 64, 2
+        settings.sft_steps, settings.judge_sft_steps, settings.reward_steps, settings.online_steps = 4, 4, 4, 2
     return settings
 
 
@@ -91,46 +101,61 @@ def _common(settings: DemoSettings, stage: str) -> dict[str, Any]:
                 report_to="none", disable_tqdm=True, logging_steps=10)
 
 
-def stage_sft(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
+def _supervise(settings: DemoSettings, task, base_dir: str, stage: str, steps: int) -> str:
     from posttrain import SFTConfig, SFTTrainer
 
-    # every training problem once per epoch, reshuffled each epoch: this learns far faster than
-    # batches drawn from a long list of repeated problems
-    args = SFTConfig(per_device_train_batch_size=settings.sft_batch_size, max_steps=settings.sft_steps,
-                     learning_rate=settings.sft_learning_rate, lr_scheduler_type="cosine", warmup_steps=20,
-                     adam_beta2=0.98, max_length=64, **_common(settings, "sft"))
-    trainer = SFTTrainer(model=base_dir, args=args,
-                         train_dataset=task.as_prompt_completion(distinct_problems(task, "train")))
+    args = SFTConfig(per_device_train_batch_size=settings.batch_size, max_steps=steps,
+                     learning_rate=settings.sft_learning_rate, lr_scheduler_type="cosine", warmup_steps=10,
+                     **_common(settings, stage))
+    data = task.as_prompt_completion(min(steps * settings.batch_size, 8000), split="train", seed=settings.seed)
+    trainer = SFTTrainer(model=base_dir, args=args, train_dataset=data)
     trainer.train()
     trainer.save_model()
-    return StageResult("sft", args.output_dir, 0.0, extra={"train_loss": trainer.state.log_history[-1].get("train_loss")})
+    return args.output_dir
+
+
+def stage_sft(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
+    return StageResult("sft", _supervise(settings, task, base_dir, "sft", settings.sft_steps), 0.0)
 
 
 def stage_reward(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
-    from posttrain import RewardConfig, RewardTrainer
+    from datasets import concatenate_datasets
 
-    args = RewardConfig(per_device_train_batch_size=32, num_train_epochs=1, learning_rate=1e-3, max_length=64,
-                        **_common(settings, "reward"))
-    train = task.as_preference(settings.reward_examples, split="train", seed=settings.seed)
-    test = task.as_preference(distinct_problems(task, "test"), split="test", seed=settings.seed)
-    trainer = RewardTrainer(model=results["sft"].model_dir, args=args, train_dataset=train, eval_dataset=test)
+    from posttrain import RewardConfig, RewardTrainer
+    from posttrain.eval.reward_model import top_answer_accuracy
+
+    judge_dir = _supervise(settings, task, base_dir, "reward-sft", settings.judge_sft_steps)
+    size = min(settings.reward_steps * settings.batch_size, 8000)
+    train = concatenate_datasets([
+        task.as_preference(size, split="train", seed=settings.seed + 1),
+        task.as_preference(size, split="train", seed=settings.seed + 4, rejected="other_answer"),
+    ]).shuffle(seed=settings.seed)
+    args = RewardConfig(per_device_train_batch_size=settings.batch_size, max_steps=settings.reward_steps,
+                        learning_rate=settings.reward_learning_rate, lr_scheduler_type="cosine", warmup_steps=10,
+                        center_rewards_coefficient=0.01, **_common(settings, "reward"))
+    test_problems = distinct_problems(task, "test")
+    trainer = RewardTrainer(model=judge_dir, args=args, train_dataset=train,
+                            eval_dataset=task.as_preference(test_problems, split="test", seed=settings.seed))
     trainer.train()
     trainer.save_model()
-    metrics = trainer.evaluate()
-    accuracy = metrics.get("eval_accuracy")
-    return StageResult("reward", args.output_dir, 0.0, accuracy=None, extra={"pairwise_accuracy": accuracy})
+    candidates = sorted({p["answer"] for split in ("train", "test") for p in distinct_problems(task, split)})
+    favourite = top_answer_accuracy(args.output_dir, test_problems, candidates, task=task)
+    return StageResult("reward", args.output_dir, 0.0, accuracy=None,
+                       extra={"pairwise_accuracy": trainer.evaluate().get("eval_accuracy"),
+                              "favourite_answer_correct": favourite})
 
 
 def stage_ppo(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
     from posttrain import PPOConfig, PPOTrainer
 
-    batch = 32
+    batch = settings.batch_size
     args = PPOConfig(per_device_train_batch_size=batch, total_episodes=batch * settings.online_steps,
-                     learning_rate=settings.online_learning_rate, response_length=8, num_ppo_epochs=2,
-                     num_mini_batches=2, kl_coef=0.05, temperature=0.3, missing_eos_penalty=1.0,
-                     **_common(settings, "ppo"))
+                     learning_rate=settings.online_learning_rate, response_length=6, num_ppo_epochs=4,
+                     num_mini_batches=2, kl_coef=0.05, temperature=settings.online_temperature, missing_eos_penalty=1.0,
+                     num_sample_generations=0, **_common(settings, "ppo"))
+    prompts = task.as_prompt_only(batch * settings.online_steps, split="train", seed=settings.seed + 2)
     trainer = PPOTrainer(args=args, model=results["sft"].model_dir, reward_model=results["reward"].model_dir,
-                         train_dataset=task.as_prompt_only(4096, split="train", seed=settings.seed))
+                         train_dataset=prompts)
     trainer.train()
     trainer.save_model()
     return StageResult("ppo", args.output_dir, 0.0)
@@ -139,10 +164,11 @@ def stage_ppo(settings: DemoSettings, task, base_dir: str, results: dict[str, St
 def stage_grpo(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
     from posttrain import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(per_device_train_batch_size=64, num_generations=8, max_completion_length=6,
+    completions, group = 2 * settings.batch_size, 8
+    args = GRPOConfig(per_device_train_batch_size=completions, num_generations=group, max_completion_length=6,
                       max_steps=settings.online_steps, learning_rate=settings.online_learning_rate,
-                      temperature=1.0, beta=0.0, warmup_steps=5, **_common(settings, "grpo"))
-    prompts = task.as_prompt_only(settings.online_steps * 8, split="train", seed=settings.seed + 2)
+                      temperature=settings.online_temperature, beta=0.0, warmup_steps=5, **_common(settings, "grpo"))
+    prompts = task.as_prompt_only(settings.online_steps * completions // group, split="train", seed=settings.seed + 2)
     trainer = GRPOTrainer(model=results["sft"].model_dir, reward_funcs="accuracy", args=args, train_dataset=prompts)
     trainer.train()
     trainer.save_model()
@@ -167,9 +193,10 @@ def run_demo(settings: DemoSettings) -> list[StageResult]:
                               fix=f"add {', '.join(missing)} to --stages")
     torch.manual_seed(settings.seed)
     os.makedirs(settings.output_dir, exist_ok=True)
-    task = get_task("arithmetic", max_operand=settings.max_operand, seed=settings.seed)
+    task = get_task("arithmetic", max_operand=settings.max_operand, ops=settings.ops, seed=settings.seed)
     started = time.time()
-    base_dir = create_tiny_model(os.path.join(settings.output_dir, "model"), size="small", seed=settings.seed)
+    base_dir = create_tiny_model(os.path.join(settings.output_dir, "model"), size=settings.model_size,
+                                 vocab_size=1024, seed=settings.seed)
     results: dict[str, StageResult] = {}
     base = StageResult("random init", base_dir, time.time() - started, accuracy=_evaluate(base_dir, task, settings))
     _announce(base)

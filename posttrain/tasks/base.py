@@ -111,15 +111,39 @@ class Task:
 
     def as_preference(
         self, problems: Problems, *, conversational: bool = True, system_prompt: str | None = None,
-        split: str = "train", seed: int = 0,
+        split: str = "train", seed: int = 0, rejected: str = "plausible",
     ) -> Dataset:
-        """Columns ``prompt``, ``chosen`` (the correct answer), ``rejected`` (a plausible wrong one)."""
+        """Columns ``prompt``, ``chosen`` (the correct answer) and ``rejected``.
+
+        ``rejected="plausible"``: a plausible wrong answer (:meth:`wrong_answer`, e.g. off by one).
+        ``rejected="other_answer"``: the correct answer of another problem in ``problems``. Plausible
+        wrong answers are not distributed like correct ones (some numbers are rejected more often than
+        they are right), so a reward model trained on them alone can learn to like or dislike a number
+        for itself; with other problems' answers, only the match between question and answer separates
+        chosen from rejected. Mixing both kinds makes a better judge.
+        """
+        if rejected not in ("plausible", "other_answer"):
+            raise DataError(f"unknown rejected={rejected!r}", column="rejected",
+                            fix="use rejected='plausible' or rejected='other_answer'")
         rows = self._resolve(problems, split, seed)
-        rng = self._wrong_rng(seed, split)
+        if rejected == "plausible":
+            rng = self._wrong_rng(seed, split)
+            wrong = [self.wrong_answer(p, rng) for p in rows]
+        else:
+            if len({p["answer"] for p in rows}) < 2:
+                raise DataError("rejected='other_answer' needs problems with at least two different answers",
+                                column="rejected", fix="pass more problems, or use rejected='plausible'")
+            rng = random.Random(seed)
+            wrong = []
+            for problem in rows:
+                other = rng.choice(rows)
+                while other["answer"] == problem["answer"]:
+                    other = rng.choice(rows)
+                wrong.append(other["answer"])
         return Dataset.from_dict({
             "prompt": [self._prompt(p, conversational, system_prompt) for p in rows],
             "chosen": [self._completion(self.format_answer(p["answer"]), conversational) for p in rows],
-            "rejected": [self._completion(self.format_answer(self.wrong_answer(p, rng)), conversational) for p in rows],
+            "rejected": [self._completion(self.format_answer(answer), conversational) for answer in wrong],
         })
 
     def as_unpaired_preference(

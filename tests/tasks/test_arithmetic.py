@@ -248,3 +248,20 @@ def test_registry():
         get_task("chess")
     with pytest.raises(ConfigError, match="does not accept"):
         get_task("arithmetic", difficulty=3)
+
+
+def test_preference_pairs_can_reject_other_problems_answers():
+    task = get_task("arithmetic", max_operand=9, ops=("+",))
+    problems = task.make_problems(50, split="train", seed=3)
+    data = task.as_preference(problems, seed=3, rejected="other_answer")
+    answers = {str(p["answer"]) for p in problems}
+    for row, problem in zip(data, problems):
+        chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        assert chosen == str(problem["answer"])
+        assert rejected != chosen and rejected in answers
+    assert data.to_list() == task.as_preference(problems, seed=3, rejected="other_answer").to_list()
+    with pytest.raises(DataError, match="rejected"):
+        task.as_preference(problems, rejected="random")
+    same = [problems[0]] * 3
+    with pytest.raises(DataError, match="two different answers"):
+        task.as_preference(same, rejected="other_answer")
