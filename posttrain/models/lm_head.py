@@ -71,26 +71,103 @@ def _accepts_logits_to_keep(forward) -> bool:
 
 def forward_hidden_states(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
-    """Final (post-norm) hidden states ``(B, L, d)`` from a normal forward that computes no logits."""
+    """Final (post-norm) hidden states ``(B, L, d)`` from a normal forward that computes no logits.
+
+    ``input_ids`` may be ``None`` when ``inputs_embeds`` is among ``model_kwargs``.
+    """
     base = unwrap_model(model)
     kwargs = dict(model_kwargs)
     if _accepts_logits_to_keep(base.forward):
         # an empty index tensor selects no position, so the head multiplies nothing
-        kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
+        kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=device)
+    kwargs.setdefault("use_cache", False)
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         output_hidden_states=True,
-        use_cache=False,
         **kwargs,
     )
     return outputs.hidden_states[-1]
+
+
+@lru_cache(maxsize=64)
+def cache_argument_name(forward) -> str:
+    """The KV-cache keyword of a model's ``forward``: transformers 5 renamed ``past_key_values`` to ``cache``."""
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+# decoder-only models whose cached forward is known to equal the uncached one (tests/models/test_shared_prompt.py)
+SHARED_PROMPT_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+def can_share_prompt(model: nn.Module) -> bool:
+    """Whether :func:`token_logps` may run a repeated prompt once and attend to its KV cache.
+
+    Only for a plain or PEFT-wrapped model: DDP, FSDP and DeepSpeed wrappers expect one forward per
+    backward. Gradient checkpointing turns the cache off in training mode, so it is excluded there.
+    """
+    from transformers import PreTrainedModel
+
+    if not (isinstance(model, PreTrainedModel) or callable(getattr(model, "get_base_model", None))):
+        return False
+    base = unwrap_model(model)
+    if type(base).__name__ not in SHARED_PROMPT_ARCHITECTURES:
+        return False
+    if any(kind != "full_attention" for kind in getattr(base.config, "layer_types", None) or ()):
+        return False
+    # transformers 5 renamed is_gradient_checkpointing (deprecated, warns) to is_activation_checkpointing
+    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return not (base.training and getattr(base, name, False))
+
+
+def shared_prompt_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_width: int,
+) -> torch.Tensor | None:
+    """Final hidden states at positions ``prompt_width - 1 .. L - 2``, running each distinct prompt once.
+
+    The first ``prompt_width`` columns of every row are its (left-padded) prompt. Rows whose prompt
+    columns are identical share one forward over them; each row's remaining columns then run
+    against a copy of that prompt's KV cache. Gradients flow into the shared prompt forward, so the
+    result and its gradient equal a forward over the full rows. ``None`` when no prompt repeats.
+    """
+    from transformers import DynamicCache
+
+    width = prompt_width
+    key = torch.cat([input_ids[:, :width], attention_mask[:, :width], position_ids[:, :width]], dim=1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return None
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    first_row = torch.zeros(unique.shape[0], dtype=torch.long, device=input_ids.device)
+    first_row.scatter_reduce_(0, inverse, rows, reduce="amin", include_self=False)
+    # one embedding lookup for both forwards: a second one would build a second dense (V, d)
+    # gradient for the embedding matrix, which costs more than the shared prompt saves on big vocabularies
+    embeds = model.get_input_embeddings()(input_ids)
+    base = unwrap_model(model)
+    cache = DynamicCache(config=base.config)
+    cache_kwarg = {cache_argument_name(base.forward): cache, "use_cache": True}
+    prompt_mask, prompt_positions = unique[:, width : 2 * width], unique[:, 2 * width :]
+    prompt_hidden = forward_hidden_states(model, None, prompt_mask, prompt_positions,
+                                          inputs_embeds=embeds[first_row, :width], **cache_kwarg)
+    cache.batch_select_indices(inverse)
+    rest_hidden = forward_hidden_states(model, None, attention_mask, position_ids[:, width:],
+                                        inputs_embeds=embeds[:, width:], **cache_kwarg)
+    return torch.cat([prompt_hidden[inverse, -1:], rest_hidden[:, :-1]], dim=1)
 
 
 def target_positions(
@@ -139,15 +216,32 @@ def token_logps(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    prompt_width: int | None = None,
 ) -> TokenLogps:
     """Log-probabilities of the target tokens of ``input_ids`` under ``model``, never holding full logits.
 
     ``completion_mask[b, t] = 1`` marks token t as a target (it is scored from position t-1).
     Differentiable when autograd is on; run it under ``torch.no_grad()`` for reference models.
+
+    ``prompt_width``: the first ``prompt_width`` columns are a left-padded prompt holding no target.
+    When several rows share a prompt (a group of completions), the prompt runs through the model once
+    (:func:`shared_prompt_hidden_states`); the values and gradients are those of the full forward.
     """
-    hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
     mask = target_positions(completion_mask, position_ids)
-    selected = hidden[:, :-1][mask]
+    selected = None
+    if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
+        start = prompt_width - 1
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = position_ids if position_ids is not None else torch.arange(
+            input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if not mask[:, :start].any() and bool(attention_mask[:, start].all()):
+            tail = shared_prompt_hidden_states(model, input_ids, attention_mask, positions, prompt_width)
+            if tail is not None:
+                selected = tail[mask[:, start:]]
+    if selected is None:
+        hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
+        selected = hidden[:, :-1][mask]
     targets = input_ids[:, 1:][mask]
     head = output_head(model, temperature=temperature)
     if head is not None:

@@ -383,9 +383,9 @@ class OnlineDPOTrainer(PosttrainTrainer):
 
         chunk = self.args.logits_chunk_size
         policy = token_logps(model, seq.input_ids, seq.target_mask, seq.attention_mask, seq.position_ids,
-                             chunk_size=chunk)
+                             chunk_size=chunk, prompt_width=seq.prompt_width)
         reference = self.reference.token_logps(model, seq.input_ids, seq.target_mask, seq.attention_mask,
-                                                seq.position_ids, chunk_size=chunk)
+                                                seq.position_ids, chunk_size=chunk, prompt_width=seq.prompt_width)
         policy_sums, ref_sums = policy.sequence_sums(), reference.sequence_sums()
         lengths = policy.token_counts()
         logps = PreferenceLogps(policy_sums[chosen], policy_sums[rejected], ref_sums[chosen], ref_sums[rejected],

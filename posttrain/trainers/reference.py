@@ -106,6 +106,7 @@ class ReferencePolicy:
         *,
         temperature: float = 1.0,
         chunk_size: int = 1024,
+        prompt_width: int | None = None,
     ) -> TokenLogps:
         """Per-token reference log-probs of ``input_ids`` (no gradient), as :func:`token_logps` returns them.
 
@@ -118,7 +119,7 @@ class ReferencePolicy:
             try:
                 return token_logps(
                     network, input_ids, completion_mask, attention_mask, position_ids,
-                    temperature=temperature, chunk_size=chunk_size,
+                    temperature=temperature, chunk_size=chunk_size, prompt_width=prompt_width,
                 )
             finally:
                 network.train(was_training)
