@@ -32,6 +32,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="learning_online_run")
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--max-operand", type=int, default=10)
+    parser.add_argument("--ops", default="+-", help="operators of the arithmetic task, e.g. '+' or '+-'")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT length (the cosine schedule's horizon)")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     from posttrain.models.tiny import tiny_model_path
     from posttrain.tasks import get_task
 
-    task = get_task("arithmetic", max_operand=args.max_operand)
+    task = get_task("arithmetic", max_operand=args.max_operand, ops=tuple(args.ops))
     test = distinct_problems(task, "test")
     os.makedirs(args.workdir, exist_ok=True)
     sft_dir = os.path.join(args.workdir, "sft")
