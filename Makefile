@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.posttrain-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-gpu: setup
+	POSTTRAIN_TEST_GPU=1 $(BIN)/python -m pytest -q tests/gpu
 
 bench: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"

@@ -40,6 +40,8 @@ def summarise(runs: list[dict]) -> dict:
         "sec_per_step": statistics.median(r["sec_per_step"] for r in ok),
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in ok),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+        "peak_gpu_mb": max(r["peak_gpu_mb"] for r in ok) if ok[0].get("peak_gpu_mb") is not None else None,
+        "device": ok[0].get("device", "cpu"),
         "first_step_loss": ok[0]["first_step_loss"],
         "mean_reward": statistics.mean(x for r in ok for x in r.get("rewards", [])) if any(r.get("rewards") for r in ok) else None,
         "runs": len(ok),
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
 
     print()
     header = (f"{'method':<6} {'workload':<10} {'impl':<10} {'s/step':>8} {'tok/s':>9} {'peak RSS MB':>12} "
-              f"{'1st loss':>9} {'reward':>7}")
+              f"{'peak GPU MB':>12} {'1st loss':>9} {'reward':>7}")
     print(header)
     print("-" * len(header))
     for entry in results:
@@ -89,17 +91,21 @@ def main(argv=None) -> int:
                 continue
             loss = f"{s['first_step_loss']:>9.4f}" if s["first_step_loss"] is not None else f"{'-':>9}"
             reward = f"{s['mean_reward']:>7.3f}" if s.get("mean_reward") is not None else f"{'-':>7}"
+            gpu = f"{s['peak_gpu_mb']:>12.0f}" if s.get("peak_gpu_mb") is not None else f"{'-':>12}"
             print(f"{entry['method']:<6} {entry['workload']:<10} {impl:<10} {s['sec_per_step']:>8.2f} "
-                  f"{s['tokens_per_sec']:>9.0f} {s['peak_rss_mb']:>12.0f} {loss} {reward}")
+                  f"{s['tokens_per_sec']:>9.0f} {s['peak_rss_mb']:>12.0f} {gpu} {loss} {reward}")
         if all("error" not in entry.get(i, {"error": 1}) for i in ("posttrain", "trl")):
             p, t = entry["posttrain"], entry["trl"]
             entry["speedup_steps_per_sec"] = t["sec_per_step"] / p["sec_per_step"]
             entry["rss_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
+            memory = f"{entry['rss_ratio']:.2f}x peak RSS"
+            if p.get("peak_gpu_mb") and t.get("peak_gpu_mb"):
+                entry["gpu_memory_ratio"] = p["peak_gpu_mb"] / t["peak_gpu_mb"]
+                memory += f", {entry['gpu_memory_ratio']:.2f}x peak GPU memory"
             agreement = ""
             if p["first_step_loss"] is not None and t["first_step_loss"] is not None:
                 agreement = f", first-step loss diff {abs(p['first_step_loss'] - t['first_step_loss']):.2e}"
-            print(f"{'':<17} posttrain/TRL: {entry['speedup_steps_per_sec']:.2f}x steps/s, "
-                  f"{entry['rss_ratio']:.2f}x peak RSS{agreement}")
+            print(f"{'':<17} posttrain/TRL: {entry['speedup_steps_per_sec']:.2f}x steps/s, {memory}{agreement}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"results": results, "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}, handle, indent=2)

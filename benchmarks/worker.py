@@ -134,6 +134,8 @@ def main(argv=None) -> int:
         "tokens_per_sec": (nn_ - n1) / max(tn - t1, 1e-9),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_load_mb": rss_before / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "first_step_loss": losses[0] if losses else None,
         "losses": losses,
         "rewards": rewards,

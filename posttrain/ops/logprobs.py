@@ -52,9 +52,13 @@ _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 def _workspace(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A reusable (rows, cols) buffer for one chunk of logits.
 
-    Allocating a fresh chunk for every chunk of every step makes the allocator map and fault in
-    hundreds of megabytes each time; one buffer kept per device and dtype costs that once.
+    On the CPU, allocating a fresh chunk for every chunk of every step makes the allocator map and
+    fault in hundreds of megabytes each time; one buffer kept per device and dtype costs that once.
+    Accelerators' caching allocators already recycle freed blocks, and a buffer kept alive there
+    would only add its size to the peak at the optimizer step, so they get a fresh tensor.
     """
+    if torch.device(device).type != "cpu":
+        return torch.empty(rows, cols, device=device, dtype=dtype)
     key = (torch.device(device), dtype)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < rows * cols:

@@ -10,7 +10,8 @@ the model's scaling, the model's activation) and writes the engine's cache. On t
 
 :meth:`LeanDecoder.build` returns ``None`` for anything it does not know to be equivalent
 (another architecture, sliding-window layers, length-dependent rotary scaling, modules with
-hooks, e.g. ``accelerate`` offloading), and the engine then calls the model's forward as before.
+hooks, e.g. ``accelerate`` offloading, a forward that accelerate wrapped in autocast while no autocast
+is active), and the engine then calls the model's forward as before.
 Linear layers that are not plain ``nn.Linear`` (LoRA, quantised) are called as modules, so
 adapters and ``disable_adapter()`` behave as in the model's forward.
 """
@@ -47,6 +48,13 @@ def _rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
         return weight * F.rms_norm(x.float(), width, eps=eps).to(x.dtype)
 
     return norm
+
+
+def _forward_replaced(model: torch.nn.Module) -> bool:
+    """Whether ``forward`` was replaced on an instance, as accelerate does to run a model under autocast for
+    mixed precision. The lean step never calls ``forward``; it matches such a model only when the caller
+    already runs under autocast (the trainers sample under ``accelerator.autocast()``)."""
+    return any("forward" in vars(module) for module in model.modules())
 
 
 class _Layer:
@@ -103,6 +111,8 @@ class LeanDecoder:
         if rope.get("rope_type", "default") not in POSITION_ONLY_ROPE_TYPES:
             return None
         if _has_hooks(model):
+            return None
+        if _forward_replaced(model) and not torch.is_autocast_enabled(base.device.type):
             return None
         inner = getattr(base, "model", None)
         if inner is None or not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):

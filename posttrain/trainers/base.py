@@ -256,6 +256,14 @@ class PosttrainTrainer(Trainer):
                 logs[name] = total
         super().log(logs, start_time)
 
+    def sampling_precision(self):
+        """A context in which rollouts sample with the numerics of the training forward.
+
+        accelerate runs a mixed-precision model under autocast by wrapping its ``forward``; the rollout
+        engine's decode step does not go through ``forward``, so sampling enters the same autocast here.
+        """
+        return self.accelerator.autocast()
+
     # -- loss normalisation over the accumulated batch
 
     def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor | None:

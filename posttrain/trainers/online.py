@@ -281,10 +281,11 @@ class OnlineTrainer(PosttrainTrainer):
     def sample_and_score(self, batch: dict[str, Any], num_generations: int) -> ScoredRollout:
         """Sample ``num_generations`` completions per prompt of a collated batch and run the reward functions."""
         device = self.accelerator.device
-        rollout = self._rollout_engine().generate(
-            batch["prompt_input_ids"].to(device), prompt_mask=batch["prompt_attention_mask"].to(device),
-            num_generations=num_generations, sampling=self.sampling, generator=self._generator(device),
-        )
+        with self.sampling_precision():
+            rollout = self._rollout_engine().generate(
+                batch["prompt_input_ids"].to(device), prompt_mask=batch["prompt_attention_mask"].to(device),
+                num_generations=num_generations, sampling=self.sampling, generator=self._generator(device),
+            )
         texts = rollout.decode_completions(self._tokenizer)
         prompts = [prompt for prompt in batch["prompt"] for _ in range(num_generations)]
         completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
@@ -342,7 +343,8 @@ class OnlineTrainer(PosttrainTrainer):
         for start in range(0, rows["completion_ids"].shape[0], step):
             part = trim_padding({name: rows[name][start : start + step] for name in names})
             logps, _ = completion_token_logps(
-                model, part, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, logps_fn=logps_fn
+                model, part, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, logps_fn=logps_fn,
+                share_prompt=self.args.share_prompt_forward,
             )
             pieces.append(nn.functional.pad(logps, (0, width - logps.shape[1])))
         return torch.cat(pieces).detach()
@@ -350,7 +352,8 @@ class OnlineTrainer(PosttrainTrainer):
     def policy_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps, entropy)``, each ``(B, C)``, of a micro-batch's completions under the policy (with gradient)."""
         return completion_token_logps(
-            model, inputs, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, with_entropy=True
+            model, inputs, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, with_entropy=True,
+            share_prompt=self.args.share_prompt_forward,
         )
 
     def loss_normaliser_for_accumulation(self) -> float:

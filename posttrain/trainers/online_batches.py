@@ -68,18 +68,21 @@ def completion_token_logps(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     logps_fn: Callable | None = None,
+    share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs ``(B, C)`` of the completion tokens (zero on padding), and entropies if asked.
 
     ``logps_fn`` replaces :func:`posttrain.models.lm_head.token_logps` (e.g. a reference policy's).
-    Differentiable when autograd is on. Completions of the same prompt share one forward over it.
+    Differentiable when autograd is on. With ``share_prompt``, completions of the same prompt share
+    one forward over it.
     """
     inputs = prompt_completion_inputs(rows)
     compute = logps_fn or token_logps
     kwargs = {"with_entropy": True} if with_entropy else {}
     result = compute(
         model, inputs["input_ids"], inputs["targets"], inputs["attention_mask"], inputs["position_ids"],
-        temperature=temperature, chunk_size=chunk_size, prompt_width=rows["prompt_ids"].shape[1], **kwargs,
+        temperature=temperature, chunk_size=chunk_size,
+        prompt_width=rows["prompt_ids"].shape[1] if share_prompt else None, **kwargs,
     )
     start = rows["prompt_ids"].shape[1] - 1  # logps[:, t] scores token t + 1
     entropy = result.entropy[:, start:] if with_entropy else None

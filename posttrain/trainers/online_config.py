@@ -56,6 +56,11 @@ class OnlineConfig(PosttrainConfig):
         },
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts each epoch."})
+    share_prompt_forward: bool = field(
+        default=True,
+        metadata={"help": "In the training forward, run a prompt shared by several completions once and attend to "
+                  "its KV cache (Llama, Qwen2, Qwen3; same values and gradients)."},
+    )
     use_vllm: bool = field(default=False, metadata={"help": "Sample with a colocated vLLM engine (CUDA GPU and vllm needed)."})
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Fraction of GPU memory vLLM may take (use_vllm only)."}

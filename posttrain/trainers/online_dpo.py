@@ -152,6 +152,11 @@ class OnlineDPOConfig(PosttrainConfig):
         default=None, metadata={"help": "Weights of the reward functions (default: 1 each)."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the policy."})
+    share_prompt_forward: bool = field(
+        default=True,
+        metadata={"help": "In the training forward, run a prompt shared by several completions once and attend to "
+                  "its KV cache (Llama, Qwen2, Qwen3; same values and gradients)."},
+    )
     use_vllm: bool = field(default=False, metadata={"help": "Sample with vLLM (needs vllm and a CUDA GPU)."})
 
     def __post_init__(self) -> None:
@@ -319,8 +324,9 @@ class OnlineDPOTrainer(PosttrainTrainer):
         sampling = SamplingParams(max_completion_length=args.max_completion_length, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                                   repetition_penalty=args.repetition_penalty)
-        return engine.generate(inputs["prompt_input_ids"], prompt_mask=inputs["prompt_attention_mask"],
-                               num_generations=2, sampling=sampling, generator=self._sample_generator)
+        with self.sampling_precision():
+            return engine.generate(inputs["prompt_input_ids"], prompt_mask=inputs["prompt_attention_mask"],
+                                   num_generations=2, sampling=sampling, generator=self._sample_generator)
 
     def _rank(self, inputs: dict[str, Any], generated) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``first_wins`` (B,) bool: completion 0 of each pair is the better; and the (2B,) scores if any."""
@@ -382,10 +388,11 @@ class OnlineDPOTrainer(PosttrainTrainer):
         rejected = pairs + first_wins.long()
 
         chunk = self.args.logits_chunk_size
+        prompt_width = seq.prompt_width if self.args.share_prompt_forward else None
         policy = token_logps(model, seq.input_ids, seq.target_mask, seq.attention_mask, seq.position_ids,
-                             chunk_size=chunk, prompt_width=seq.prompt_width)
+                             chunk_size=chunk, prompt_width=prompt_width)
         reference = self.reference.token_logps(model, seq.input_ids, seq.target_mask, seq.attention_mask,
-                                                seq.position_ids, chunk_size=chunk, prompt_width=seq.prompt_width)
+                                                seq.position_ids, chunk_size=chunk, prompt_width=prompt_width)
         policy_sums, ref_sums = policy.sequence_sums(), reference.sequence_sums()
         lengths = policy.token_counts()
         logps = PreferenceLogps(policy_sums[chosen], policy_sums[rejected], ref_sums[chosen], ref_sums[rejected],

@@ -339,8 +339,9 @@ class PPOTrainer(PosttrainTrainer):
         device = self.accelerator.device
         prompt_ids = batch["prompt_input_ids"].to(device)
         prompt_mask = batch["prompt_attention_mask"].to(device)
-        generated = self._engine().generate(prompt_ids, prompt_mask=prompt_mask, num_generations=1,
-                                            sampling=self._sampling(), generator=self._sample_generator)
+        with self.sampling_precision():
+            generated = self._engine().generate(prompt_ids, prompt_mask=prompt_mask, num_generations=1,
+                                                sampling=self._sampling(), generator=self._sample_generator)
         seq = rollout_sequences(generated)
         logps, ref_logps, values, scores = [], [], [], []
         step = args.local_rollout_forward_batch_size
@@ -487,8 +488,10 @@ class PPOTrainer(PosttrainTrainer):
         loader = self.get_eval_dataloader(dataset)
         scores, ended = [], []
         for batch in loader:
-            generated = self._engine().generate(batch["prompt_input_ids"], prompt_mask=batch["prompt_attention_mask"],
-                                                sampling=self._sampling(greedy=True))
+            with self.sampling_precision():
+                generated = self._engine().generate(batch["prompt_input_ids"],
+                                                    prompt_mask=batch["prompt_attention_mask"],
+                                                    sampling=self._sampling(greedy=True))
             seq = rollout_sequences(generated)
             scores.append(self.reward_scores(seq))
             ended.append((~generated.is_truncated).float())

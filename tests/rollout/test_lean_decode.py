@@ -131,3 +131,29 @@ def test_output_capturing_hooks_do_not_disable_the_lean_step(tokenizer, prompts)
         model(torch.tensor([prompts[0]]), output_hidden_states=True)  # transformers installs its capture hooks
     assert any(module._forward_hooks for module in model.modules())
     assert LeanDecoder.build(model) is not None
+
+
+def _wrap_forward_in_autocast(model):
+    """What accelerate's ``prepare_model`` does for bf16 mixed precision: forward replaced on the instance."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model._original_forward = model.forward
+    autocast_forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward.__func__)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast_forward), model)
+    return model
+
+
+def test_a_forward_wrapped_in_autocast_decodes_as_the_wrapper_does(tokenizer, prompts):
+    model = _wrap_forward_in_autocast(build("qwen2", tokenizer))
+    assert LeanDecoder.build(model) is None  # outside autocast the lean step would skip the wrapper's casts
+    sampling = SamplingParams(max_completion_length=6, do_sample=False)
+    plain = HFRolloutEngine(model, tokenizer, lean_decode=False).generate(prompts, sampling=sampling)
+    assert torch.equal(HFRolloutEngine(model, tokenizer).generate(prompts, sampling=sampling).completion_ids,
+                       plain.completion_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainers sample: under the training autocast
+        assert LeanDecoder.build(model) is not None
+        lean = HFRolloutEngine(model, tokenizer).generate(prompts, sampling=sampling)
+        forward = HFRolloutEngine(model, tokenizer, lean_decode=False).generate(prompts, sampling=sampling)
+    assert torch.equal(lean.completion_ids, forward.completion_ids)

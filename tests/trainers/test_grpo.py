@@ -337,6 +337,31 @@ def test_seed_config_trains(tiny_model_dir, tmp_path):
     assert os.path.isfile(tmp_path / "seed" / "model.safetensors")
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_share_prompt_forward_runs_each_prompt_once_with_the_same_losses(share, tiny_model_dir, tmp_path):
+    def run(share_prompt_forward):
+        torch.manual_seed(0)
+        args = _config(tmp_path / str(share_prompt_forward), max_steps=2, beta=0.04, num_iterations=2,
+                       share_prompt_forward=share_prompt_forward)
+        trainer = GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=args, train_dataset=_prompts(4))
+        rows = []  # rows of each forward with gradient (rollouts and old log-probs run without)
+
+        def record(module, args, kwargs):
+            if torch.is_grad_enabled():
+                inputs = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+                rows.append(inputs.shape[0])
+
+        trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+        trainer.train()
+        return [record["loss"] for record in trainer.state.log_history if "loss" in record], rows
+
+    losses, rows_per_forward = run(share)
+    baseline, _ = run(not share)
+    assert losses == pytest.approx(baseline, abs=1e-6)
+    # one prompt x 4 completions per micro-batch: shared, the prompt runs on 1 row, then 4 completions
+    assert rows_per_forward == ([1, 4] * 2 if share else [4] * 2)
+
+
 def test_memory_lean_config_generates_once_for_two_optimizer_steps(tiny_model_dir, tmp_path):
     calls = []
 

@@ -101,9 +101,9 @@ def _sequence_logps(model, rollout: RolloutBatch) -> torch.Tensor:
     return torch.stack(sums)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type, share", [("sigmoid", True), ("ipo", True), ("sigmoid", False)])
 @pytest.mark.parametrize("ranking", ["judge", "reward_function"])
-def test_loss_on_fixed_pairs_matches_hand_computation(tiny_model_dir, tmp_path, monkeypatch, loss_type, ranking):
+def test_loss_on_fixed_pairs_matches_hand_computation(tiny_model_dir, tmp_path, monkeypatch, loss_type, share, ranking):
     tok_dir = tiny_model_dir
     policy = AutoModelForCausalLM.from_pretrained(tok_dir)
     reference = AutoModelForCausalLM.from_pretrained(tok_dir)
@@ -111,7 +111,7 @@ def test_loss_on_fixed_pairs_matches_hand_computation(tiny_model_dir, tmp_path, 
         for param in policy.model.layers[0].parameters():
             param.add_(0.05 * torch.randn_like(param))
     beta = 0.3
-    args = _config(tmp_path, beta=beta, loss_type=loss_type, missing_eos_penalty=2.0)
+    args = _config(tmp_path, beta=beta, loss_type=loss_type, missing_eos_penalty=2.0, share_prompt_forward=share)
     if ranking == "judge":
         calls = []
 
