@@ -140,3 +140,16 @@ def test_entropy_from_logits_uniform():
 def test_naive_token_logps():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
     assert naive_token_logps(logits, torch.tensor([2])).item() == pytest.approx(-math.log(4))
+
+
+def test_logit_buffer_is_kept_on_the_cpu_only():
+    from posttrain.ops import logprobs
+
+    logprobs.release_workspaces()
+    first = logprobs._workspace(4, 8, torch.device("cpu"), torch.float32)
+    assert logprobs._workspace(2, 8, torch.device("cpu"), torch.float32).data_ptr() == first.data_ptr()
+    # other devices have caching allocators: a kept buffer would only raise the peak at the optimizer step
+    on_meta = logprobs._workspace(4, 8, torch.device("meta"), torch.float32)
+    assert on_meta.shape == (4, 8) and on_meta.device.type == "meta"
+    assert [device.type for device, _ in logprobs._workspaces] == ["cpu"]
+    logprobs.release_workspaces()
