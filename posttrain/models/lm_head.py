@@ -121,6 +121,8 @@ def can_share_prompt(model: nn.Module) -> bool:
 
     if not (isinstance(model, PreTrainedModel) or callable(getattr(model, "get_base_model", None))):
         return False
+    if getattr(model, "_is_prompt_learning", False):  # PEFT prefix / prompt tuning adds virtual tokens
+        return False
     base = unwrap_model(model)
     if type(base).__name__ not in SHARED_PROMPT_ARCHITECTURES:
         return False

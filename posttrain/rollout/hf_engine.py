@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from posttrain.errors import ConfigError
+from posttrain.models.lm_head import cache_argument_name
 from posttrain.rollout.kv_cache import reserved_dynamic_cache
 from posttrain.rollout.lean_decode import LeanDecoder
 from posttrain.rollout.batch import RolloutBatch, check_num_generations, left_pad, normalize_prompts
@@ -133,9 +134,8 @@ class HFRolloutEngine:
             )
         self.pad_token_id = int(pad_token_id)
 
-        # transformers 5 renamed the cache argument from `past_key_values` to `cache`; ask the model.
         parameters = inspect.signature(base.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_kwarg = cache_argument_name(base.forward)
         self._keeps_last_logits = "logits_to_keep" in parameters
 
     @property

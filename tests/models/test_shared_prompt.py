@@ -155,3 +155,11 @@ def test_peft_adapter_matches_full_forward(monkeypatch):
     for grad, full in zip(grads, full_grads):
         assert full.norm() > 0
         assert (grad - full).norm() <= 1e-5 * full.norm()
+
+
+def test_prompt_learning_adapters_fall_back():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("qwen2"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert not can_share_prompt(model)  # virtual tokens are prepended in forward: the prompt split would misalign
+    lora = peft.get_peft_model(build("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert can_share_prompt(lora)
