@@ -362,6 +362,22 @@ def test_share_prompt_forward_runs_each_prompt_once_with_the_same_losses(share, 
     assert rows_per_forward == ([1, 4] * 2 if share else [4] * 2)
 
 
+def test_rollouts_sample_under_the_training_autocast(tiny_model_dir, tmp_path, monkeypatch):
+    from posttrain.rollout.lean_decode import LeanDecoder
+    from tests.rollout.test_lean_decode import _wrap_forward_in_autocast
+
+    trainer = GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=_config(tmp_path), train_dataset=_prompts(4))
+    # as with bf16 mixed precision: accelerate wraps forward in autocast, and accelerator.autocast() enters it
+    _wrap_forward_in_autocast(trainer.model)
+    monkeypatch.setattr(trainer.accelerator, "autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    built = []
+    build = LeanDecoder.build
+    monkeypatch.setattr(LeanDecoder, "build", lambda model: built.append(build(model)) or built[-1])
+    rows = trainer.generate_completions(_prompts(1))
+    assert len(rows) == 4 and built
+    assert all(decoder is not None for decoder in built)  # the lean step runs, under the same autocast
+
+
 def test_memory_lean_config_generates_once_for_two_optimizer_steps(tiny_model_dir, tmp_path):
     calls = []
 
