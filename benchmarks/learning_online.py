@@ -2,6 +2,7 @@
 
     python benchmarks/learning_online.py --method grpo [--workdir DIR] [--steps 200] [--lr 5e-5] [--batch 128]
     python benchmarks/learning_online.py --method rloo
+    python benchmarks/learning_online.py --method grpo --impl trl   # TRL's trainer on the same run (bench extra)
 
 1. SFT the project's random ``small`` model on the embedded arithmetic task (max_operand 10) with
    ``SFTTrainer``, one shuffled pass over the training problems per epoch, and stop as soon as it
@@ -10,6 +11,10 @@
 2. GRPO or RLOO from it: prompts from the train split, the built-in ``accuracy`` reward;
 3. greedy exact-match accuracy on every held-out test problem (41) and every training problem (146)
    before, every ``--eval-every`` steps and after, with the time each stage took.
+
+``--impl trl`` runs step 2 with TRL's ``GRPOTrainer``/``RLOOTrainer`` instead, from the same SFT model,
+with the same settings and the same reward function, so the two reward and accuracy curves and the
+two run times can be set side by side. Gradient checkpointing is off for both (TRL turns it on by default).
 
 Everything runs offline on the CPU; the figures are printed and saved to ``--workdir/<method>.json``.
 """
@@ -29,6 +34,8 @@ from transformers import TrainerCallback
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("grpo", "rloo"), default="grpo")
+    parser.add_argument("--impl", choices=("posttrain", "trl"), default="posttrain",
+                        help="whose trainer runs the RL stage (trl needs the bench extra)")
     parser.add_argument("--workdir", default="learning_online_run")
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--max-operand", type=int, default=10)
@@ -136,21 +143,28 @@ class AccuracyCallback(TrainerCallback):
 def run_online(args, task, sft_dir: str, test_problems, out: str) -> dict:
     from transformers import AutoTokenizer
 
-    from posttrain import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    if args.impl == "trl":
+        import trl as library
+    else:
+        import posttrain as library
+    from posttrain.rewards import BUILTIN_REWARDS
 
-    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if args.method == "grpo" else (RLOOConfig, RLOOTrainer)
+    config_class, trainer_class = ((library.GRPOConfig, library.GRPOTrainer) if args.method == "grpo"
+                                   else (library.RLOOConfig, library.RLOOTrainer))
     prompts = task.as_prompt_only(args.steps * args.batch // args.num_generations, split="train", seed=args.seed + 2)
     config = config_class(**_quiet(
         out, per_device_train_batch_size=args.batch, num_generations=args.num_generations, max_steps=args.steps,
         learning_rate=args.lr, max_completion_length=args.max_completion_length, temperature=args.temperature,
         beta=args.beta, logging_steps=10, seed=args.seed, warmup_steps=5, lr_scheduler_type=args.schedule,
+        activation_checkpointing=False, bf16=False,  # TRL turns both on by default
     ))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     curve: list[dict] = []
     train_problems = distinct_problems(task, "train")
     callback = AccuracyCallback(task, test_problems, train_problems, tokenizer, args.eval_every, curve)
-    trainer = trainer_class(model=sft_dir, reward_funcs="accuracy", args=config, train_dataset=prompts,
-                            processing_class=tokenizer, callbacks=[callback])
+    # the function object rather than its name, so that TRL scores completions with the same code
+    trainer = trainer_class(model=sft_dir, reward_funcs=BUILTIN_REWARDS["accuracy"], args=config,
+                            train_dataset=prompts, processing_class=tokenizer, callbacks=[callback])
     callback.evaluate(trainer.model, 0)
     started = time.time()
     trainer.train()
@@ -175,14 +189,15 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.time()
         run_sft(args, task, tiny_model_path("qwen2", args.size), sft_dir)
         print(f"SFT: {args.sft_steps} steps in {time.time() - started:.0f} s", flush=True)
-    print(f"{args.method.upper()}: {args.steps} steps, {args.batch} completions/step "
+    print(f"{args.method.upper()} ({args.impl}): {args.steps} steps, {args.batch} completions/step "
           f"({args.batch // args.num_generations} prompts x {args.num_generations}), lr {args.lr}", flush=True)
-    result = run_online(args, task, sft_dir, test, os.path.join(args.workdir, args.method))
+    name = args.method if args.impl == "posttrain" else f"{args.method}-{args.impl}"
+    result = run_online(args, task, sft_dir, test, os.path.join(args.workdir, name))
     first, last = result["accuracy_curve"][0], result["accuracy_curve"][-1]
     before, after = first["test"], last["test"]
-    summary = {"method": args.method, "settings": vars(args), "before": before, "after": after,
+    summary = {"method": args.method, "impl": args.impl, "settings": vars(args), "before": before, "after": after,
                "train_prompts_before": first["train"], "train_prompts_after": last["train"], **result}
-    json.dump(summary, open(os.path.join(args.workdir, f"{args.method}.json"), "w"), indent=1)
+    json.dump(summary, open(os.path.join(args.workdir, f"{name}.json"), "w"), indent=1)
     print(f"test accuracy: {before:.3f} -> {after:.3f} ({after - before:+.3f}) after {args.steps} {args.method.upper()} "
           f"steps in {result['seconds']:.0f} s ({len(test)} held-out problems, greedy); on train prompts "
           f"{first['train']:.3f} -> {last['train']:.3f}", flush=True)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.run                       # every method and workload available
     python -m benchmarks.run --methods sft --workloads big-vocab --rounds 2 --steps 6
+    python -m benchmarks.run --methods grpo --checkpointing defaults   # TRL as it ships: checkpointing on
 
 Each measurement runs in a fresh process; rounds alternate posttrain and TRL so that machine
 drift hits both. Prints a table and writes JSON (default: benchmarks/results/latest.json).
@@ -56,7 +57,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--impls", default="posttrain,trl")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    parser.add_argument("--options", default="{}",
+                        help='JSON of config fields for both libraries, e.g. \'{"per_device_train_batch_size": 32}\'')
     parser.add_argument("--posttrain-options", default="{}", help="JSON of extra posttrain config fields")
+    parser.add_argument("--trl-options", default="{}", help="JSON of extra TRL config fields")
+    parser.add_argument("--checkpointing", choices=("off", "on", "defaults"), default="off",
+                        help="gradient checkpointing for both libraries: off (like for like, the default), on, or "
+                        "each library's own default (TRL turns it on; posttrain, like transformers, leaves it off)")
     args = parser.parse_args(argv)
 
     impls = args.impls.split(",")
@@ -67,7 +74,9 @@ def main(argv=None) -> int:
             for round_index in range(args.rounds):
                 order = impls if round_index % 2 == 0 else impls[::-1]
                 for impl in order:
-                    options = json.loads(args.posttrain_options) if impl == "posttrain" else {}
+                    options = {} if args.checkpointing == "defaults" else {"activation_checkpointing": args.checkpointing == "on"}
+                    options.update(json.loads(args.options))
+                    options.update(json.loads(args.posttrain_options if impl == "posttrain" else args.trl_options))
                     started = time.time()
                     r = run_worker(impl, method, workload, args.steps, options)
                     r["wall_s"] = time.time() - started
@@ -108,7 +117,7 @@ def main(argv=None) -> int:
             print(f"{'':<17} posttrain/TRL: {entry['speedup_steps_per_sec']:.2f}x steps/s, {memory}{agreement}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
-        json.dump({"results": results, "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}, handle, indent=2)
+        json.dump({"results": results, "argv": sys.argv[1:], "checkpointing": args.checkpointing, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, handle, indent=2)
     print(f"\nwrote {args.out}")
     return 0
 

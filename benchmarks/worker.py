@@ -81,10 +81,10 @@ def build_trainer(impl: str, method: str, workload, steps: int, out: str, option
         data = load_dataset("json", data_files=prompt_dataset_file(workload), split="train")
         config_class = lib.GRPOConfig if method == "grpo" else lib.RLOOConfig
         trainer_class = lib.GRPOTrainer if method == "grpo" else lib.RLOOTrainer
-        online = dict(num_generations=4, max_completion_length=ONLINE_NEW_TOKENS, temperature=1.0, beta=0.0)
-        online.update(options)
-        kwargs["per_device_train_batch_size"] = 8
-        config = config_class(**kwargs, **online)
+        # options (e.g. per_device_train_batch_size, max_completion_length) override these
+        values = {**kwargs, "per_device_train_batch_size": 8, "num_generations": 4,
+                  "max_completion_length": ONLINE_NEW_TOKENS, "temperature": 1.0, "beta": 0.0, **options}
+        config = config_class(**values)
         return trainer_class(model=model, reward_funcs=distinct_token_reward, args=config, train_dataset=data,
                              processing_class=tok)
     raise SystemExit(f"unknown method {method}")

@@ -7,6 +7,7 @@ model; :meth:`VLLMRolloutEngine.load_weights` copies its current weights into vL
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -63,6 +64,9 @@ class VLLMRolloutEngine:
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         _check_vllm_available()
+        # vLLM's V1 engine otherwise runs the model in a separate process, where weights cannot be loaded in
+        # place after each optimizer step; in-process it exposes the model under ``llm_engine.model_executor``
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import vllm  # noqa: PLC0415  (optional dependency, imported only here)
 
         self._vllm = vllm
@@ -85,6 +89,10 @@ class VLLMRolloutEngine:
         if pad_token_id is None:
             raise ConfigError("no pad token id", field="pad_token_id", fix="pass pad_token_id= or set tokenizer.pad_token")
         self.pad_token_id = int(pad_token_id)
+        # rollout tensors go where the policy is trained (vLLM itself always runs on the current CUDA device)
+        policy_parameter = next(iter(policy.parameters()), None) if policy is not None else None
+        self.device = (policy_parameter.device if policy_parameter is not None
+                       else torch.device("cuda", torch.cuda.current_device()))
 
         kwargs = dict(
             model=str(model_path),
@@ -165,7 +173,7 @@ class VLLMRolloutEngine:
             for sample in request.outputs:
                 completions.append(list(sample.token_ids))
                 truncated.append(sample.finish_reason == "length")
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = self.device
         unique_ids, unique_mask = left_pad(prompts, self.pad_token_id, device)
         completion_ids, completion_mask = right_pad(completions, self.pad_token_id, device)
         return RolloutBatch(
