@@ -15,11 +15,11 @@ from typing import Any
 def _cell(figure: dict[str, float] | None, percent: bool) -> str:
     if not figure or figure.get("mean") is None or math.isnan(figure["mean"]):
         return "-"
-    scale, unit = (100.0, "") if percent else (1.0, "")
+    scale, digits = (100.0, 1) if percent else (1.0, 3)
     mean, low, high = (figure.get(k, float("nan")) for k in ("mean", "low", "high"))
     if math.isnan(low) or low == high:
-        return f"{mean * scale:.{1 if percent else 3}f}{unit}"
-    return f"{mean * scale:.{1 if percent else 3}f} [{low * scale:.{1 if percent else 3}f}, {high * scale:.{1 if percent else 3}f}]"
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
 def columns_of(results: list[dict[str, Any]]) -> list[str]:
@@ -106,6 +106,10 @@ def plot_eval(results: list[dict[str, Any]], output_path: str) -> str | None:
             below.append(0.0 if math.isnan(low) else max(0.0, mean - low))
             above.append(0.0 if math.isnan(high) else max(0.0, high - mean))
         axis.bar(range(len(names)), means, yerr=[below, above], capsize=4, color="#4C72B0")
+        for position, mean in enumerate(means):
+            if not math.isnan(mean):
+                axis.annotate(f"{mean:.1f}" if column in rate_columns else f"{mean:.3g}", (position, mean),
+                              textcoords="offset points", xytext=(6, 3), fontsize=8)
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
         axis.set_title(column + (" (%)" if column in rate_columns else ""))
         if column in rate_columns:
