@@ -220,11 +220,36 @@ class PosttrainTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         from posttrain.report.metrics import MetricsFileCallback
+        from posttrain.report.run_record import RunReportCallback
 
         if not hasattr(self, "_metrics"):
             self._init_metrics()
         super().__init__(*args, **kwargs)
         self.add_callback(MetricsFileCallback())
+        self.add_callback(RunReportCallback(self.describe_run))
+
+    def describe_run(self) -> tuple[str, str, str | None]:
+        """(method, base model, data description) for the run report and the model card."""
+        from posttrain.data.load import describe_source
+
+        method = {"onlinedpo": "online_dpo"}.get(self.method_name.lower(), self.method_name.lower())
+        dataset = self.train_dataset
+        data = None
+        if dataset is not None:
+            size = len(dataset) if hasattr(dataset, "__len__") else None
+            data = describe_source(dataset) + (f" ({size:,} rows)" if size is not None else "")
+        return method, model_id_of(unwrapped_pretrained(self.model)), data
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            from posttrain.report.metrics import read_metrics
+            from posttrain.report.run_record import write_model_card
+
+            method, model_name, data = self.describe_run()
+            write_model_card(output_dir or self.args.output_dir, method=method, model_name=model_name, dataset=data,
+                             args=self.args, records=read_metrics(self.args.output_dir),
+                             is_peft=is_peft_model(unwrapped_pretrained(self.model)) or is_peft_model(self.model))
 
     def _init_metrics(self) -> None:
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
