@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
+from posttrain.models.reward_scoring import sequence_scores
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_PREFIX = "v_head."
@@ -107,18 +108,9 @@ def token_values(
     return values.float()
 
 
-def last_token_scores(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``(B,)``: the scalar head at each row's last attended token (the reward of a reward model).
-
-    Works with left padding, right padding or both, since it locates the last position whose
-    ``attention_mask`` is 1 rather than searching for pad ids.
-    """
-    values = token_values(model, input_ids, attention_mask, position_ids)
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (positions * attention_mask.long()).argmax(-1)
-    return values.gather(1, last[:, None]).squeeze(1)
+# A reward model's score of a whole sequence is read by one rule, kept in models/reward_scoring.py
+# (the last attended token, whatever the padding); this earlier name points at it.
+last_token_scores = sequence_scores
 
 
 class AutoModelForCausalLMWithValueHead(nn.Module):

@@ -112,8 +112,10 @@ def load_reward_func(spec: str | Callable) -> Callable:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise _unknown(text, "this directory has no config.json, so it is not a saved model")
+        from posttrain.models.reward_scoring import require_reward_model
         from posttrain.rewards.model_scorer import RewardModelScorer
 
+        require_reward_model(path, field="reward_funcs")
         return RewardModelScorer(path)
     if ":" in text:
         location, attribute = text.rsplit(":", 1)

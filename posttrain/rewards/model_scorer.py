@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import torch
 
 from posttrain.errors import ConfigError
+from posttrain.models.modes import evaluation_mode
+from posttrain.models.reward_scoring import require_reward_model, sequence_scores
 from posttrain.rewards.text import completion_text
-
-logger = logging.getLogger(__name__)
 
 
 def _is_conversation(value: Any) -> bool:
@@ -33,7 +32,9 @@ class RewardModelScorer:
     Rows are laid out as ``RewardTrainer`` lays out a preference pair's side, so that the score is
     read where training put it: conversational rows (prompt = list of messages) through the chat
     template, with nothing after the assistant turn's end token; plain rows as BOS (when the
-    tokenizer adds one) + prompt + completion + EOS.
+    tokenizer adds one) + prompt + completion + EOS. The score is read as ``RewardTrainer`` and PPO
+    read it (:func:`posttrain.models.reward_scoring.sequence_scores`): at each row's last token,
+    that EOS, whether or not the tokenizer pads with EOS.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class RewardModelScorer:
 
         if isinstance(model_or_path, (str, os.PathLike)):
             path = os.fspath(model_or_path)
+            require_reward_model(path, field="reward_model")
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
@@ -65,6 +67,7 @@ class RewardModelScorer:
                 tokenizer = AutoTokenizer.from_pretrained(path)
         else:
             model = model_or_path
+            require_reward_model(model, field="reward_model")
         if tokenizer is None:
             raise ConfigError(
                 "a reward model given as an object needs its tokenizer", field="reward_model", fix="pass tokenizer="
@@ -85,17 +88,9 @@ class RewardModelScorer:
         self.__name__ = name
         self._specials = None
 
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        pad_id = text_config.pad_token_id
-        if pad_id is None:
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            if pad_id is not None:
-                # the classification head finds each row's last token by looking for padding
-                logger.info("reward model config has no pad_token_id; using %d from the tokenizer", pad_id)
-                text_config.pad_token_id = pad_id
-            else:
-                self.batch_size = 1  # without a pad id, only unpadded single rows can be scored
-        self.pad_token_id = pad_id
+        # any id fills the padding: the score is read at each row's last attended token
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = pad_id if pad_id is not None else 0
 
     def _encode(self, prompt: Any, completion: Any) -> list[int]:
         from posttrain.data.tokenize import SpecialTokens, encode_prompt_completion
@@ -124,24 +119,18 @@ class RewardModelScorer:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores = [0.0] * len(encoded)
         device = next(self.model.parameters()).device
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(order), self.batch_size):
-                    chunk = order[start : start + self.batch_size]
-                    width = max(len(encoded[i]) for i in chunk)
-                    pad = self.pad_token_id if self.pad_token_id is not None else 0
-                    input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                    attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                    for row, index in enumerate(chunk):
-                        ids = encoded[index]
-                        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                        attention_mask[row, : len(ids)] = 1
-                    logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                    for row, index in enumerate(chunk):
-                        scores[index] = float(logits[row, 0].float())
-        finally:
-            for module, training in modes:
-                module.training = training
+        with evaluation_mode(self.model), torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                width = max(len(encoded[i]) for i in chunk)
+                input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, index in enumerate(chunk):
+                    ids = encoded[index]
+                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    attention_mask[row, : len(ids)] = 1
+                # the rule RewardTrainer trains with: the score at each row's last attended token
+                chunk_scores = sequence_scores(self.model, input_ids.to(device), attention_mask.to(device))
+                for row, index in enumerate(chunk):
+                    scores[index] = float(chunk_scores[row])
         return scores

@@ -41,7 +41,8 @@ from transformers import AutoModelForSequenceClassification, TrainerState
 
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
-from posttrain.models.value_head import PolicyAndValueModel, last_token_scores
+from posttrain.models.reward_scoring import require_reward_model, sequence_scores
+from posttrain.models.value_head import PolicyAndValueModel
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_processing_class
 from posttrain.trainers.config import note_alias_once
 from posttrain.trainers.online_dpo import prepare_prompt_dataset, rollout_sequences, unwrap_model_keep_peft
@@ -128,6 +129,7 @@ class PPOTrainer(PosttrainTrainer):
         if reward_model is None:
             raise ConfigError("PPO needs a reward model", field="reward_model_path",
                               fix="pass reward_model=... or --reward_model_path DIR (train one with `posttrain reward`)")
+        require_reward_model(reward_model, "reward_model_path")
         self.reward_model = freeze(self._load_scalar_model(reward_model, args))
         value_model = self._value_model(value_model, reward_model, args, peft_config)
         _check_same_vocabulary(policy_model, self.reward_model, self._tokenizer)
@@ -384,8 +386,12 @@ class PPOTrainer(PosttrainTrainer):
                 "mask": mask, "scores": scores, "num_rows": seq.input_ids.shape[0], "prompts": batch.get("prompt")}
 
     def reward_scores(self, sequences) -> torch.Tensor:
-        """``(N,)`` scores of prompt + completion rows (:class:`RolloutSequences`); override to score differently."""
-        return last_token_scores(self.reward_model, sequences.input_ids, sequences.attention_mask, sequences.position_ids)
+        """``(N,)`` scores of prompt + completion rows (:class:`RolloutSequences`); override to score differently.
+
+        Read where ``RewardTrainer`` trained them: at each row's last attended token, the EOS that
+        ended the completion or, for a truncated one, its last token (:func:`sequence_scores`).
+        """
+        return sequence_scores(self.reward_model, sequences.input_ids, sequences.attention_mask, sequences.position_ids)
 
     def _policy_logps(self, network: nn.Module, part) -> torch.Tensor:
         from posttrain.models.lm_head import token_logps

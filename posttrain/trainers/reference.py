@@ -46,6 +46,7 @@ from transformers import TrainerCallback
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.models.lm_head import TokenLogps, token_logps, unwrap_model
+from posttrain.models.modes import evaluation_mode
 from posttrain.trainers.base import frozen_copy, is_peft_model, load_pretrained, model_id_of
 
 logger = logging.getLogger("posttrain")
@@ -112,17 +113,12 @@ class ReferencePolicy:
 
         ``policy`` is the trainer's (possibly wrapped) model; strategies that reuse its weights run it.
         """
-        with self.active(policy) as network:
-            was_training = network.training
-            # dropout must not perturb the reference, even when the policy is in train mode
-            network.eval()
-            try:
-                return token_logps(
-                    network, input_ids, completion_mask, attention_mask, position_ids,
-                    temperature=temperature, chunk_size=chunk_size, prompt_width=prompt_width,
-                )
-            finally:
-                network.train(was_training)
+        # dropout must not perturb the reference, even when the policy is in train mode
+        with self.active(policy) as network, evaluation_mode(network):
+            return token_logps(
+                network, input_ids, completion_mask, attention_mask, position_ids,
+                temperature=temperature, chunk_size=chunk_size, prompt_width=prompt_width,
+            )
 
     def prepare(self, accelerator) -> None:
         """Place a separate reference network on the training device (DDP-free, evaluation mode)."""

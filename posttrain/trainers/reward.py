@@ -1,9 +1,10 @@
 """Reward modeling: ``RewardConfig`` and ``RewardTrainer``.
 
 A reward model is a sequence classifier with one output (``num_labels=1``): the score of a whole
-prompt + completion, read at its last token. It learns from preference pairs with the
-Bradley-Terry loss ``-log sigma(r_chosen - r_rejected - margin)`` (an optional ``margin`` column
-asks for a larger gap on some pairs), plus, optionally, ``center_rewards_coefficient`` times
+prompt + completion, read at its last token, the completion's EOS, whatever the padding (the rule
+PPO and the reward-model scorer read it by: :mod:`posttrain.models.reward_scoring`). It learns
+from preference pairs with the Bradley-Terry loss ``-log sigma(r_chosen - r_rejected - margin)``
+(an optional ``margin`` column asks for a larger gap on some pairs), plus, optionally, ``center_rewards_coefficient`` times
 ``mean (r_chosen + r_rejected)^2`` to keep the scores centred on zero. Chosen and rejected
 sequences go through the model in one batch of 2B rows.
 
@@ -29,6 +30,7 @@ from posttrain.data.load import describe_source
 from posttrain.data.tokenize import tokenize_preference, truncate_pair
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss, center_rewards_penalty, reward_metrics
+from posttrain.models.reward_scoring import sequence_scores
 from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
@@ -215,8 +217,10 @@ class RewardTrainer(PosttrainTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pairs = inputs["input_ids"].shape[0] // 2
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        rewards = outputs.logits.squeeze(-1).float()
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(inputs["input_ids"])
+        rewards = sequence_scores(model, inputs["input_ids"], attention_mask)
         chosen, rejected = rewards[:pairs], rewards[pairs:]
         total = bradley_terry_loss(chosen, rejected, inputs.get("margin")).sum()
         if self.args.center_rewards_coefficient:
@@ -259,7 +263,8 @@ def _check_single_score(model: nn.Module) -> None:
 
 
 def _wire_pad_token(model: nn.Module, pad_token_id: int | None) -> None:
-    # the classifier reads each row's score at its last non-padding token, found through pad_token_id
+    # training reads scores by the attention mask; the saved config's pad id serves transformers' own
+    # pooling (pipeline, AutoModelForSequenceClassification users), which searches for it
     config = unwrapped_pretrained(model).config
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id

@@ -90,3 +90,22 @@ def test_callables_pass_through_and_unknown_specs_list_the_forms(tmp_path):
         load_reward_funcs(["length_penalty(target=os.getcwd())"])
     with pytest.raises(ConfigError, match="length_penalty takes"):
         load_reward_funcs(["length_penalty(tgt=3)"])
+
+
+def test_a_causal_lm_directory_is_refused_with_the_fix(tmp_path, tokenizer):
+    # AutoModelForSequenceClassification would load it with a random score head and only a load report
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    path = tmp_path / "sft"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(ConfigError) as info:
+        load_reward_funcs([str(path)])
+    message = str(info.value)
+    assert str(path) in message and "Qwen2ForCausalLM" in message
+    assert "posttrain reward" in message and "AutoModelForSequenceClassification" in message
+    assert info.value.field == "reward_funcs"
+    with pytest.raises(ConfigError, match="not a reward model"):
+        RewardModelScorer(str(path))

@@ -74,3 +74,30 @@ def test_scorer_errors(tokenizer, reward_model_dir, tmp_path):
         RewardModelScorer(model, tokenizer)
     with pytest.raises(ConfigError, match="cannot load"):
         RewardModelScorer(str(tmp_path))
+
+
+def test_pad_equal_to_eos_reads_the_eos_as_reward_training_does(tmp_path):
+    """With pad == EOS, transformers' own pooling would read the token before each row's final EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["what", "is", "two", "plus", "?", "it", "four", "."]
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<unk>"] + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    prompts, completions = ["what is two plus two ?", "what is two ?"], ["it is four .", "two"]
+    scores = RewardModelScorer(model, tok, batch_size=2)(prompts, completions)
+    layouts = [trained_layout(tok, p, c) for p, c in zip(prompts, completions)]
+    assert all(ids[-1] == tok.eos_token_id for ids in layouts)
+    assert scores == pytest.approx([reference_score(model, ids) for ids in layouts], abs=1e-5)
+    before_eos = [reference_score(model, ids[:-1]) for ids in layouts]
+    assert all(abs(s - b) > 1e-3 for s, b in zip(scores, before_eos))

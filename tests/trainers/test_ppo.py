@@ -429,3 +429,22 @@ def test_ppo_raises_the_reward_it_is_given(tiny_model_dir, tmp_path):
     scores = [entry["objective/scores"] for entry in trainer.state.log_history if "objective/scores" in entry]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     assert last > first + 0.5, scores  # half a target token more per 8-token completion (measured: ~+1)
+
+
+# ----------------------------------------------------------------------------- the reward model given
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_a_causal_lm_given_as_reward_model_is_a_clear_error(tiny_model_dir, tmp_path, how):
+    # AutoModelForSequenceClassification would load it with a random score head and only a load report
+    args = _config(tmp_path, reward_model_path=tiny_model_dir if how == "config" else None)
+    reward_model = tiny_model_dir if how == "argument" else None
+    with pytest.raises(ConfigError) as error:
+        PPOTrainer(args=args, model=tiny_model_dir, reward_model=reward_model, train_dataset=_prompts())
+    message = str(error.value)
+    assert tiny_model_dir in message and "ForCausalLM" in message
+    assert "posttrain reward" in message and "AutoModelForSequenceClassification" in message
+    assert error.value.field == "reward_model_path"
+    with pytest.raises(ConfigError, match="causal language model"):
+        PPOTrainer(args=_config(tmp_path), model=tiny_model_dir, train_dataset=_prompts(),
+                   reward_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
