@@ -89,16 +89,6 @@ def _task_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _task_reward(task):
-    def correct(prompts, completions, answer=None, **kwargs):
-        from posttrain.rewards.text import completion_text
-
-        return [1.0 if task.check(completion_text(c), a) else 0.0 for c, a in zip(completions, answer)]
-
-    correct.__name__ = "correct"
-    return correct
-
-
 def _load_rows(source: str, split: str, max_samples: int | None, flag: str):
     from posttrain.data import load_data
 
@@ -118,12 +108,13 @@ def _prompt_rows(args) -> tuple[list[dict[str, Any]], list[Any]]:
         raise ConfigError("--task and --dataset_name both give prompts", field="task", fix="pass one of them")
     funcs = load_reward_funcs(args.reward_funcs) if args.reward_funcs else []
     if args.task:
+        from posttrain.eval.suite import task_reward
         from posttrain.tasks import get_task
 
         task = get_task(args.task, **_task_options(args.task_args))
         count = args.num_problems if args.max_samples is None else min(args.num_problems, args.max_samples)
         dataset = task.as_prompt_only(count, split=args.split, conversational=not args.text_prompts, seed=args.seed)
-        return list(dataset), funcs or [_task_reward(task)]
+        return list(dataset), funcs or [task_reward(task)]
     dataset = _load_rows(args.dataset_name, args.dataset_split, args.max_samples, "dataset_name")
     if "prompt" not in dataset.column_names:
         raise DataError("a prompt dataset needs a 'prompt' column", source=args.dataset_name, column="prompt",

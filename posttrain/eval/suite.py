@@ -180,6 +180,17 @@ def generate(
 # ----------------------------------------------------------------------------- scoring
 
 
+def task_reward(task) -> Callable:
+    """A reward function (1.0 / 0.0) from an embedded task's own answer check, named ``correct``."""
+
+    def correct(prompts, completions, answer=None, **kwargs):
+        from posttrain.rewards.text import completion_text
+
+        return [1.0 if task.check(completion_text(c), a) else 0.0 for c, a in zip(completions, answer)]
+
+    return correct
+
+
 def _columns(rows: Sequence[dict[str, Any]], repeat: int = 1) -> dict[str, list[Any]]:
     names = [name for name in rows[0] if name != "prompt"] if rows else []
     return {name: [row[name] for row in rows for _ in range(repeat)] for name in names}

@@ -228,6 +228,17 @@ class PosttrainTrainer(Trainer):
         self.add_callback(MetricsFileCallback())
         self.add_callback(RunReportCallback(self.describe_run))
 
+    def add_callback(self, callback) -> None:
+        """Add a callback; the run report stays last, so it sees what every other callback logged at the end."""
+        from posttrain.report.run_record import RunReportCallback
+
+        super().add_callback(callback)
+        callbacks = self.callback_handler.callbacks
+        reports = [cb for cb in callbacks if isinstance(cb, RunReportCallback)]
+        for report in reports:
+            callbacks.remove(report)
+        callbacks.extend(reports)
+
     def describe_run(self) -> tuple[str, str, str | None]:
         """(method, base model, data description) for the run report and the model card."""
         from posttrain.data.load import describe_source
