@@ -231,7 +231,13 @@ def _mix32(values: torch.Tensor) -> torch.Tensor:
 
 
 def _mix32_int(value: int) -> int:
-    return int(_mix32(torch.tensor([value & _MASK32], dtype=torch.int64))[0])
+    """:func:`_mix32` of one Python int (no tensor: it runs once per decoded token)."""
+    value &= _MASK32
+    value ^= value >> 16
+    value = (value * 0x7FEB352D) & _MASK32
+    value ^= value >> 15
+    value = (value * 0x846CA68B) & _MASK32
+    return value ^ (value >> 16)
 
 
 def sampling_key(seed: int, *parts: int | str) -> int:

@@ -75,4 +75,4 @@ def test_two_processes_equal_one(run, two_process_runs, tmp_path):
     difference = max((two[0]["weights"][name] - weights[name]).abs().max().item() for name in weights)
     print(f"{run}: 1 vs 2 processes, max weight difference {difference:.3g} (largest update {moved:.3g})")
     assert moved > 1e-4  # the steps did train
-    assert difference <= 1e-2 * moved
+    assert difference <= 2e-2 * moved  # before sampling was keyed by prompt: about 2x the update

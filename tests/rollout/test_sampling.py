@@ -140,7 +140,10 @@ def test_sampling_params_accepts_none_top_k_and_single_stop_string():
 
 
 def test_keyed_uniform_is_uniform_and_a_function_of_stream_and_step_only():
-    from posttrain.rollout.sampling import keyed_uniform, row_streams, sampling_keys
+    from posttrain.rollout.sampling import _mix32, _mix32_int, keyed_uniform, row_streams, sampling_keys
+
+    words = [0, 1, 2**31 + 5, 2**32 - 1, 123456789]
+    assert _mix32(torch.tensor(words)).tolist() == [_mix32_int(w) for w in words]  # tensor and int hash agree
 
     keys = sampling_keys(3, "train", 5, positions=range(4))
     streams = row_streams(keys, 2)
