@@ -239,19 +239,21 @@ class OnlineTrainer(PosttrainTrainer):
         if not self.args.save_only_model:
             checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
-                              micro_step=self._micro_step, buffer=self._buffer)
+                              micro_step=self._micro_step, buffer=self._buffer,
+                              reward_computer=self.reward_computer)
         super()._save_checkpoint(model, trial)
 
     def _load_rng_state(self, checkpoint) -> None:
         # the Trainer calls this once when it resumes, before the first resumed step
         super()._load_rng_state(checkpoint)
-        from posttrain.trainers.online_checkpoint import load_online_state
+        from posttrain.trainers.online_checkpoint import load_online_state, restore_reward_counters
 
         saved = load_online_state(checkpoint, self.args, self.accelerator.device) if checkpoint else None
         if saved is None:
             return
         self._micro_step, self._buffer = saved["micro_step"], saved["buffer"]
         self._cumulative.update(saved["cumulative"])
+        restore_reward_counters(self.reward_computer, saved.get("reward_counters", {}))
         for name, values in saved["pending_metrics"].items():
             self._metrics["train"][name].extend(values)
 

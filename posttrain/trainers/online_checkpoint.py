@@ -9,7 +9,8 @@ with several processes):
 * ``micro_step`` and ``buffer``: the micro-step counter and the micro-batches of the generation under
   way, when one generation serves several optimizer steps (``steps_per_generation`` or
   ``num_iterations`` > 1) and the checkpoint falls inside it;
-* ``cumulative``: running totals (tokens seen);
+* ``cumulative``: running totals (tokens seen), and the reward computer's running counts
+  (:data:`REWARD_COUNTERS`);
 * ``pending_metrics``: metrics recorded since the last log, averaged into the next one.
 """
 
@@ -20,6 +21,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+
+# running counts a RewardComputer keeps between calls
+REWARD_COUNTERS = ("num_all_none_rows",)
+
+
+def reward_counters(reward_computer) -> dict[str, int]:
+    """The running counts of ``reward_computer`` (None: a judge ranks instead) that a resume must restore."""
+    return {name: int(getattr(reward_computer, name)) for name in REWARD_COUNTERS if hasattr(reward_computer, name)}
+
+
+def restore_reward_counters(reward_computer, counters: Mapping[str, int]) -> None:
+    for name, value in counters.items():
+        if hasattr(reward_computer, name):
+            setattr(reward_computer, name, value)
 
 
 def online_state_file(args) -> str:
@@ -35,6 +51,7 @@ def save_online_state(
     pending_metrics: Mapping[str, list[float]],
     micro_step: int = 0,
     buffer: list[dict[str, torch.Tensor]] | None = None,
+    reward_computer=None,
 ) -> None:
     """Write this process's online-loop state into ``checkpoint`` (tensors moved to the CPU)."""
     os.makedirs(checkpoint, exist_ok=True)
@@ -43,6 +60,7 @@ def save_online_state(
         "buffer": None if buffer is None else [{name: value.detach().cpu() for name, value in part.items()} for part in buffer],
         "cumulative": {name: float(value) for name, value in cumulative.items()},
         "pending_metrics": {name: [float(v) for v in values] for name, values in pending_metrics.items()},
+        "reward_counters": reward_counters(reward_computer),
     }
     torch.save(state, os.path.join(checkpoint, online_state_file(args)))
 

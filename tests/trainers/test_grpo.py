@@ -499,9 +499,15 @@ def _resumable_grpo(model_dir, tmp_path, name, resume=None):
     args = _config(tmp_path, output_dir=str(tmp_path / name), per_device_train_batch_size=2, num_generations=2,
                    steps_per_generation=2, num_iterations=2, max_completion_length=4, max_steps=6,
                    save_strategy="steps", save_steps=3, scale_rewards="batch")
-    trainer = GRPOTrainer(model_dir, reward_funcs=_length_reward, args=args, train_dataset=_prompts(2))
+    trainer = GRPOTrainer(model_dir, reward_funcs=_length_reward_or_none, args=args, train_dataset=_prompts(2))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+def _length_reward_or_none(prompts, completions, **kwargs):
+    # None (unscorable) for some completions, so the reward computer's running count of them moves
+    lengths = [len(c[0]["content"]) for c in completions]
+    return [n / 10.0 if n % 3 else None for n in lengths]
 
 
 def test_resume_inside_a_generation_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -513,6 +519,8 @@ def test_resume_inside_a_generation_reproduces_the_uninterrupted_run(tiny_model_
         torch.testing.assert_close(other, param, rtol=0, atol=0, msg=name)
     losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e}  # noqa: E731
     assert losses(resumed) == losses(straight) and len(losses(straight)) == 6
+    counts = [getattr(t.reward_computer, "num_all_none_rows", None) for t in (straight, resumed)]
+    assert counts[0] == counts[1]
     assert (checkpoint / "online_state.pt").is_file()  # the buffer of the generation under way
     # the resumed steps moved the weights: equality is more than a copy of the checkpoint
     saved = AutoModelForCausalLM.from_pretrained(str(checkpoint))
