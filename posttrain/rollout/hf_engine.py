@@ -254,6 +254,11 @@ class HFRolloutEngine:
             seen_mask = torch.zeros((num_rows, prompt_width + max_new), dtype=torch.bool, device=device)
             seen_mask[:, :prompt_width] = row_prompt_mask.bool()
 
+        # keyed draws: each row's uniform number for every token, in one vectorised hash
+        uniforms = None
+        if streams is not None and not sampling.is_greedy:
+            uniforms = keyed_uniform(streams.unsqueeze(1), torch.arange(max_new, device=device))
+
         # Per-row results, indexed by the original row.
         generated = torch.full((num_rows, max_new), pad, dtype=torch.long, device=device)
         lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
@@ -266,7 +271,7 @@ class HFRolloutEngine:
                 processed = process_logits(last_logits, sampling, seen_ids[:, :width], seen_mask[:, :width])
             else:
                 processed = process_logits(last_logits, sampling)
-            uniform = None if streams is None or sampling.is_greedy else keyed_uniform(streams, step)
+            uniform = None if uniforms is None else uniforms[:, step]
             tokens = choose_next_tokens(processed, sampling, generator, uniform)
             was_done = done[batch_rows]
             tokens = tokens.masked_fill(was_done, pad)
@@ -285,8 +290,8 @@ class HFRolloutEngine:
                 cache.batch_select_indices(keep)
                 batch_rows, tokens, batch_done = batch_rows[keep], tokens[keep], batch_done[keep]
                 attention, next_position = attention[keep], next_position[keep]
-                if streams is not None:
-                    streams = streams[keep]
+                if uniforms is not None:
+                    uniforms = uniforms[keep]
                 if use_penalty:
                     seen_ids, seen_mask = seen_ids[keep], seen_mask[keep]
             if use_penalty:

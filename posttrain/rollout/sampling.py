@@ -230,16 +230,6 @@ def _mix32(values: torch.Tensor) -> torch.Tensor:
     return values ^ (values >> 16)
 
 
-def _mix32_int(value: int) -> int:
-    """:func:`_mix32` of one Python int (no tensor: it runs once per decoded token)."""
-    value &= _MASK32
-    value ^= value >> 16
-    value = (value * 0x7FEB352D) & _MASK32
-    value ^= value >> 15
-    value = (value * 0x846CA68B) & _MASK32
-    return value ^ (value >> 16)
-
-
 def sampling_key(seed: int, *parts: int | str) -> int:
     """A 63-bit key for one prompt's draws, a pure function of ``seed`` and ``parts``.
 
@@ -265,14 +255,17 @@ def row_streams(prompt_keys: torch.Tensor, group_size: int) -> torch.Tensor:
     return _mix32((keys & _MASK32) ^ _mix32(((keys >> 32) & _MASK32) ^ _mix32(member)))
 
 
-def keyed_uniform(streams: torch.Tensor, step: int) -> torch.Tensor:
-    """``(B,)`` float64 in [0, 1) for token ``step`` of each row's stream (from :func:`row_streams`).
+def keyed_uniform(streams: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
+    """Float64 in [0, 1) for token ``steps`` of each row's stream (from :func:`row_streams`).
 
     Counter-based: the number depends on ``(stream, step)`` only, never on the other rows or on how
-    many draws came before. Two 32-bit hashes fill the 53 bits of a double's mantissa.
+    many draws came before. Two 32-bit hashes fill the 53 bits of a double's mantissa. ``streams``
+    and ``steps`` broadcast: ``keyed_uniform(streams[:, None], torch.arange(T))`` is the ``(B, T)``
+    table of a whole rollout, which the engine computes once instead of once per token.
     """
-    high = _mix32(streams ^ _mix32_int(2 * step))
-    low = _mix32(streams ^ _mix32_int(2 * step + 1))
+    steps = torch.as_tensor(steps, dtype=torch.int64, device=streams.device)
+    high = _mix32(streams ^ _mix32(2 * steps))
+    low = _mix32(streams ^ _mix32(2 * steps + 1))
     return ((high >> 5) * 67108864 + (low >> 6)).to(torch.float64) / 9007199254740992.0
 
 

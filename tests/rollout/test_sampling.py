@@ -140,10 +140,7 @@ def test_sampling_params_accepts_none_top_k_and_single_stop_string():
 
 
 def test_keyed_uniform_is_uniform_and_a_function_of_stream_and_step_only():
-    from posttrain.rollout.sampling import _mix32, _mix32_int, keyed_uniform, row_streams, sampling_keys
-
-    words = [0, 1, 2**31 + 5, 2**32 - 1, 123456789]
-    assert _mix32(torch.tensor(words)).tolist() == [_mix32_int(w) for w in words]  # tensor and int hash agree
+    from posttrain.rollout.sampling import keyed_uniform, row_streams, sampling_keys
 
     keys = sampling_keys(3, "train", 5, positions=range(4))
     streams = row_streams(keys, 2)
@@ -151,6 +148,9 @@ def test_keyed_uniform_is_uniform_and_a_function_of_stream_and_step_only():
     # a row's draw does not depend on which rows are beside it
     assert torch.equal(keyed_uniform(streams, 7)[5:6], keyed_uniform(streams[5:6], 7))
     assert not torch.equal(keyed_uniform(streams, 7), keyed_uniform(streams, 8))
+    # the (rows, tokens) table the engine precomputes holds the same numbers as token-by-token draws
+    table = keyed_uniform(streams.unsqueeze(1), torch.arange(10))
+    assert table.shape == (8, 10) and torch.equal(table[:, 7], keyed_uniform(streams, 7))
     many = keyed_uniform(row_streams(sampling_keys(0, positions=range(2000)), 10), 3)
     assert many.dtype == torch.float64 and bool(((many >= 0) & (many < 1)).all())
     counts = torch.histc(many.float(), bins=10, min=0, max=1)
