@@ -5,6 +5,12 @@ contiguously: rows ``g*G .. g*G + G - 1`` share prompt g.
 
 A reward of ``NaN`` marks a completion no reward function could score: it is left out of its
 group's statistics and gets an advantage of 0 (it carries no signal either way).
+
+Statistics over the whole batch (``scale_rewards="batch"``, GDPO's whitening, RLOO's
+``normalize``) come from a ``batch_mean_std`` argument, ``values -> (mean, std)``: by default
+:func:`local_mean_std` over the values given; a trainer running on several processes passes
+:func:`posttrain.ops.distributed.global_mean_std`, so each process's share of the batch is
+normalised by the statistics of the whole batch, as one process holding it all would.
 """
 
 from __future__ import annotations
@@ -20,6 +26,25 @@ from posttrain.losses.registry import Registry
 from posttrain.ops.masked import masked_sum
 
 SCALE_REWARDS = ("group", "batch", "none")
+
+# values (any shape, NaN = absent) -> (mean, unbiased std), 0-dim tensors
+BatchMeanStd = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def local_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std of the non-NaN ``values``, from their count, sum and sum of squares in float64.
+
+    The same formula as :func:`posttrain.ops.distributed.global_mean_std` on one process: std is 0 for
+    fewer than two values, the mean NaN for none. Returns 0-dim float64 tensors.
+    """
+    values = values.detach().double()
+    keep = ~torch.isnan(values)
+    kept = torch.where(keep, values, torch.zeros_like(values))
+    count, total, total_sq = keep.sum().double(), kept.sum(), (kept * kept).sum()
+    mean = total / count if count > 0 else torch.tensor(float("nan"), dtype=torch.float64, device=values.device)
+    if count < 2:
+        return mean, torch.zeros((), dtype=torch.float64, device=values.device)
+    return mean, ((total_sq - count * mean * mean) / (count - 1)).clamp_min(0.0).sqrt()
 
 
 @dataclass
@@ -68,7 +93,11 @@ def _group_stats(rewards: torch.Tensor, group_size: int) -> GroupStats:
 
 
 def group_relative_advantages(
-    rewards: torch.Tensor, group_size: int, scale_rewards: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor,
+    group_size: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+    batch_mean_std: BatchMeanStd = local_mean_std,
 ) -> tuple[torch.Tensor, GroupStats]:
     """GRPO advantages: each reward relative to its group's mean, optionally divided by a std.
 
@@ -86,6 +115,7 @@ def group_relative_advantages(
         group_size: completions per prompt (G).
         scale_rewards: "group", "batch" or "none".
         eps: added to the std.
+        batch_mean_std: the batch statistics for ``"batch"`` (pass a global one on several processes).
 
     Returns:
         ``(advantages (N,), GroupStats)`` with the per-group mean and std (P,) (``frac_zero_std``
@@ -101,14 +131,18 @@ def group_relative_advantages(
     if scale_rewards == "group":
         advantages = advantages / (group_std.unsqueeze(1) + eps)
     elif scale_rewards == "batch":
-        batch_std = _nan_std(rewards) if rewards.numel() > 1 else rewards.new_zeros(())
-        advantages = advantages / (batch_std + eps)
+        _, batch_std = batch_mean_std(rewards)
+        advantages = advantages / (batch_std.to(advantages.dtype) + eps)
     advantages = torch.nan_to_num(advantages.reshape(-1), nan=0.0)
     return advantages, GroupStats(mean=group_mean, std=group_std)
 
 
 def leave_one_out_advantages(
-    rewards: torch.Tensor, group_size: int, normalize: bool = False, eps: float = 1e-4
+    rewards: torch.Tensor,
+    group_size: int,
+    normalize: bool = False,
+    eps: float = 1e-4,
+    batch_mean_std: BatchMeanStd = local_mean_std,
 ) -> torch.Tensor:
     """RLOO advantages: each reward minus the mean of the other rewards of its group.
 
@@ -123,6 +157,7 @@ def leave_one_out_advantages(
     Args:
         rewards: (N,) with N = P * group_size.
         group_size: completions per prompt (G).
+        batch_mean_std: the batch statistics for ``normalize`` (pass a global one on several processes).
 
     Returns:
         (N,) advantages.
@@ -136,12 +171,17 @@ def leave_one_out_advantages(
     baseline = (group_sum - grouped) / (scored - 1).to(grouped.dtype)
     advantages = (grouped - baseline).reshape(-1)
     if normalize:
-        advantages = (advantages - torch.nanmean(advantages)) / (_nan_std(advantages) + eps)
+        mean, std = batch_mean_std(advantages)
+        advantages = (advantages - mean.to(advantages.dtype)) / (std.to(advantages.dtype) + eps)
     return torch.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def decoupled_group_advantages(
-    rewards_per_function: torch.Tensor, reward_weights: torch.Tensor, group_size: int, eps: float = 1e-4
+    rewards_per_function: torch.Tensor,
+    reward_weights: torch.Tensor,
+    group_size: int,
+    eps: float = 1e-4,
+    batch_mean_std: BatchMeanStd = local_mean_std,
 ) -> tuple[torch.Tensor, GroupStats]:
     """Normalise each reward function within its group before summing, then whiten over the batch.
 
@@ -155,6 +195,7 @@ def decoupled_group_advantages(
         rewards_per_function: (N, K) rewards of K reward functions.
         reward_weights: (K,).
         group_size: G.
+        batch_mean_std: the statistics of ``s`` over the batch (pass a global one on several processes).
 
     Returns:
         ``(advantages (N,), GroupStats of the summed, normalised rewards s)``.
@@ -171,8 +212,9 @@ def decoupled_group_advantages(
     unscorable = torch.isnan(rewards_per_function).all(dim=1)
     summed = (normalised * reward_weights.to(normalised.dtype)).nansum(dim=1)
     summed = torch.where(unscorable, torch.full_like(summed, float("nan")), summed)
-    batch_std = _nan_std(summed) if summed.numel() > 1 else summed.new_zeros(())
-    advantages = torch.nan_to_num((summed - torch.nanmean(summed)) / (batch_std + eps), nan=0.0)
+    batch_mean, batch_std = batch_mean_std(summed)
+    whitened = (summed - batch_mean.to(summed.dtype)) / (batch_std.to(summed.dtype) + eps)
+    advantages = torch.nan_to_num(whitened, nan=0.0)
     return advantages, _group_stats(summed, group_size)
 
 

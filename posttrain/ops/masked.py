@@ -89,7 +89,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, mean_std=None
 ) -> torch.Tensor:
     """Normalise the selected entries to unit variance (and zero mean unless ``shift_mean=False``).
 
@@ -100,12 +100,18 @@ def masked_whiten(
     Args:
         values: (B, T) or any shape.
         mask: broadcastable to ``values``.
+        mean_std: ``(values, mask) -> (mean, std)`` taking the statistics instead, e.g.
+            :func:`posttrain.ops.distributed.global_mean_std` for a batch spread over processes.
 
     Returns:
         tensor shaped like ``values``.
     """
-    mean = masked_mean(values, mask)
-    variance = masked_var(values, mask, unbiased=True)
+    if mean_std is None:
+        mean = masked_mean(values, mask)
+        variance = masked_var(values, mask, unbiased=True)
+    else:
+        mean, std = mean_std(values, torch.broadcast_to(mask, values.shape))
+        mean, variance = mean.to(values.dtype), (std * std).to(values.dtype)
     whitened = (values - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean

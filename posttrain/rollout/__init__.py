@@ -17,7 +17,10 @@ from posttrain.rollout.sampling import (
     apply_top_k,
     apply_top_p,
     choose_next_tokens,
+    keyed_uniform,
     process_logits,
+    sampling_key,
+    sampling_keys,
 )
 from posttrain.rollout.vllm_engine import VLLMRolloutEngine
 
@@ -34,8 +37,11 @@ __all__ = [
     "apply_top_k",
     "apply_top_p",
     "choose_next_tokens",
+    "keyed_uniform",
     "left_pad",
     "make_rollout_engine",
     "process_logits",
     "right_pad",
+    "sampling_key",
+    "sampling_keys",
 ]

@@ -27,6 +27,8 @@ class RolloutEngine(Protocol):
         num_generations: int = 1,
         sampling: SamplingParams | None = None,
         generator: torch.Generator | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        prompt_keys: torch.Tensor | None = None,
     ) -> RolloutBatch: ...
 
 

@@ -26,7 +26,7 @@ from posttrain.models.lm_head import cache_argument_name
 from posttrain.rollout.kv_cache import reserved_dynamic_cache
 from posttrain.rollout.lean_decode import LeanDecoder
 from posttrain.rollout.batch import RolloutBatch, check_num_generations, left_pad, normalize_prompts
-from posttrain.rollout.sampling import SamplingParams, choose_next_tokens, process_logits
+from posttrain.rollout.sampling import SamplingParams, choose_next_tokens, keyed_uniform, process_logits, row_streams
 
 # Drop finished rows from the compute batch once at least this fraction of it is finished. Each drop
 # copies the remaining KV cache, about the memory traffic of one decode step, so dropping on every
@@ -150,6 +150,7 @@ class HFRolloutEngine:
         sampling: SamplingParams | None = None,
         generator: torch.Generator | None = None,
         prompt_mask: torch.Tensor | None = None,
+        prompt_keys: torch.Tensor | None = None,
     ) -> RolloutBatch:
         """Sample ``num_generations`` completions for each prompt.
 
@@ -159,6 +160,9 @@ class HFRolloutEngine:
             num_generations: completions per prompt (the group size G).
             sampling: a :class:`SamplingParams`; default ``SamplingParams()``.
             generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+            prompt_keys: ``(num_prompts,)`` int64 sampling keys (:func:`~posttrain.rollout.sampling.sampling_keys`),
+                instead of ``generator``: completion ``j`` of prompt ``p`` draws token ``t`` from a counter-based
+                hash of ``(key_p, j, t)``, so its completions do not depend on the rest of the batch.
 
         Returns:
             a :class:`RolloutBatch` of ``len(prompts) * num_generations`` rows, prompt-major.
@@ -173,12 +177,21 @@ class HFRolloutEngine:
                 field="generator",
                 fix=f"create it with torch.Generator(device='{device.type}')",
             )
+        streams = None
+        if prompt_keys is not None:
+            if generator is not None:
+                raise ConfigError("both a generator and prompt_keys were given", field="prompt_keys",
+                                  fix="pass one source of randomness: prompt_keys (one key per prompt) or a generator")
+            if prompt_keys.numel() != len(prompts):
+                raise ConfigError(f"{prompt_keys.numel()} prompt_keys for {len(prompts)} prompts", field="prompt_keys",
+                                  fix="pass one sampling key per prompt")
+            streams = row_streams(prompt_keys.to(device), num_generations)
         stop_checker = StopStringChecker(self.tokenizer, sampling.stop_strings) if sampling.stop_strings else None
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             with torch.no_grad():
-                return self._generate(prompts, num_generations, sampling, generator, stop_checker, device)
+                return self._generate(prompts, num_generations, sampling, generator, stop_checker, device, streams)
         finally:
             for module, training in modes:
                 module.training = training
@@ -201,6 +214,7 @@ class HFRolloutEngine:
         generator: torch.Generator | None,
         stop_checker: StopStringChecker | None,
         device: torch.device,
+        streams: torch.Tensor | None = None,
     ) -> RolloutBatch:
         pad = self.pad_token_id
         unique_ids, unique_mask = left_pad(prompts, pad, device)
@@ -240,6 +254,11 @@ class HFRolloutEngine:
             seen_mask = torch.zeros((num_rows, prompt_width + max_new), dtype=torch.bool, device=device)
             seen_mask[:, :prompt_width] = row_prompt_mask.bool()
 
+        # keyed draws: each row's uniform number for every token, in one vectorised hash
+        uniforms = None
+        if streams is not None and not sampling.is_greedy:
+            uniforms = keyed_uniform(streams.unsqueeze(1), torch.arange(max_new, device=device))
+
         # Per-row results, indexed by the original row.
         generated = torch.full((num_rows, max_new), pad, dtype=torch.long, device=device)
         lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
@@ -252,7 +271,8 @@ class HFRolloutEngine:
                 processed = process_logits(last_logits, sampling, seen_ids[:, :width], seen_mask[:, :width])
             else:
                 processed = process_logits(last_logits, sampling)
-            tokens = choose_next_tokens(processed, sampling, generator)
+            uniform = None if uniforms is None else uniforms[:, step]
+            tokens = choose_next_tokens(processed, sampling, generator, uniform)
             was_done = done[batch_rows]
             tokens = tokens.masked_fill(was_done, pad)
             generated[batch_rows, step] = tokens
@@ -270,6 +290,8 @@ class HFRolloutEngine:
                 cache.batch_select_indices(keep)
                 batch_rows, tokens, batch_done = batch_rows[keep], tokens[keep], batch_done[keep]
                 attention, next_position = attention[keep], next_position[keep]
+                if uniforms is not None:
+                    uniforms = uniforms[keep]
                 if use_penalty:
                     seen_ids, seen_mask = seen_ids[keep], seen_mask[keep]
             if use_penalty:

@@ -5,10 +5,16 @@ the same shape; tokens a processor rules out get ``-inf``. They run in this orde
 inference engines use, so settings mean the same thing here as elsewhere:
 
     repetition penalty -> temperature -> top-k -> top-p -> min-p -> sample (or argmax when greedy)
+
+Draws come either from a ``torch.Generator`` (one stream consumed across the rows) or from
+*sampling keys*: one 63-bit key per prompt, from which a counter-based hash gives every
+(completion, token) its own uniform number. With keys, a completion does not depend on which
+other prompts share its batch, so a run samples the same completions on 1 or N processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -190,19 +196,82 @@ def process_logits(
 
 
 def choose_next_tokens(
-    processed_logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
+    processed_logits: torch.Tensor,
+    sampling: SamplingParams,
+    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row from processed logits: argmax when greedy, else a categorical draw.
 
-    Shapes: ``(B, V) -> (B,)`` long. With a ``generator`` the draws are reproducible.
+    Shapes: ``(B, V) -> (B,)`` long. With a ``generator`` the draws are reproducible; ``uniform``
+    ``(B,)`` float64 in [0, 1) gives each row's draw instead (see :func:`keyed_uniform`).
     """
     if sampling.is_greedy:
         # max(dim) returns the first maximal index like argmax, and is about twice as fast on CPU
         return processed_logits.max(dim=-1).indices
-    return sample_from_logits(processed_logits, generator)
+    return sample_from_logits(processed_logits, generator, uniform)
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+# ----------------------------------------------------------------------------- keyed (counter-based) draws
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(values: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash ("lowbias32", C. Wellons) of int64 tensors holding values in [0, 2^32).
+
+    The products can leave int64's range; they wrap, and the low 32 bits kept are exact either way.
+    """
+    values = values & _MASK32
+    values = values ^ (values >> 16)
+    values = (values * 0x7FEB352D) & _MASK32
+    values = values ^ (values >> 15)
+    values = (values * 0x846CA68B) & _MASK32
+    return values ^ (values >> 16)
+
+
+def sampling_key(seed: int, *parts: int | str) -> int:
+    """A 63-bit key for one prompt's draws, a pure function of ``seed`` and ``parts``.
+
+    Trainers key a prompt by ``(seed, "train", generation round, position of the prompt in the
+    global generation batch)``: nothing about which process holds it.
+    """
+    text = "/".join(str(part) for part in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def sampling_keys(seed: int, *parts: int | str, positions) -> torch.Tensor:
+    """``(P,)`` int64: :func:`sampling_key` ``(seed, *parts, position)`` for each of ``positions``."""
+    return torch.tensor([sampling_key(seed, *parts, int(position)) for position in positions], dtype=torch.int64)
+
+
+def row_streams(prompt_keys: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(P * G,)`` int64 in [0, 2^32): the stream of completion ``j`` of prompt ``p`` at row ``p * G + j``.
+
+    A hash of the prompt's key (both halves) and ``j``, so the G completions of a prompt differ.
+    """
+    keys = prompt_keys.to(torch.int64).repeat_interleave(group_size)
+    member = torch.arange(group_size, device=keys.device, dtype=torch.int64).repeat(prompt_keys.numel())
+    return _mix32((keys & _MASK32) ^ _mix32(((keys >> 32) & _MASK32) ^ _mix32(member)))
+
+
+def keyed_uniform(streams: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
+    """Float64 in [0, 1) for token ``steps`` of each row's stream (from :func:`row_streams`).
+
+    Counter-based: the number depends on ``(stream, step)`` only, never on the other rows or on how
+    many draws came before. Two 32-bit hashes fill the 53 bits of a double's mantissa. ``streams``
+    and ``steps`` broadcast: ``keyed_uniform(streams[:, None], torch.arange(T))`` is the ``(B, T)``
+    table of a whole rollout, which the engine computes once instead of once per token.
+    """
+    steps = torch.as_tensor(steps, dtype=torch.int64, device=streams.device)
+    high = _mix32(streams ^ _mix32(2 * steps))
+    low = _mix32(streams ^ _mix32(2 * steps + 1))
+    return ((high >> 5) * 67108864 + (low >> 6)).to(torch.float64) / 9007199254740992.0
+
+
+def sample_from_logits(
+    logits: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """One categorical draw per row of ``softmax(logits)`` by inverting the cumulative distribution.
 
     ``torch.multinomial`` renormalises and walks the rows in double precision; with a 152k-token
@@ -210,11 +279,14 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
     search take under 2 ms. The cumulative sum runs in float64 so that tokens far down the list keep
     their probability. Tokens with probability zero (filtered out) are never drawn: the search returns
     the first index whose cumulative mass is strictly above the uniform draw.
-    Shapes: ``(B, V) -> (B,)`` long.
+    Shapes: ``(B, V) -> (B,)`` long; ``uniform``, when given, ``(B,)`` in [0, 1) replaces the generator.
     """
     probs = logits.softmax(dim=-1)
     cumulative = probs.to(torch.float64).cumsum_(dim=-1)
-    uniform = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
+    if uniform is None:
+        uniform = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
+    else:
+        uniform = uniform.to(device=probs.device, dtype=torch.float64).reshape(-1, 1)
     tokens = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).squeeze(-1)
     # a draw that rounds up to the total mass would fall off the end: take the last token with mass
     overflow = tokens >= probs.shape[-1]

@@ -142,14 +142,26 @@ class VLLMRolloutEngine:
         sampling: SamplingParams | None = None,
         generator: torch.Generator | None = None,
         prompt_mask: torch.Tensor | None = None,
+        prompt_keys: torch.Tensor | None = None,
     ) -> RolloutBatch:
         """Same contract as :meth:`HFRolloutEngine.generate`. ``generator`` seeds vLLM's sampler per
-        request (one draw from it), since vLLM cannot take a torch generator."""
+        request (one draw from it), since vLLM cannot take a torch generator; ``prompt_keys`` seed each
+        prompt's request from its own key instead (the draws differ from the HF engine's)."""
         sampling = sampling if sampling is not None else SamplingParams()
         check_num_generations(num_generations)
         prompts = normalize_prompts(prompt_ids, self.pad_token_id, prompt_mask)
         seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        params = self._vllm.SamplingParams(
+        if prompt_keys is not None:
+            seeds = [int(key) % (2**31 - 1) for key in prompt_keys.tolist()]
+            params = [self._sampling_params(sampling, num_generations, s) for s in seeds]
+        else:
+            params = self._sampling_params(sampling, num_generations, seed)
+        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        return self._to_batch(prompts, outputs, num_generations)
+
+    def _sampling_params(self, sampling: SamplingParams, num_generations: int, seed: int | None):
+        return self._vllm.SamplingParams(
             n=num_generations,
             max_tokens=sampling.max_completion_length,
             temperature=0.0 if sampling.is_greedy else sampling.temperature,
@@ -162,9 +174,6 @@ class VLLMRolloutEngine:
             stop_token_ids=self.eos_token_ids or None,
             seed=seed,
         )
-        requests = [{"prompt_token_ids": ids} for ids in prompts]
-        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return self._to_batch(prompts, outputs, num_generations)
 
     def _to_batch(self, prompts: list[list[int]], outputs: list[Any], group_size: int) -> RolloutBatch:
         completions: list[list[int]] = []

@@ -28,6 +28,7 @@ from posttrain.losses.policy import (
     clipped_policy_loss,
     sapo_policy_loss,
 )
+from posttrain.ops.distributed import global_mean_std
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
 
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -93,9 +94,11 @@ class GRPOTrainer(OnlineTrainer):
         if self.args.multi_objective_aggregation == "normalize_then_sum":
             weights = torch.tensor(self.args.reward_weights or [1.0] * len(scored.reward_names),
                                    dtype=torch.float32, device=scored.rewards.device)
-            advantages, stats = decoupled_group_advantages(scored.rewards_per_function, weights, scored.group_size)
+            advantages, stats = decoupled_group_advantages(scored.rewards_per_function, weights, scored.group_size,
+                                                           batch_mean_std=global_mean_std)
         else:
-            advantages, stats = group_relative_advantages(scored.rewards, scored.group_size, self.args.scale_rewards)
+            advantages, stats = group_relative_advantages(scored.rewards, scored.group_size, self.args.scale_rewards,
+                                                          batch_mean_std=global_mean_std)
         return advantages, {"frac_reward_zero_std": stats.frac_zero_std}
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):

@@ -20,6 +20,7 @@ Pieces a method with a different update (PPO, online DPO) can reuse on their own
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -129,8 +130,8 @@ class OnlineTrainer(PosttrainTrainer):
         self._buffer: list[dict[str, torch.Tensor]] | None = None
         self._engine = None
         self._engine_synced_step = -1
-        self._sampling_generator: torch.Generator | None = None
-        self._shuffle_generator = torch.Generator().manual_seed(args.seed)
+        self._eval_batches = 0  # generation batches of the evaluation under way (keys its prompts)
+        self._debug_generations = 0  # calls of generate_completions (keys their prompts)
         self._completions_log = CompletionsLog()
         if args.use_vllm:  # fail now, not at the first step, when vLLM or a GPU is missing
             self._rollout_engine()
@@ -228,13 +229,51 @@ class OnlineTrainer(PosttrainTrainer):
         finally:
             self._micro_step += 1
 
+    # ------------------------------------------------------------------ exact resume
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from posttrain.trainers.online_checkpoint import save_online_state
+
+        if not self.args.save_only_model:
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
+                              micro_step=self._micro_step, buffer=self._buffer,
+                              reward_computer=self.reward_computer)
+        super()._save_checkpoint(model, trial)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        # the Trainer calls this once when it resumes, before the first resumed step
+        super()._load_rng_state(checkpoint)
+        from posttrain.trainers.online_checkpoint import load_online_state, restore_reward_counters
+
+        saved = load_online_state(checkpoint, self.args, self.accelerator.device) if checkpoint else None
+        if saved is None:
+            return
+        self._micro_step, self._buffer = saved["micro_step"], saved["buffer"]
+        self._cumulative.update(saved["cumulative"])
+        restore_reward_counters(self.reward_computer, saved.get("reward_counters", {}))
+        for name, values in saved["pending_metrics"].items():
+            self._metrics["train"][name].extend(values)
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_batches = 0
+        return super().evaluate(*args, **kwargs)
+
+    @property
+    def _generation_round(self) -> int:
+        """How many training generations came before the current one (the same on every process)."""
+        return self._micro_step // (self.args.steps_per_generation * self.args.num_iterations)
+
     def _prepare_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not self.model.training:
             rows = self._generate_and_score(batch, mode="eval").rows
+            self._eval_batches += 1
             rows["num_items_in_batch"] = rows["loss_mask"].sum().float()
             return trim_padding(rows)
         args = self.args
-        if self._buffer is None:  # first step, or the first after resuming from a checkpoint
+        if self._buffer is None:  # first step (a resumed run restores its buffer and micro-step with the checkpoint)
             self._micro_step = self.state.global_step * args.gradient_accumulation_steps
         if self._buffer is None or self._micro_step % (args.steps_per_generation * args.num_iterations) == 0:
             self._buffer = self._micro_batches(self._generate_and_score(batch, mode="train").rows)
@@ -242,8 +281,12 @@ class OnlineTrainer(PosttrainTrainer):
 
     def _micro_batches(self, rows: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Cut a generation into micro-batches, each carrying the loss-token count of its accumulation window."""
+        from posttrain.rollout.sampling import sampling_key
+
         steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
-        parts = split_into_micro_batches(rows, steps, self._shuffle_generator)
+        # a generator per round, not one carried along: nothing to save for an exact resume
+        shuffle = torch.Generator().manual_seed(sampling_key(self.args.seed, "shuffle", self._generation_round))
+        parts = split_into_micro_batches(rows, steps, shuffle)
         counts = torch.stack([part["loss_mask"].sum() for part in parts]).float()
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
@@ -263,7 +306,7 @@ class OnlineTrainer(PosttrainTrainer):
             num_generations = self.args.num_generations
             if mode != "train":
                 num_generations = self.args.num_generations_eval or num_generations
-        scored = self.sample_and_score(batch, num_generations)
+        scored = self.sample_and_score(batch, num_generations, prompt_keys=self._prompt_keys(mode, len(batch["prompt"])))
         rows = scored.rows
         rows["loss_mask"] = rows["completion_mask"].clone()
         if self.args.mask_truncated_completions:
@@ -278,13 +321,42 @@ class OnlineTrainer(PosttrainTrainer):
             self._record_generation(scored, metrics, mode)
         return scored
 
-    def sample_and_score(self, batch: dict[str, Any], num_generations: int) -> ScoredRollout:
-        """Sample ``num_generations`` completions per prompt of a collated batch and run the reward functions."""
+    def _prompt_keys(self, mode: str, num_prompts: int) -> torch.Tensor:
+        """``(num_prompts,)`` sampling keys of this process's prompts, from the seed, the round and each
+        prompt's position in the global batch: the same prompt draws the same completions on 1 or N processes.
+
+        Training: round = generation index, and process ``p`` holds positions ``p*k .. p*k + k - 1`` of the
+        global generation batch (the sampler deals each process its block share in order). Evaluation: the
+        global step, and the position in the evaluation stream (batch ``b`` of process ``p`` is global batch
+        ``b * processes + p``). :meth:`generate_completions` keys by its call count.
+        """
+        from posttrain.rollout.sampling import sampling_keys
+
+        seed, process, processes = self.args.seed, self.accelerator.process_index, self.accelerator.num_processes
+        if mode == "train":
+            start = process * self._prompts_per_generation
+            return sampling_keys(seed, "train", self._generation_round, positions=range(start, start + num_prompts))
+        if mode == "eval":
+            generations = self.args.num_generations_eval or self.args.num_generations
+            per_batch = max(1, self.args.per_device_eval_batch_size // generations)
+            start = (self._eval_batches * processes + process) * per_batch
+            return sampling_keys(seed, "eval", self.state.global_step, positions=range(start, start + num_prompts))
+        return sampling_keys(seed, mode, self._debug_generations, positions=range(num_prompts))
+
+    def sample_and_score(
+        self, batch: dict[str, Any], num_generations: int, prompt_keys: torch.Tensor | None = None
+    ) -> ScoredRollout:
+        """Sample ``num_generations`` completions per prompt of a collated batch and run the reward functions.
+
+        ``prompt_keys`` (one sampling key per prompt; default: keyed as in evaluation) fix the draws.
+        """
         device = self.accelerator.device
+        if prompt_keys is None:
+            prompt_keys = self._prompt_keys("eval", len(batch["prompt"]))
         with self.sampling_precision():
             rollout = self._rollout_engine().generate(
                 batch["prompt_input_ids"].to(device), prompt_mask=batch["prompt_attention_mask"].to(device),
-                num_generations=num_generations, sampling=self.sampling, generator=self._generator(device),
+                num_generations=num_generations, sampling=self.sampling, prompt_keys=prompt_keys,
             )
         texts = rollout.decode_completions(self._tokenizer)
         prompts = [prompt for prompt in batch["prompt"] for _ in range(num_generations)]
@@ -324,12 +396,6 @@ class OnlineTrainer(PosttrainTrainer):
             self._engine.load_weights(policy)  # vLLM holds its own copy of the weights
             self._engine_synced_step = self.state.global_step
         return self._engine
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._sampling_generator is None:
-            self._sampling_generator = torch.Generator(device=device)
-            self._sampling_generator.manual_seed(self.args.seed + self.accelerator.process_index)
-        return self._sampling_generator
 
     def _reference_logps(self, model, *args, **kwargs):
         return self.reference.token_logps(model, *args, **kwargs)
@@ -434,7 +500,8 @@ class OnlineTrainer(PosttrainTrainer):
         dataset = self._prepare_dataset(_rows_as_dataset(rows), "rows", self.args)
         batch = self.data_collator([dataset[i] for i in range(len(dataset))])
         generations = num_generations or self.args.num_generations
-        scored = self._generate_and_score(batch, mode="eval", num_generations=generations, record=False)
+        scored = self._generate_and_score(batch, mode="debug", num_generations=generations, record=False)
+        self._debug_generations += 1
         return self.completion_rows(scored)
 
     def _move_reward_models_to_device(self) -> None:

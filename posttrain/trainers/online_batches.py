@@ -25,15 +25,20 @@ class RepeatedBlockSampler(Sampler[int]):
     With a dataloader of batch size ``block_size // num_processes``, each process receives its own
     share of a block (accelerate deals consecutive batches out round-robin), and the same share
     again for every micro-step the generation serves. A trailing partial block is dropped; the order
-    is reshuffled every epoch from one seeded generator, identically on every process.
+    of epoch ``e`` is a permutation seeded by ``seed + e``, identically on every process, so a run
+    resumed in a later epoch (the Trainer calls :meth:`set_epoch`) sees the order it would have seen.
     """
 
     def __init__(self, num_rows: int, block_size: int, repeats: int, *, shuffle: bool = True, seed: int = 0) -> None:
         self.num_rows, self.block_size, self.repeats, self.shuffle = num_rows, block_size, repeats, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.num_rows, generator=self.generator) if self.shuffle else torch.arange(self.num_rows)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator) if self.shuffle else torch.arange(self.num_rows)
         order = order.tolist()
         for start in range(0, self.num_rows - self.block_size + 1, self.block_size):
             block = order[start : start + self.block_size]

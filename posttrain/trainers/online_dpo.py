@@ -253,8 +253,8 @@ class OnlineDPOTrainer(PosttrainTrainer):
         for scorer in getattr(self.reward_computer, "reward_funcs", []):
             if hasattr(scorer, "model") and isinstance(scorer.model, nn.Module):
                 scorer.model.to(self.accelerator.device)
-        self._sample_generator = torch.Generator(device=self.accelerator.device)
-        self._sample_generator.manual_seed(args.seed + self.accelerator.process_index)
+        self._micro_step: int | None = None  # training micro-steps so far: the sampling round
+        self._eval_generations = 0
         self._vllm_engine = None
 
     def _reward_computer(self, reward_funcs, reward_model, judge, args, processing_classes, processing_class):
@@ -326,7 +326,60 @@ class OnlineDPOTrainer(PosttrainTrainer):
                                   repetition_penalty=args.repetition_penalty)
         with self.sampling_precision():
             return engine.generate(inputs["prompt_input_ids"], prompt_mask=inputs["prompt_attention_mask"],
-                                   num_generations=2, sampling=sampling, generator=self._sample_generator)
+                                   num_generations=2, sampling=sampling,
+                                   prompt_keys=self._prompt_keys(len(inputs["prompt_input_ids"])))
+
+    def _prompt_keys(self, num_prompts: int) -> torch.Tensor:
+        """Sampling keys of this process's prompts: (seed, micro-step, position in the global batch).
+
+        Process ``p`` holds positions ``p * B .. p * B + B - 1`` of each global batch (accelerate deals
+        consecutive batches round-robin), so a pair is drawn the same way on 1 or N processes, and a
+        resumed run draws what the uninterrupted one would have.
+        """
+        from posttrain.rollout.sampling import sampling_keys
+
+        process = self.accelerator.process_index
+        if self.model.training:
+            start = process * self.args.per_device_train_batch_size
+            return sampling_keys(self.args.seed, "train", self._micro_step, positions=range(start, start + num_prompts))
+        self._eval_generations += 1
+        start = process * self.args.per_device_eval_batch_size
+        return sampling_keys(self.args.seed, "eval", self.state.global_step, self._eval_generations,
+                             positions=range(start, start + num_prompts))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._micro_step is None:  # first step of this run, fresh or resumed
+            self._micro_step = self.state.global_step * self.args.gradient_accumulation_steps
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._micro_step += 1
+
+    def _save_checkpoint(self, model, trial) -> None:
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from posttrain.trainers.online_checkpoint import save_online_state
+
+        if not self.args.save_only_model:
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
+                              micro_step=self._micro_step or 0, reward_computer=self.reward_computer)
+        super()._save_checkpoint(model, trial)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        # the Trainer calls this once when it resumes, before the first resumed step
+        super()._load_rng_state(checkpoint)
+        from posttrain.trainers.online_checkpoint import load_online_state, restore_reward_counters
+
+        saved = load_online_state(checkpoint, self.args, self.accelerator.device) if checkpoint else None
+        if saved is not None:
+            self._micro_step = saved["micro_step"]
+            self._cumulative.update(saved["cumulative"])
+            restore_reward_counters(self.reward_computer, saved.get("reward_counters", {}))
+            for name, values in saved["pending_metrics"].items():
+                self._metrics["train"][name].extend(values)
 
     def _rank(self, inputs: dict[str, Any], generated) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``first_wins`` (B,) bool: completion 0 of each pair is the better; and the (2B,) scores if any."""

@@ -163,6 +163,7 @@ class PPOTrainer(PosttrainTrainer):
         )
         self.reward_model.to(self.accelerator.device)
         self.reference.prepare(self.accelerator)
+        # shuffles mini-batches; completions are drawn from keys of (seed, update, prompt position) instead
         self._sample_generator = torch.Generator(device=self.accelerator.device)
         self._sample_generator.manual_seed(args.seed + self.accelerator.process_index)
 
@@ -335,15 +336,20 @@ class PPOTrainer(PosttrainTrainer):
         """Sample completions for a batch of prompts and compute everything PPO needs from them."""
         from posttrain.losses.advantages import gae, token_level_kl_rewards
         from posttrain.losses.kl import kl_divergence
+        from posttrain.ops.distributed import global_mean_std
         from posttrain.ops.masked import masked_whiten
+        from posttrain.rollout.sampling import sampling_keys
 
         args = self.args
         device = self.accelerator.device
         prompt_ids = batch["prompt_input_ids"].to(device)
         prompt_mask = batch["prompt_attention_mask"].to(device)
         with self.sampling_precision():
+            # process p holds positions p*B .. p*B+B-1 of the update's global batch: layout-free draws
+            start = self.accelerator.process_index * args.per_device_train_batch_size
+            keys = sampling_keys(args.seed, "train", self.state.global_step, positions=range(start, start + len(prompt_ids)))
             generated = self._engine().generate(prompt_ids, prompt_mask=prompt_mask, num_generations=1,
-                                                sampling=self._sampling(), generator=self._sample_generator)
+                                                sampling=self._sampling(), prompt_keys=keys)
         seq = rollout_sequences(generated)
         logps, ref_logps, values, scores = [], [], [], []
         step = args.local_rollout_forward_batch_size
@@ -367,9 +373,9 @@ class PPOTrainer(PosttrainTrainer):
             scores = scores - args.missing_eos_penalty * (~ended).float()
         rewards = token_level_kl_rewards(scores, logps, ref_logps, mask, args.kl_coef, args.kl_estimator)
         if args.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, mean_std=global_mean_std)
         advantages, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, mean_std=global_mean_std)  # over every process's rows
 
         kl = (kl_divergence(logps, ref_logps, args.kl_estimator) * mask).sum(-1)
         non_score = -args.kl_coef * kl

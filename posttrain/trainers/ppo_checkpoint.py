@@ -9,9 +9,9 @@ log history, callback states). PPO adds:
 * ``value_model/``: the value model, trained alongside the policy. A transformers model or a PEFT
   model is written with ``save_pretrained`` (a sequence-classifier directory, or the adapter and
   score head); any other module as its state dict in ``value_model/model.safetensors``;
-* ``ppo_state.pt`` (``ppo_state_<rank>.pt`` per process): the state of the generator that samples
-  completions and shuffles mini-batches, the running totals (episodes so far) and the metrics
-  gathered since the last log.
+* ``ppo_state.pt`` (``ppo_state_<rank>.pt`` per process): the state of the generator that shuffles
+  mini-batches, the running totals (episodes so far) and the metrics gathered since the last log.
+  Completions need no saved generator: they are drawn from keys of (seed, update, prompt position).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from posttrain.errors import ConfigError
 from posttrain.losses.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_scores
 from posttrain.losses.kl import KL_ESTIMATORS, kl_divergence
 from posttrain.losses.policy import sequence_clipped_policy_loss
+from posttrain.ops.distributed import global_mean_std
 from posttrain.ops.masked import masked_mean, masked_sum
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
 
@@ -89,7 +90,7 @@ class RLOOTrainer(OnlineTrainer):
             per_token_kl = kl_divergence(rows["old_logps"], rows["ref_logps"], args.kl_estimator)
             metrics["kl"] = self.masked_mean(per_token_kl, mask)
         advantages, stats = ADVANTAGE_ESTIMATORS.get("rloo")(
-            rewards, scored.group_size, normalize=args.normalize_advantages
+            rewards, scored.group_size, normalize=args.normalize_advantages, batch_mean_std=global_mean_std
         )
         metrics["frac_reward_zero_std"] = stats.frac_zero_std
         return advantages, metrics

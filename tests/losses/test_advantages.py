@@ -16,6 +16,7 @@ from posttrain.losses.advantages import (
     group_relative_advantages,
     kl_penalized_scores,
     leave_one_out_advantages,
+    local_mean_std,
     token_level_kl_rewards,
 )
 
@@ -207,3 +208,63 @@ def test_advantage_registry():
     assert stats.frac_zero_std == 0.5
     with pytest.raises(ConfigError, match="advantage_estimator"):
         ADVANTAGE_ESTIMATORS.get("ppo")
+
+
+# ----- batch statistics over several processes ---------------------------------------------------
+
+# four prompts, two completions each, one unscorable; two functions for GDPO
+SPLIT_REWARDS = torch.tensor([1.0, 0.0, 3.0, float("nan"), 0.5, 2.5, -1.0, 4.0], dtype=torch.float64)
+SPLIT_PER_FUNCTION = torch.stack([SPLIT_REWARDS, torch.tensor([0.0, 1.0, 1.0, 2.0, 5.0, 0.0, 1.0, 1.0], dtype=torch.float64)], 1)
+
+
+def _batch_advantages(rewards, per_function, batch_mean_std):
+    return {
+        "grpo_batch": group_relative_advantages(rewards, 2, "batch", batch_mean_std=batch_mean_std)[0],
+        "rloo_normalize": leave_one_out_advantages(rewards, 2, normalize=True, batch_mean_std=batch_mean_std),
+        "gdpo": decoupled_group_advantages(per_function, t([1.0, 0.5]), 2, batch_mean_std=batch_mean_std)[0],
+    }
+
+
+def _split_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from posttrain.ops.distributed import global_mean_std
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    half = slice(0, 4) if rank == 0 else slice(4, 8)
+    advantages = _batch_advantages(SPLIT_REWARDS[half], SPLIT_PER_FUNCTION[half], global_mean_std)
+    torch.save(advantages, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_batch_statistics_over_two_processes_equal_one_process(tmp_path):
+    """Each of two gloo processes holds two prompts' groups; with the global statistics their advantages
+    are those of one process holding all four (with each process's own statistics they are not)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "advantages")
+    # fork: the worker lives in this test module, which a spawned interpreter could not import by name
+    mp.start_processes(_split_worker, args=(port, out), nprocs=2, join=True, start_method="fork")
+    halves = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    whole = _batch_advantages(SPLIT_REWARDS, SPLIT_PER_FUNCTION, local_mean_std)
+    for name, expected in whole.items():
+        torch.testing.assert_close(torch.cat([halves[0][name], halves[1][name]]), expected, msg=name)
+        local = torch.cat([_batch_advantages(SPLIT_REWARDS[s], SPLIT_PER_FUNCTION[s], local_mean_std)[name]
+                           for s in (slice(0, 4), slice(4, 8))])
+        assert not torch.allclose(local, expected), name  # per-process statistics would be wrong
+
+
+def test_local_mean_std_skips_nan_and_matches_statistics():
+    mean, std = local_mean_std(SPLIT_REWARDS)
+    kept = [v for v in SPLIT_REWARDS.tolist() if not math.isnan(v)]
+    assert mean.item() == pytest.approx(statistics.mean(kept)) and std.item() == pytest.approx(statistics.stdev(kept))
+    assert local_mean_std(t([2.0]))[1].item() == 0.0 and math.isnan(local_mean_std(t([float("nan")]))[0].item())

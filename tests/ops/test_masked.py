@@ -71,3 +71,13 @@ def test_whiten_gives_zero_mean_unit_variance_on_the_mask():
     kept_mean = masked_whiten(VALUES, MASK, shift_mean=False)
     torch.testing.assert_close(masked_mean(kept_mean, MASK), torch.tensor(mean, dtype=torch.float64))
     torch.testing.assert_close(kept_mean[0, 0], torch.tensor((1 - mean) / std + mean, dtype=torch.float64))
+
+
+def test_whiten_with_given_statistics_uses_them_and_matches_its_own():
+    """PPO passes the global mean and std of a batch spread over processes; on one process they agree."""
+    from posttrain.ops.distributed import global_mean_std
+
+    torch.testing.assert_close(masked_whiten(VALUES, MASK, mean_std=global_mean_std), masked_whiten(VALUES, MASK))
+    fixed = masked_whiten(VALUES, MASK, mean_std=lambda v, m: (torch.tensor(1.0), torch.tensor(2.0)))
+    torch.testing.assert_close(fixed[0, :3], (VALUES[0, :3] - 1.0) / math.sqrt(4.0 + 1e-8))
+    assert fixed[0, 3].item() == 0.0

@@ -224,3 +224,31 @@ def test_single_token_completions(qwen2, tokenizer, prompts):
     assert one.completion_ids.shape == (6, 1)
     assert torch.equal(one.completion_ids[:, 0], full.completion_ids[:, 0])
     assert one.is_truncated.all() and one.completion_mask.sum() == 6
+
+
+def test_keyed_sampling_gives_each_prompt_the_same_completions_whatever_shares_its_batch(qwen2, tokenizer, prompts):
+    """With sampling keys, a prompt's group is a function of its key: alone, first or last in a batch, it is the same."""
+    from posttrain.rollout import sampling_keys
+
+    engine = HFRolloutEngine(qwen2, tokenizer)
+    params = SamplingParams(max_completion_length=10, temperature=1.0, top_p=0.95)
+    keys = sampling_keys(0, "train", 0, positions=range(len(prompts)))
+    together = engine.generate(prompts, num_generations=3, sampling=params, prompt_keys=keys)
+    groups = together.completion_ids.view(len(prompts), 3, -1)
+    lengths = together.completion_lengths.view(len(prompts), 3)
+    for index, prompt in enumerate(prompts):
+        alone = engine.generate([prompt], num_generations=3, sampling=params, prompt_keys=keys[index : index + 1])
+        width = alone.completion_ids.shape[1]
+        assert torch.equal(alone.completion_lengths, lengths[index])
+        assert torch.equal(alone.completion_ids, groups[index, :, :width])
+    reversed_order = engine.generate(prompts[::-1], num_generations=3, sampling=params, prompt_keys=keys.flip(0))
+    assert torch.equal(reversed_order.completion_lengths.view(-1, 3).flip(0), lengths)
+    # the completions of one group differ, and another key gives other completions
+    assert not torch.equal(groups[0, 0], groups[0, 1])
+    other = engine.generate(prompts, num_generations=3, sampling=params, prompt_keys=keys + 1)
+    assert not torch.equal(other.completion_ids, together.completion_ids)
+    with pytest.raises(ConfigError) as error:
+        engine.generate(prompts, sampling=params, prompt_keys=keys, generator=torch.Generator())
+    assert error.value.field == "prompt_keys"
+    with pytest.raises(ConfigError, match="3 prompts"):
+        engine.generate(prompts, sampling=params, prompt_keys=keys[:1])

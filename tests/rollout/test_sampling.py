@@ -137,3 +137,25 @@ def test_sampling_params_accepts_none_top_k_and_single_stop_string():
     assert params.stop_strings == ["</answer>"]
     assert params.is_greedy is False
     assert SamplingParams(do_sample=False).is_greedy and SamplingParams(temperature=0).is_greedy
+
+
+def test_keyed_uniform_is_uniform_and_a_function_of_stream_and_step_only():
+    from posttrain.rollout.sampling import keyed_uniform, row_streams, sampling_keys
+
+    keys = sampling_keys(3, "train", 5, positions=range(4))
+    streams = row_streams(keys, 2)
+    assert streams.shape == (8,) and len(set(streams.tolist())) == 8  # every completion has its own stream
+    # a row's draw does not depend on which rows are beside it
+    assert torch.equal(keyed_uniform(streams, 7)[5:6], keyed_uniform(streams[5:6], 7))
+    assert not torch.equal(keyed_uniform(streams, 7), keyed_uniform(streams, 8))
+    # the (rows, tokens) table the engine precomputes holds the same numbers as token-by-token draws
+    table = keyed_uniform(streams.unsqueeze(1), torch.arange(10))
+    assert table.shape == (8, 10) and torch.equal(table[:, 7], keyed_uniform(streams, 7))
+    many = keyed_uniform(row_streams(sampling_keys(0, positions=range(2000)), 10), 3)
+    assert many.dtype == torch.float64 and bool(((many >= 0) & (many < 1)).all())
+    counts = torch.histc(many.float(), bins=10, min=0, max=1)
+    assert counts.min() > 20000 * 0.09 / 1 and counts.max() < 20000 * 0.11  # 2000 per bin expected
+    # a uniform draw inverts the cumulative distribution: 0.6 lands in the second token's mass [0.5, 0.8)
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    chosen = choose_next_tokens(logits, SamplingParams(), uniform=torch.tensor([0.6], dtype=torch.float64))
+    assert chosen.tolist() == [1]

@@ -77,13 +77,15 @@ class _ScriptedLLM:
 
     def generate(self, requests, sampling_params, use_tqdm=False):
         self.requests.append((requests, sampling_params))
-        eos = sampling_params.stop_token_ids[0]
         outputs = []
         for i, request in enumerate(requests):
+            # like vLLM: one SamplingParams for every request, or a list with one per request
+            params = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+            eos = params.stop_token_ids[0]
             samples = []
-            for j in range(sampling_params.n):
-                length = 1 + (i + 2 * j) % sampling_params.max_tokens
-                stops = length < sampling_params.max_tokens
+            for j in range(params.n):
+                length = 1 + (i + 2 * j) % params.max_tokens
+                stops = length < params.max_tokens
                 ids = [10 + (i * 7 + j * 3 + k) % 50 for k in range(length - 1)] + ([eos] if stops else [11])
                 samples.append(types.SimpleNamespace(token_ids=ids, finish_reason="stop" if stops else "length"))
             outputs.append(types.SimpleNamespace(prompt_token_ids=request["prompt_token_ids"], outputs=samples))
@@ -164,7 +166,10 @@ def test_grpo_with_vllm_sends_the_updated_weights_before_each_rollout(tiny_model
 
     llm = scripted_vllm.instances[-1]
     assert len(scripted_vllm.instances) == 1 and llm.kwargs["gpu_memory_utilization"] == 0.4
-    assert len(llm.requests) == 2 and all(params.n == 4 and params.max_tokens == 5 for _, params in llm.requests)
+    # one SamplingParams per prompt, seeded from the prompt's sampling key (one prompt per step here)
+    assert len(llm.requests) == 2 and all(len(params) == 1 for _, params in llm.requests)
+    assert all(params[0].n == 4 and params[0].max_tokens == 5 for _, params in llm.requests)
+    assert llm.requests[0][1][0].seed != llm.requests[1][1][0].seed
     # weights at construction, then the weights after step 1 before step 2's rollout
     assert len(llm.loads) == 2
     assert torch.equal(llm.loads[0]["model.embed_tokens.weight"], initial)

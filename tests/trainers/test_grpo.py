@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain import ConfigError, GRPOConfig, GRPOTrainer
 from posttrain.trainers.online import RepeatedBlockSampler, ScoredRollout, resolve_generation_schedule
@@ -478,3 +478,50 @@ def test_reward_goes_up_on_an_easy_task(tiny_model_dir, tmp_path):
     rewards = [record["reward"] for record in trainer.state.log_history if "reward" in record]
     # each logged reward averages 5 steps of 8 completions; compare the first and last 10 steps
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards
+
+
+def test_sampler_order_is_a_function_of_the_epoch():
+    """A run resumed in epoch 2 must see epoch 2's order, not the first epoch's again."""
+    sampler = RepeatedBlockSampler(12, block_size=4, repeats=1, seed=3)
+    epochs = [list(sampler) for _ in range(2)]
+    assert epochs[0] == epochs[1]  # without set_epoch, the same epoch again
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != epochs[0] and sorted(second) == list(range(12))
+    fresh = RepeatedBlockSampler(12, block_size=4, repeats=1, seed=3)
+    fresh.set_epoch(1)
+    assert list(fresh) == second
+
+
+def _resumable_grpo(model_dir, tmp_path, name, resume=None):
+    """6 optimizer steps over 2 prompts; each generation serves 4 steps (2 micro-batches x 2 iterations),
+    so the checkpoint at step 3 falls inside a generation, and step 5 starts a new epoch."""
+    args = _config(tmp_path, output_dir=str(tmp_path / name), per_device_train_batch_size=2, num_generations=2,
+                   steps_per_generation=2, num_iterations=2, max_completion_length=4, max_steps=6,
+                   save_strategy="steps", save_steps=3, scale_rewards="batch")
+    trainer = GRPOTrainer(model_dir, reward_funcs=_length_reward_or_none, args=args, train_dataset=_prompts(2))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _length_reward_or_none(prompts, completions, **kwargs):
+    # None (unscorable) for some completions, so the reward computer's running count of them moves
+    lengths = [len(c[0]["content"]) for c in completions]
+    return [n / 10.0 if n % 3 else None for n in lengths]
+
+
+def test_resume_inside_a_generation_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight = _resumable_grpo(tiny_model_dir, tmp_path, "a")
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    resumed = _resumable_grpo(tiny_model_dir, tmp_path, "b", resume=str(checkpoint))
+    assert resumed.state.global_step == 6
+    for (name, param), other in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(other, param, rtol=0, atol=0, msg=name)
+    losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e}  # noqa: E731
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 6
+    counts = [getattr(t.reward_computer, "num_all_none_rows", None) for t in (straight, resumed)]
+    assert counts[0] == counts[1]
+    assert (checkpoint / "online_state.pt").is_file()  # the buffer of the generation under way
+    # the resumed steps moved the weights: equality is more than a copy of the checkpoint
+    saved = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    assert any(not torch.equal(p, q) for p, q in zip(saved.parameters(), straight.model.parameters()))

@@ -200,3 +200,26 @@ def test_peft_uses_the_base_model_as_reference(tiny_model_dir, reward_model_dir,
     assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if n in base)
     trainer.save_model()
     assert os.path.isfile(tmp_path / "odpo" / "adapter_config.json")
+
+
+def _length_score(prompts, completions, **kwargs):
+    return [len(c) / 10.0 for c in completions]
+
+
+def _resumable_online_dpo(model_dir, tmp_path, name, resume=None):
+    """4 steps of 2 prompts over 6 prompts: the checkpoint at step 2 is mid-epoch, step 4 starts epoch 2."""
+    args = _config(tmp_path, output_dir=str(tmp_path / name), max_steps=4, save_strategy="steps", save_steps=2,
+                   max_completion_length=4)
+    trainer = OnlineDPOTrainer(model=model_dir, reward_funcs=_length_score, args=args, train_dataset=_prompts(6))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight = _resumable_online_dpo(tiny_model_dir, tmp_path, "a")
+    resumed = _resumable_online_dpo(tiny_model_dir, tmp_path, "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for (name, param), other in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(other, param, rtol=0, atol=0, msg=name)
+    losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e}  # noqa: E731
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 4

@@ -1,0 +1,77 @@
+"""What an online-RL checkpoint (GRPO, RLOO, online DPO) holds beyond ``transformers.Trainer``'s.
+
+The Trainer writes the model, optimizer, scheduler, RNG states and ``trainer_state.json``. Sampling
+needs no saved generator: completions are drawn from keys of (seed, generation round, prompt
+position) (:func:`posttrain.rollout.sampling.sampling_keys`), and the micro-batch shuffle is seeded
+per round. What remains is written per process to ``online_state.pt`` (``online_state_<rank>.pt``
+with several processes):
+
+* ``micro_step`` and ``buffer``: the micro-step counter and the micro-batches of the generation under
+  way, when one generation serves several optimizer steps (``steps_per_generation`` or
+  ``num_iterations`` > 1) and the checkpoint falls inside it;
+* ``cumulative``: running totals (tokens seen), and the reward computer's running counts
+  (:data:`REWARD_COUNTERS`);
+* ``pending_metrics``: metrics recorded since the last log, averaged into the next one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+# running counts a RewardComputer keeps between calls
+REWARD_COUNTERS = ("num_all_none_rows",)
+
+
+def reward_counters(reward_computer) -> dict[str, int]:
+    """The running counts of ``reward_computer`` (None: a judge ranks instead) that a resume must restore."""
+    return {name: int(getattr(reward_computer, name)) for name in REWARD_COUNTERS if hasattr(reward_computer, name)}
+
+
+def restore_reward_counters(reward_computer, counters: Mapping[str, int]) -> None:
+    for name, value in counters.items():
+        if hasattr(reward_computer, name):
+            setattr(reward_computer, name, value)
+
+
+def online_state_file(args) -> str:
+    """The name of this process's online state file inside a checkpoint."""
+    return "online_state.pt" if args.world_size <= 1 else f"online_state_{args.process_index}.pt"
+
+
+def save_online_state(
+    checkpoint: str,
+    args,
+    *,
+    cumulative: Mapping[str, float],
+    pending_metrics: Mapping[str, list[float]],
+    micro_step: int = 0,
+    buffer: list[dict[str, torch.Tensor]] | None = None,
+    reward_computer=None,
+) -> None:
+    """Write this process's online-loop state into ``checkpoint`` (tensors moved to the CPU)."""
+    os.makedirs(checkpoint, exist_ok=True)
+    state = {
+        "micro_step": int(micro_step),
+        "buffer": None if buffer is None else [{name: value.detach().cpu() for name, value in part.items()} for part in buffer],
+        "cumulative": {name: float(value) for name, value in cumulative.items()},
+        "pending_metrics": {name: [float(v) for v in values] for name, values in pending_metrics.items()},
+        "reward_counters": reward_counters(reward_computer),
+    }
+    torch.save(state, os.path.join(checkpoint, online_state_file(args)))
+
+
+def load_online_state(checkpoint: str, args, device: torch.device) -> dict[str, Any] | None:
+    """The state :func:`save_online_state` wrote for this process (buffer tensors on ``device``), or ``None``
+    for a checkpoint without one (saved with ``save_only_model``, or by an older version)."""
+    path = os.path.join(checkpoint, online_state_file(args))
+    if not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["buffer"] is not None:
+        state["buffer"] = [{name: value.to(device) for name, value in part.items()} for part in state["buffer"]]
+    return state
