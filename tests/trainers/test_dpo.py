@@ -168,6 +168,62 @@ def test_loss_equals_hand_computation_from_two_models(tiny_model_dir, tmp_path, 
         assert metrics["loss/ipo"] == pytest.approx(ipo.mean().item(), rel=1e-4)
 
 
+def _rendered_pair_side(tokenizer, prompt, completion):
+    """(prompt ids, completion ids) from the rendered strings: the completion is everything the template
+    renders for prompt + completion after the prompt with its generation prompt."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    assert whole.startswith(prompt_text)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(prompt_text), encode(whole[len(prompt_text):])
+
+
+def _completion_logp_float64(model, prompt_ids, completion_ids):
+    """Summed log-prob of the completion after the prompt: one unpadded row, full logits in float64."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    token_logps = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return token_logps[len(prompt_ids) - 1 :].sum()
+
+
+@pytest.mark.parametrize("loss_type", [["sppo_hard"], ["apo_down"], ["sigmoid", "sft"]], ids="+".join)
+def test_conversational_loss_matches_an_independent_computation(tiny_model_dir, tmp_path, loss_type):
+    """Token boundaries as TRL takes them (the whole rendered turn, ChatML's newline after <|im_end|>
+    included), with a reference that differs from the policy so the chosen and rejected log-ratios do
+    not cancel."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    reference = AutoModelForCausalLM.from_config(policy.config)  # the same architecture, another seed
+    data = _preferences(4)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=_config(tmp_path, loss_type=loss_type),
+                         processing_class=tokenizer, train_dataset=data)
+    loss = trainer.compute_loss(trainer.model, _batch(trainer)).item()
+
+    beta = 0.1
+    sums = {"policy": {"chosen": [], "rejected": []}, "ref": {"chosen": [], "rejected": []}}
+    chosen_tokens = 0
+    for row in data:
+        for side in ("chosen", "rejected"):
+            prompt_ids, completion_ids = _rendered_pair_side(tokenizer, row["prompt"], row[side])
+            assert tokenizer.decode(completion_ids).endswith("<|im_end|>\n")
+            chosen_tokens += len(completion_ids) if side == "chosen" else 0
+            for name, model in (("policy", policy), ("ref", reference)):
+                sums[name][side].append(_completion_logp_float64(model, prompt_ids, completion_ids))
+    policy_chosen, policy_rejected = torch.stack(sums["policy"]["chosen"]), torch.stack(sums["policy"]["rejected"])
+    chosen = policy_chosen - torch.stack(sums["ref"]["chosen"])
+    rejected = policy_rejected - torch.stack(sums["ref"]["rejected"])
+    if loss_type == ["sppo_hard"]:
+        expected = ((chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2).mean()
+    elif loss_type == ["apo_down"]:
+        expected = (torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected))).mean()
+    else:
+        nll = -policy_chosen.sum() / chosen_tokens
+        expected = -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean() + nll
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_gradient_accumulation_matches_one_large_batch(tiny_model_dir, tmp_path):
     data = _preferences(4)
     params = {}
