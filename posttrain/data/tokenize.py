@@ -8,9 +8,11 @@ Conventions shared by every function here:
 - no doubled special tokens: text rendered by a chat template is tokenized with
   ``add_special_tokens=False`` (the template owns BOS and turn markers); plain text gets the BOS
   token only when the tokenizer has one and adds it by itself;
-- every completion ends with EOS: plain-text completions get one appended (unless already
-  there); a conversation ends with the template's end-of-turn token (whitespace the template puts
-  after it is dropped), and EOS is appended when that token is not EOS.
+- a conversational completion is the whole rendered assistant turn: what the template renders for
+  ``prompt + completion`` after what it renders for the prompt with the generation prompt, with
+  whatever the template writes after the end-of-turn token (ChatML's newline) included, as TRL
+  takes it; EOS is appended only when the rendered turn holds none (a template whose turns end
+  with another token). Plain-text completions get EOS appended (unless already there).
 
 All functions return a new ``datasets.Dataset`` built with ``Dataset.map(batched=True)``.
 """
@@ -43,12 +45,10 @@ class SpecialTokens:
     Attributes:
         bos: ``[bos_id]`` when the tokenizer puts BOS before plain text by itself, else ``[]``.
         eos_id: the id appended after each completion.
-        turn_ends: special-token strings after which trailing whitespace is dropped.
     """
 
     bos: tuple[int, ...]
     eos_id: int
-    turn_ends: tuple[str, ...]
 
     @classmethod
     def of(cls, tokenizer: Any) -> SpecialTokens:
@@ -62,24 +62,18 @@ class SpecialTokens:
         bos_id = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         bos = (bos_id,) if bos_id is not None and probe[:1] == [bos_id] else ()
-        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-            if getattr(added, "special", False):
-                specials.add(str(added))
-        return cls(bos, eos_id, tuple(sorted(s for s in specials if s)))
+        return cls(bos, eos_id)
 
     def with_bos(self, ids: list[int]) -> list[int]:
         return ids if not self.bos or ids[:1] == list(self.bos) else [*self.bos, *ids]
 
     def with_eos(self, ids: list[int]) -> list[int]:
+        """Plain text: EOS appended unless it is already the last token."""
         return ids if ids and ids[-1] == self.eos_id else [*ids, self.eos_id]
 
-    def trim_after_turn_end(self, text: str) -> str:
-        """``'hi<|im_end|>\\n'`` -> ``'hi<|im_end|>'``: the newline would be trained after the stop token."""
-        stripped = text.rstrip()
-        if stripped != text and stripped.endswith(self.turn_ends):
-            return stripped
-        return text
+    def turn_with_eos(self, ids: list[int]) -> list[int]:
+        """A rendered turn: kept whole (``'hi<|im_end|>\\n'`` stays so); EOS appended only if it holds none."""
+        return ids if self.eos_id in ids else [*ids, self.eos_id]
 
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -133,8 +127,9 @@ def _map(
 # ----------------------------------------------------------------------------- SFT
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str, specials: SpecialTokens) -> list[tuple[int, int]]:
-    """Character spans of ``full_text`` holding each assistant turn (its end-of-turn token included).
+def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
+    """Character spans of ``full_text`` holding each assistant turn (its end-of-turn token and what the
+    template writes after it included: the same boundaries as a preference completion).
 
     Rendered progressively: the text before turn i is ``template(messages[:i], generation prompt)``
     and the text through it is ``template(messages[:i+1])``. Needs no ``{% generation %}`` markers,
@@ -145,7 +140,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str, speci
         if message.get("role") != "assistant":
             continue
         before = apply_chat_template_text(tokenizer, messages[:index], add_generation_prompt=True)
-        through = specials.trim_after_turn_end(apply_chat_template_text(tokenizer, messages[: index + 1]))
+        through = apply_chat_template_text(tokenizer, messages[: index + 1])
         if not (full_text.startswith(before) and full_text.startswith(through) and len(through) >= len(before)):
             raise DataError(
                 f"assistant_only_loss: the chat template does not render message {index} as a continuation "
@@ -210,7 +205,7 @@ def tokenize_sft(
         completion_only_loss: for prompt-completion rows, mark only completion tokens (``None``:
             yes); ``False`` marks every token.
         assistant_only_loss: for conversations, mark only the assistant turns' tokens (each turn's
-            end-of-turn token included); default: every token.
+            end-of-turn token and the template's text after it included); default: every token.
         text_field: the text column of language-modeling data.
     """
     source = source or describe_source(dataset)
@@ -249,20 +244,19 @@ def tokenize_sft(
                 list(zip(batch["prompt"], batch["completion"])), indices, source=source, column="completion",
             )
             prompts = encode(tokenizer, [p for p, _ in pairs])
-            completions = encode(tokenizer, [specials.trim_after_turn_end(c) for _, c in pairs])
+            completions = [specials.turn_with_eos(ids) for ids in encode(tokenizer, [c for _, c in pairs])]
         else:
             prompts = [specials.with_bos(ids) for ids in encode(tokenizer, batch["prompt"])]
-            completions = encode(tokenizer, batch["completion"])
+            completions = [specials.with_eos(ids) for ids in encode(tokenizer, batch["completion"])]
         ids_rows, masks = [], []
         for prompt_ids, completion_ids in zip(prompts, completions):
-            completion_ids = specials.with_eos(completion_ids)
             ids_rows.append(prompt_ids + completion_ids)
             masks.append([0 if completion_only else 1] * len(prompt_ids) + [1] * len(completion_ids))
         return ids_rows, masks
 
     def _conversation_rows(conversations, indices):
         texts = _per_row(
-            lambda messages: specials.trim_after_turn_end(apply_chat_template_text(tokenizer, messages)),
+            lambda messages: apply_chat_template_text(tokenizer, messages),
             conversations, indices, source=source, column="messages",
         )
         if not assistant_only_loss:
@@ -270,7 +264,7 @@ def tokenize_sft(
             masks = [[1] * len(ids) for ids in ids_rows]
         else:
             all_spans = _per_row(
-                lambda item: _assistant_spans(tokenizer, item[0], item[1], specials),
+                lambda item: _assistant_spans(tokenizer, item[0], item[1]),
                 list(zip(conversations, texts)), indices, source=source, column="messages",
             )
             try:
@@ -285,7 +279,7 @@ def tokenize_sft(
             ids_rows = encoded["input_ids"]
             masks = [_mask_from_spans(offsets, spans) for offsets, spans in zip(encoded["offset_mapping"], all_spans)]
         for ids, mask in zip(ids_rows, masks):
-            if not ids or ids[-1] != specials.eos_id:
+            if specials.eos_id not in ids:
                 # the template's end of turn is not EOS: end with EOS, a target if the turn was one
                 mask.append(mask[-1] if mask else 1)
                 ids.append(specials.eos_id)
@@ -357,7 +351,8 @@ def _render_pairs(
     specials: SpecialTokens,
     source: str,
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Prompt ids and, per row, the ids of each completion column (each ending with EOS)."""
+    """Prompt ids and, per row, the ids of each completion column (plain text ending with EOS; a
+    conversational completion is its whole rendered turn, holding EOS)."""
     num_rows = len(indices)
     if info.explicit_prompt:
         prompts = batch["prompt"]
@@ -372,16 +367,16 @@ def _render_pairs(
         def render(row: tuple[Any, list[Any]]) -> tuple[str, list[str]]:
             prompt, row_completions = row
             rendered = [render_prompt_completion(tokenizer, prompt, c) for c in row_completions]
-            return rendered[0][0], [specials.trim_after_turn_end(text) for _, text in rendered]
+            return rendered[0][0], [text for _, text in rendered]
 
         texts = _per_row(render, list(zip(prompts, completions)), indices, source=source, column=completion_columns[0])
         prompt_ids = encode(tokenizer, [prompt for prompt, _ in texts])
-        flat = encode(tokenizer, [text for _, row in texts for text in row])
+        flat = [specials.turn_with_eos(ids) for ids in encode(tokenizer, [text for _, row in texts for text in row])]
     else:
         prompt_ids = [specials.with_bos(ids) for ids in encode(tokenizer, prompts)]
-        flat = encode(tokenizer, [text for row in completions for text in row])
+        flat = [specials.with_eos(ids) for ids in encode(tokenizer, [text for row in completions for text in row])]
     width = len(completion_columns)
-    per_row = [[specials.with_eos(ids) for ids in flat[i * width : (i + 1) * width]] for i in range(num_rows)]
+    per_row = [flat[i * width : (i + 1) * width] for i in range(num_rows)]
     return prompt_ids, per_row
 
 
@@ -391,19 +386,19 @@ def encode_prompt_completion(
     """Ids of one prompt + completion laid out exactly as :func:`tokenize_preference` lays out a pair's side.
 
     A reward model reads its score at the last token, so scoring a sequence rendered any other way
-    (a newline after the turn end, a missing EOS) reads it where training never put it. Conversational
-    prompts take a message list or a plain string as the completion (it becomes the assistant turn).
+    (without the template's text after the turn end, a missing EOS) reads it where training never
+    put it. Conversational prompts take a message list or a plain string as the completion (it
+    becomes the assistant turn).
     """
     specials = specials or SpecialTokens.of(tokenizer)
     if isinstance(prompt, list):
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}]
         prompt_text, completion_text = render_prompt_completion(tokenizer, prompt, completion)
-        prompt_ids, completion_ids = encode(tokenizer, [prompt_text, specials.trim_after_turn_end(completion_text)])
-    else:
-        prompt_ids, completion_ids = encode(tokenizer, [prompt, completion])
-        prompt_ids = specials.with_bos(prompt_ids)
-    return [*prompt_ids, *specials.with_eos(completion_ids)]
+        prompt_ids, completion_ids = encode(tokenizer, [prompt_text, completion_text])
+        return [*prompt_ids, *specials.turn_with_eos(completion_ids)]
+    prompt_ids, completion_ids = encode(tokenizer, [prompt, completion])
+    return [*specials.with_bos(prompt_ids), *specials.with_eos(completion_ids)]
 
 
 def _tokenize_completions(
@@ -460,7 +455,7 @@ def tokenize_preference(
     """Tokenize preference pairs (text or conversations, explicit or implicit prompt).
 
     Returns columns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (completion
-    ids, each ending with EOS unless truncated), plus ``margin``, ``ref_chosen_logps`` and
+    ids: plain text ending with EOS, a conversation's whole rendered assistant turn, unless truncated), plus ``margin``, ``ref_chosen_logps`` and
     ``ref_rejected_logps`` when the dataset has them. See :func:`truncate_pair` for the limits.
     """
     return _tokenize_completions(

@@ -171,13 +171,18 @@ def clipped_policy_loss(
     return per_token_loss, metrics
 
 
+#: CISPO's cap on the importance weight when the user sets none (MiniMax-M1's epsilon_max; ScaleRL uses 5.0).
+#: It caps the ratio itself, not 1 + epsilon, so PPO's 0.2 would scale every token's gradient down to 0.2 or less.
+CISPO_DEFAULT_EPSILON_HIGH = 5.0
+
+
 def cispo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    epsilon_high: float = 5.0,
+    epsilon_high: float = CISPO_DEFAULT_EPSILON_HIGH,
     importance_sampling_level: str = "token",
     ref_logps: torch.Tensor | None = None,
     kl_coef: float = 0.0,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.registry import Registry
+from posttrain.ops.distributed import all_reduce_sum
 from posttrain.ops.masked import masked_mean, masked_sum
 
 PreferenceLoss = Callable[..., torch.Tensor]
@@ -55,6 +56,9 @@ class PreferenceLogps:
     ``policy_*`` / ``ref_*`` are log-probs summed over the completion tokens under the trained policy
     and the frozen reference. ``*_num_tokens`` are the completion lengths (float counts); they are
     needed by the losses that average per token (``ipo``, ``sigmoid_norm``, ``sft``).
+    ``policy_chosen_plain``: the plain sums of the chosen completions when ``policy_chosen`` is
+    length-weighted (LD-DPO, :func:`length_desensitized_logps`); the NLL terms (``sft``, RPO) use it,
+    since a likelihood weighs every token once. ``None``: ``policy_chosen`` is already plain.
     """
 
     policy_chosen: torch.Tensor
@@ -63,11 +67,12 @@ class PreferenceLogps:
     ref_rejected: torch.Tensor
     chosen_num_tokens: torch.Tensor | None = None
     rejected_num_tokens: torch.Tensor | None = None
+    policy_chosen_plain: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = self.policy_chosen.shape
         for name in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_num_tokens",
-                     "rejected_num_tokens"):  # fmt: skip
+                     "rejected_num_tokens", "policy_chosen_plain"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (value.dim() != 1 or value.shape != shape):
                 raise DataError(
@@ -76,6 +81,11 @@ class PreferenceLogps:
                     found=f"shape {tuple(value.shape)}",
                     fix="pass one summed log-prob (or token count) per example",
                 )
+
+    @property
+    def chosen_likelihood_logps(self) -> torch.Tensor:
+        """(B,) plain summed log-probs of the chosen completions (every token weighed once)."""
+        return self.policy_chosen if self.policy_chosen_plain is None else self.policy_chosen_plain
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -99,9 +109,12 @@ class PreferenceLogps:
 
 
 class RunningMean:
-    """Mean of every value passed to :meth:`update` so far; the explicit state of ``bco_pair``.
+    """Mean of the batch means passed to :meth:`update` so far; the explicit state of ``bco_pair``.
 
-    Keep one per trainer, save :meth:`state_dict` with checkpoints for an exact resume.
+    A batch's mean is taken over every process (global sum / global count via
+    :func:`posttrain.ops.distributed.all_reduce_sum`), so every process holds the same value and it
+    does not depend on how the batch was split between processes. Keep one per trainer, save
+    :meth:`state_dict` with checkpoints for an exact resume.
     """
 
     def __init__(self) -> None:
@@ -109,9 +122,14 @@ class RunningMean:
         self.count = 0
 
     @torch.no_grad()
-    def update(self, value: torch.Tensor | float) -> None:
-        self.total += float(value)
-        self.count += 1
+    def update(self, values: torch.Tensor | float) -> None:
+        """Add the mean of ``values`` (any shape) over every process: a collective call when several run."""
+        values = torch.as_tensor(values).detach().double().reshape(-1)
+        moments = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)])
+        total, count = all_reduce_sum(moments).tolist()
+        if count > 0:
+            self.total += total / count
+            self.count += 1
 
     @property
     def mean(self) -> float:
@@ -343,15 +361,16 @@ def bco_pair_loss(
     ``loss = -log sigma(u_c - delta) - log sigma(-(u_r - delta))``.
 
     ``delta`` is the running mean of past batch-mean rewards, held in the ``running_mean`` object
-    the caller owns (updated here with this batch's mean of ``[u_c, u_r]`` before it is read, unless
-    ``update_running_mean=False``, e.g. during evaluation). Without ``running_mean``, ``delta = 0``.
+    the caller owns (updated here with this batch's mean of ``[u_c, u_r]`` over every process before
+    it is read, unless ``update_running_mean=False``, e.g. during evaluation; a collective call when
+    several processes run). Without ``running_mean``, ``delta = 0``.
     Shapes: (B,) -> (B,).
     """
     chosen_rewards, rejected_rewards = dpo_rewards(logps, beta)
     shift = 0.0
     if running_mean is not None:
         if update_running_mean:
-            running_mean.update(torch.cat([chosen_rewards, rejected_rewards]).detach().double().mean())
+            running_mean.update(torch.cat([chosen_rewards, rejected_rewards]))
         shift = running_mean.mean
     return -F.logsigmoid(chosen_rewards - shift) - F.logsigmoid(-(rejected_rewards - shift))
 
@@ -434,10 +453,11 @@ def sft_loss(logps: PreferenceLogps, *, beta: float = 0.0, label_smoothing: floa
 
     ``loss = -sum_i policy_chosen_i / sum_i n_c,i``, the same value repeated for each example (so
     the mean over the batch is that value and every token weighs the same; a per-sequence mean
-    would over-weight short completions). Shapes: (B,) -> (B,).
+    would over-weight short completions). Under LD-DPO the plain sums are used
+    (:attr:`PreferenceLogps.chosen_likelihood_logps`), not the length-weighted ones. Shapes: (B,) -> (B,).
     """
     chosen_tokens, _ = logps.num_tokens("sft")
-    mean_nll = -logps.policy_chosen.sum() / chosen_tokens.sum()
+    mean_nll = -logps.chosen_likelihood_logps.sum() / chosen_tokens.sum()
     return mean_nll.expand_as(logps.policy_chosen)
 
 

@@ -48,6 +48,7 @@ from posttrain.models.lm_head import (
     token_logps,
     unwrap_model,
 )
+from posttrain.ops.distributed import all_reduce_sum
 from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
@@ -354,10 +355,8 @@ class DPOTrainer(PosttrainTrainer):
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         # RPO's NLL is a mean over chosen tokens: count them over the whole accumulated batch too
         if self.args.rpo_alpha is not None and batch_samples:
-            tokens = torch.stack([_chosen_target_count(b).to(device) for b in batch_samples]).sum()
-            if self.args.world_size > 1:
-                tokens = self.accelerator.gather(tokens.reshape(1)).sum()
-            self._accumulated_chosen_tokens = tokens
+            self._accumulated_chosen_tokens = accumulated_chosen_tokens(
+                batch_samples, device, across_processes=self.args.average_tokens_across_devices)
         return super()._get_num_items_in_batch(batch_samples, device)
 
     def _as_rows(self, values: TokenLogps, batch) -> TokenLogps:
@@ -381,6 +380,7 @@ class DPOTrainer(PosttrainTrainer):
         return sums[:pairs], sums[pairs:]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
         pairs = _num_pairs(inputs)
         policy = self._as_rows(
             token_logps(
@@ -390,6 +390,8 @@ class DPOTrainer(PosttrainTrainer):
             inputs,
         )
         policy_chosen, policy_rejected = self._sequence_logps(policy, inputs)
+        # LD-DPO weighs the sums; a likelihood (sft, RPO) counts every token once
+        chosen_plain = policy.sequence_sums()[:pairs] if args.ld_alpha is not None else None
         if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -398,9 +400,8 @@ class DPOTrainer(PosttrainTrainer):
         logps = PreferenceLogps(
             policy_chosen=policy_chosen, policy_rejected=policy_rejected,
             ref_chosen=ref_chosen.to(policy_chosen.dtype), ref_rejected=ref_rejected.to(policy_chosen.dtype),
-            chosen_num_tokens=counts[:pairs], rejected_num_tokens=counts[pairs:],
+            chosen_num_tokens=counts[:pairs], rejected_num_tokens=counts[pairs:], policy_chosen_plain=chosen_plain,
         )
-        args = self.args
         options: dict[str, Any] = {"discopop_tau": args.discopop_tau, "average_log_probs": args.ipo_average_log_probs}
         if args.f_divergence_type != "reverse_kl":
             options.update(f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef)
@@ -413,7 +414,7 @@ class DPOTrainer(PosttrainTrainer):
         if args.rpo_alpha is not None and num_items_in_batch is not None and accumulated_tokens is not None:
             # undone by the pairs / normaliser factor below: the NLL ends up averaged over every chosen token
             # of the accumulated batch, as one large batch would average it
-            chosen_nll = -policy_chosen.sum() / accumulated_tokens.clamp_min(1) * (normaliser / pairs)
+            chosen_nll = -logps.chosen_likelihood_logps.sum() / accumulated_tokens.clamp_min(1) * (normaliser / pairs)
         loss, metrics = combined_preference_loss(
             logps, args.loss_type, args.loss_weights, beta=args.beta, label_smoothing=args.label_smoothing,
             rpo_alpha=args.rpo_alpha, chosen_nll=chosen_nll, pair_weights=self._pair_weights(model, inputs, policy),
@@ -487,6 +488,18 @@ class DPOTrainer(PosttrainTrainer):
                 eval_dataset = self._with_reference_columns(
                     eval_dataset, self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, "eval")
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def accumulated_chosen_tokens(batch_samples: list, device: torch.device, *, across_processes: bool) -> torch.Tensor:
+    """Chosen target tokens of the micro-batches of one accumulation window (0-dim), summed over every
+    process when ``across_processes`` (``average_tokens_across_devices``).
+
+    The pair count (``num_items_in_batch``) is global under the same flag, and the loss is then scaled
+    by the process count to undo DDP's averaging; RPO's NLL must be normalised the same way, or it
+    ends up ``world_size`` times too small when each process averages its own tokens.
+    """
+    tokens = torch.stack([_chosen_target_count(b).to(device) for b in batch_samples]).sum()
+    return all_reduce_sum(tokens) if across_processes else tokens
 
 
 def _chosen_target_count(batch: dict[str, Any]) -> torch.Tensor:

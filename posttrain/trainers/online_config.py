@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from posttrain.errors import ConfigError
+from posttrain.losses.policy import CISPO_DEFAULT_EPSILON_HIGH
 from posttrain.trainers.config import PosttrainConfig
 
 logger = logging.getLogger("posttrain")
@@ -74,7 +75,9 @@ class OnlineConfig(PosttrainConfig):
     )
     epsilon: float = field(default=0.2, metadata={"help": "Lower clip range of the importance ratio: 1 - epsilon."})
     epsilon_high: float | None = field(
-        default=None, metadata={"help": "Upper clip range 1 + epsilon_high (default: epsilon; DAPO uses 0.28)."}
+        default=None,
+        metadata={"help": "Upper clip range 1 + epsilon_high (default: epsilon; DAPO uses 0.28). With loss_type=cispo "
+                  "it caps the ratio itself: default 5.0 (MiniMax-M1)."},
     )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weight of each reward function in the total reward (default: all 1)."}
@@ -101,8 +104,9 @@ class OnlineConfig(PosttrainConfig):
         super().__post_init__()
         self._check_values()
         self.min_p = 0.0 if self.min_p is None else self.min_p
-        if self.epsilon_high is None:
-            self.epsilon_high = self.epsilon
+        if self.epsilon_high is None:  # CISPO caps the ratio itself (not 1 + epsilon): 0.2 would shrink every weight
+            cispo = getattr(self, "loss_type", None) == "cispo"
+            self.epsilon_high = CISPO_DEFAULT_EPSILON_HIGH if cispo else self.epsilon
         self.steps_per_generation, self.generation_batch_size = resolve_generation_schedule(
             per_device_batch_size=self.per_device_train_batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,

@@ -76,8 +76,9 @@ def test_conversational_prompt_completion(chatml_tokenizer):
     data = Dataset.from_list([{"prompt": CONVERSATION[:2], "completion": [CONVERSATION[2]]}])
     row = tokenize_sft(data, chatml_tokenizer)[0]
     whole = chatml_tokenizer.apply_chat_template(CONVERSATION[:3], tokenize=False)
-    assert chatml_tokenizer.decode(row["input_ids"]) == whole.rstrip("\n")  # ends at <|im_end|>, no newline
-    assert masked_text(chatml_tokenizer, row) == "world<|im_end|>"
+    # the whole rendered assistant turn, the template's newline after <|im_end|> included (as TRL)
+    assert chatml_tokenizer.decode(row["input_ids"]) == whole
+    assert masked_text(chatml_tokenizer, row) == "world<|im_end|>\n"
     assert row["input_ids"].count(chatml_tokenizer.eos_token_id) == 3  # one per turn, none added
 
 
@@ -87,8 +88,8 @@ def test_conversational_prompt_completion(chatml_tokenizer):
 def test_messages_train_on_everything_by_default(chatml_tokenizer):
     row = tokenize_sft(Dataset.from_list([{"messages": CONVERSATION}]), chatml_tokenizer)[0]
     text = chatml_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    assert row["input_ids"] == encode(chatml_tokenizer, text.rstrip("\n"))
-    assert row["input_ids"][-1] == chatml_tokenizer.eos_token_id
+    assert row["input_ids"] == encode(chatml_tokenizer, text)  # the rendering as it is, no EOS added
+    assert chatml_tokenizer.decode(row["input_ids"][-2:]) == "<|im_end|>\n"
     assert row["completion_mask"] == [1] * len(row["input_ids"])
 
 
@@ -97,7 +98,8 @@ def test_assistant_only_loss_spans(chatml_tokenizer):
     row = tokenize_sft(data, chatml_tokenizer, assistant_only_loss=True)[0]
     plain = tokenize_sft(data, chatml_tokenizer)[0]
     assert row["input_ids"] == plain["input_ids"]  # masking never changes the tokens
-    assert masked_text(chatml_tokenizer, row) == "world<|im_end|>sat on the mat<|im_end|>"
+    # each turn through the template's newline after <|im_end|>: a preference completion's boundaries
+    assert masked_text(chatml_tokenizer, row) == "world<|im_end|>\nsat on the mat<|im_end|>\n"
     # check each span's edges: the token before is the header's newline, the one after is not a target
     tokens = chatml_tokenizer.convert_ids_to_tokens(row["input_ids"])
     mask = row["completion_mask"]
@@ -107,8 +109,8 @@ def test_assistant_only_loss_spans(chatml_tokenizer):
     for start, end in zip(starts, ends):
         header_start = max(i for i in range(start) if tokens[i] == "<|im_start|>")
         assert chatml_tokenizer.decode(row["input_ids"][header_start:start]) == "<|im_start|>assistant\n"
-        assert tokens[end] == "<|im_end|>"
-    assert mask[ends[0] + 1] == 0
+        assert tokens[end - 1] == "<|im_end|>" and chatml_tokenizer.decode(row["input_ids"][end]) == "\n"
+    assert mask[ends[0] + 1] == 0 and tokens[ends[0] + 1] == "<|im_start|>"
 
 
 def test_assistant_only_loss_with_non_eos_turn_end(bos_tokenizer):

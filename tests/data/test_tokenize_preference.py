@@ -107,8 +107,11 @@ def test_conversational_explicit_preference(chatml_tokenizer):
     assert chatml_tokenizer.decode(row["prompt_input_ids"]) == chatml_tokenizer.apply_chat_template(
         prompt, tokenize=False, add_generation_prompt=True
     )
-    assert chatml_tokenizer.decode(row["chosen_input_ids"]) == "world<|im_end|>"
-    assert chatml_tokenizer.decode(row["rejected_input_ids"]) == "the cat<|im_end|>"
+    # the whole rendered assistant turn, the template's newline after <|im_end|> included (as TRL)
+    assert chatml_tokenizer.decode(row["chosen_input_ids"]) == "world<|im_end|>\n"
+    assert chatml_tokenizer.decode(row["rejected_input_ids"]) == "the cat<|im_end|>\n"
+    whole = chatml_tokenizer.apply_chat_template(prompt + [assistant("world")], tokenize=False)
+    assert row["prompt_input_ids"] + row["chosen_input_ids"] == encode(chatml_tokenizer, whole)
 
 
 def test_conversational_implicit_preference_with_non_eos_turn_end(bos_tokenizer):
@@ -120,6 +123,46 @@ def test_conversational_implicit_preference_with_non_eos_turn_end(bos_tokenizer)
     assert bos_tokenizer.decode(row["prompt_input_ids"]) == "<s>[user]: hello<|eot|>[assistant]: "
     assert bos_tokenizer.decode(row["chosen_input_ids"]) == "world<|eot|></s>"
     assert bos_tokenizer.decode(row["rejected_input_ids"]) == "the cat<|eot|></s>"
+
+
+def test_conversational_completion_is_the_rendering_after_the_generation_prompt(chatml_tokenizer):
+    """The same boundaries as TRL: rendered(prompt + completion) minus rendered(prompt, generation prompt),
+    here a completion of two turns."""
+    prompt = [user("hello")]
+    chosen = [assistant("world"), user("the cat"), assistant("sat on the mat")]
+    data = Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": [assistant("blue")]}])
+    row = tokenize_preference(data, chatml_tokenizer)[0]
+    before = chatml_tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    whole = chatml_tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
+    assert row["prompt_input_ids"] == encode(chatml_tokenizer, before)
+    assert row["chosen_input_ids"] == encode(chatml_tokenizer, whole[len(before):])
+    assert chatml_tokenizer.decode(row["chosen_input_ids"]).endswith("mat<|im_end|>\n")
+
+
+def test_template_whose_turn_ends_without_a_newline(chatml_tokenizer):
+    import copy
+
+    tight = copy.deepcopy(chatml_tokenizer)
+    tight.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    data = Dataset.from_list([{"prompt": [user("hello")], "chosen": [assistant("world")], "rejected": [assistant("blue")]}])
+    row = tokenize_preference(data, tight)[0]
+    assert tight.decode(row["prompt_input_ids"]) == "<|im_start|>user\nhello<|im_end|><|im_start|>assistant\n"
+    # the turn ends with EOS itself: nothing added, nothing dropped
+    assert row["chosen_input_ids"] == encode(tight, "world<|im_end|>")
+    assert row["rejected_input_ids"] == encode(tight, "blue<|im_end|>")
+
+
+def test_plain_text_rows_are_unchanged_by_the_chat_rules(chatml_tokenizer):
+    # no template involved: text as given (a trailing newline kept), EOS appended once
+    eos = chatml_tokenizer.eos_token_id
+    data = Dataset.from_list([{"prompt": "What is 2 + 2?\n", "chosen": " 4\n", "rejected": " 5<|im_end|>"}])
+    row = tokenize_preference(data, chatml_tokenizer)[0]
+    assert row["prompt_input_ids"] == encode(chatml_tokenizer, "What is 2 + 2?\n")
+    assert row["chosen_input_ids"] == encode(chatml_tokenizer, " 4\n") + [eos]
+    assert row["rejected_input_ids"] == encode(chatml_tokenizer, " 5") + [eos]
 
 
 def test_preference_truncation_applied_per_row(chatml_tokenizer):

@@ -394,3 +394,19 @@ def test_missing_token_counts_and_bad_shapes_are_data_errors():
         PREFERENCE_LOSSES.get("ipo")(logps, beta=BETA)
     with pytest.raises(DataError, match="ref_chosen"):
         PreferenceLogps(torch.zeros(3), torch.zeros(3), torch.zeros(2), torch.zeros(3))
+
+
+def test_nll_terms_use_the_plain_sums_under_length_weighting():
+    # LD-DPO weighs the sums that the preference terms compare; sft and RPO are likelihoods of every token
+    plain = [-6.5, -9.5, -4.1]
+    logps = make_logps()
+    logps.policy_chosen_plain = torch.tensor(plain, dtype=torch.float64)
+    nll = -sum(plain) / sum(CHOSEN_TOKENS)
+    sft = PREFERENCE_LOSSES.get("sft")(logps, beta=BETA)
+    torch.testing.assert_close(sft, torch.full((3,), nll, dtype=torch.float64))
+    loss, metrics = combined_preference_loss(logps, ["sigmoid"], beta=BETA, rpo_alpha=0.5)
+    sigmoid = sum(-logsig(BETA * (chosen_ratio(i) - rejected_ratio(i))) for i in range(3)) / 3
+    assert loss.item() == pytest.approx(sigmoid + 0.5 * nll, abs=1e-12)
+    assert metrics["loss/nll"] == pytest.approx(nll, abs=1e-12)
+    # the preference terms still read the weighted sums
+    assert metrics["logps/chosen"] == pytest.approx(sum(POLICY_CHOSEN) / 3, abs=1e-12)

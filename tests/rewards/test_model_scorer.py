@@ -51,10 +51,10 @@ def test_conversational_rows_use_the_chat_template_and_long_inputs_keep_their_en
     prompt = [{"role": "user", "content": "what is two plus two?"}]
     score = scorer([prompt], ["it is four."])[0]
     ids = trained_layout(tokenizer, prompt, [{"role": "assistant", "content": "it is four."}])
-    # the template writes a newline after the turn's end token; training (and scoring) stop at that token
+    # the template writes a newline after the turn's end token; training (and scoring) keep it, as TRL does
     text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "it is four."}], tokenize=False)
-    assert text.endswith("\n") and ids[-1] == tokenizer.eos_token_id
-    assert ids == tokenizer(text.rstrip(), add_special_tokens=False)["input_ids"]
+    assert text.endswith("<|im_end|>\n") and ids[-2] == tokenizer.eos_token_id
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 8
     model.eval()
     assert score == pytest.approx(reference_score(model, ids[-8:]), abs=1e-5)

@@ -23,6 +23,16 @@ def _preferences(n=8, conversational=True):
     return get_task("arithmetic").as_preference(n, conversational=conversational)
 
 
+def _uneven_preferences(n=8):
+    """Arithmetic pairs whose chosen (even rows) or rejected (odd rows) answer is several tokens longer."""
+    def lengthen(row, index):
+        side = "chosen" if index % 2 == 0 else "rejected"
+        row[side] = [{"role": "assistant", "content": row[side][0]["content"] + " is the answer I give to this"}]
+        return row
+
+    return _preferences(n).map(lengthen, with_indices=True)
+
+
 def _config(tmp_path, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
                   learning_rate=1e-3, logging_steps=1, save_strategy="no", disable_tqdm=True)
@@ -97,21 +107,25 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards(tiny_model_dir, t
         dict(loss_type=["sigmoid", "ipo"], loss_weights=[0.7, 0.3]),
         dict(loss_type=["hinge"], beta=0.5),
         dict(ld_alpha=0.5),
+        dict(ld_alpha=0.5, rpo_alpha=0.5),
+        dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
         dict(use_weighting=True),
     ],
-    ids=["sigmoid", "rpo", "sigmoid+ipo", "hinge", "ld_alpha", "wpo"],
+    ids=["sigmoid", "rpo", "sigmoid+ipo", "hinge", "ld_alpha", "ld_alpha+rpo", "ld_alpha+sft", "wpo"],
 )
 def test_loss_equals_hand_computation_from_two_models(tiny_model_dir, tmp_path, options):
     policy = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=_config(tmp_path, **options),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), train_dataset=_preferences(8))
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+                         train_dataset=_uneven_preferences(8) if "ld_alpha" in options else _preferences(8))
     batch = _batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch).item()
 
     sums, counts, token_logps, logits = _sequence_logps_float64(policy, batch)
     ref_sums, _, ref_token_logps, _ = _sequence_logps_float64(reference, batch)
     mask = batch["completion_mask"][:, 1:].double()
+    plain_sums = sums  # a likelihood (sft, RPO) counts every token once, also under LD-DPO
     if "ld_alpha" in options:  # tokens past the shorter completion weigh ld_alpha
         position = torch.cumsum(mask, -1)
         shared = torch.minimum(counts[:4], counts[4:]).repeat(2)[:, None]
@@ -132,9 +146,16 @@ def test_loss_equals_hand_computation_from_two_models(tiny_model_dir, tmp_path, 
     if "loss_weights" in options:
         ipo = ((chosen_ratio / counts[:4] - rejected_ratio / counts[4:]) - 1 / (2 * beta)) ** 2
         expected = 0.7 * sigmoid.mean() + 0.3 * ipo.mean()
+    chosen_nll = -plain_sums[:4].sum() / counts[:4].sum()
     if "rpo_alpha" in options:
-        expected = expected + 0.5 * (-sums[:4].sum() / counts[:4].sum())
+        expected = expected + 0.5 * chosen_nll
+    if options.get("loss_type") == ["sigmoid", "sft"]:
+        expected = sigmoid.mean() + chosen_nll
     assert loss == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    if "rpo_alpha" in options:  # the training path: the NLL normalised by the accumulated chosen tokens
+        items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+        accumulated = trainer.compute_loss(trainer.model, batch, num_items_in_batch=items).item()
+        assert accumulated == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
     metrics = _last_metrics(trainer)
     if "ld_alpha" not in options:
@@ -145,6 +166,62 @@ def test_loss_equals_hand_computation_from_two_models(tiny_model_dir, tmp_path, 
     assert metrics["rewards/accuracies"] == pytest.approx((delta > 0).double().mean().item())
     if "loss_weights" in options:
         assert metrics["loss/ipo"] == pytest.approx(ipo.mean().item(), rel=1e-4)
+
+
+def _rendered_pair_side(tokenizer, prompt, completion):
+    """(prompt ids, completion ids) from the rendered strings: the completion is everything the template
+    renders for prompt + completion after the prompt with its generation prompt."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    assert whole.startswith(prompt_text)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(prompt_text), encode(whole[len(prompt_text):])
+
+
+def _completion_logp_float64(model, prompt_ids, completion_ids):
+    """Summed log-prob of the completion after the prompt: one unpadded row, full logits in float64."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    token_logps = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return token_logps[len(prompt_ids) - 1 :].sum()
+
+
+@pytest.mark.parametrize("loss_type", [["sppo_hard"], ["apo_down"], ["sigmoid", "sft"]], ids="+".join)
+def test_conversational_loss_matches_an_independent_computation(tiny_model_dir, tmp_path, loss_type):
+    """Token boundaries as TRL takes them (the whole rendered turn, ChatML's newline after <|im_end|>
+    included), with a reference that differs from the policy so the chosen and rejected log-ratios do
+    not cancel."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    reference = AutoModelForCausalLM.from_config(policy.config)  # the same architecture, another seed
+    data = _preferences(4)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=_config(tmp_path, loss_type=loss_type),
+                         processing_class=tokenizer, train_dataset=data)
+    loss = trainer.compute_loss(trainer.model, _batch(trainer)).item()
+
+    beta = 0.1
+    sums = {"policy": {"chosen": [], "rejected": []}, "ref": {"chosen": [], "rejected": []}}
+    chosen_tokens = 0
+    for row in data:
+        for side in ("chosen", "rejected"):
+            prompt_ids, completion_ids = _rendered_pair_side(tokenizer, row["prompt"], row[side])
+            assert tokenizer.decode(completion_ids).endswith("<|im_end|>\n")
+            chosen_tokens += len(completion_ids) if side == "chosen" else 0
+            for name, model in (("policy", policy), ("ref", reference)):
+                sums[name][side].append(_completion_logp_float64(model, prompt_ids, completion_ids))
+    policy_chosen, policy_rejected = torch.stack(sums["policy"]["chosen"]), torch.stack(sums["policy"]["rejected"])
+    chosen = policy_chosen - torch.stack(sums["ref"]["chosen"])
+    rejected = policy_rejected - torch.stack(sums["ref"]["rejected"])
+    if loss_type == ["sppo_hard"]:
+        expected = ((chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2).mean()
+    elif loss_type == ["apo_down"]:
+        expected = (torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected))).mean()
+    else:
+        nll = -policy_chosen.sum() / chosen_tokens
+        expected = -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean() + nll
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_gradient_accumulation_matches_one_large_batch(tiny_model_dir, tmp_path):
@@ -392,3 +469,85 @@ def test_a_few_dozen_steps_learn_the_arithmetic_preferences(tiny_model_dir, tmp_
     assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert after["eval_loss"] < before["eval_loss"] - 0.1
     assert after["eval_rewards/accuracies"] >= 0.75 and after["eval_rewards/margins"] > 0.2
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _GatherOverProcesses:
+    """The one accelerator call the token count makes, over the real gloo group."""
+
+    @staticmethod
+    def gather(tensor):
+        import torch.distributed as dist
+
+        parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+
+# bco_pair rewards of two steps; process 0 holds the first 1 and 2 values of them, process 1 the rest
+_BCO_REWARDS = [([0.5, -1.0, 2.0, 4.5], 1), ([1.0, 3.0, -2.0, 0.0, 6.0, 1.5], 2)]
+
+
+def _two_process_worker(rank, port, out):
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from posttrain.losses.preference import RunningMean
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # RPO: 2 pairs per process; the chosen rows hold 3 + 2 target tokens on process 0, 4 + 4 on process 1
+    chosen_targets = [[3, 2], [4, 4]][rank]
+    mask = torch.zeros(4, 8, dtype=torch.long)
+    for row, n in enumerate(chosen_targets + [1, 1]):
+        mask[row, 1 : 1 + n] = 1
+    batch = {"input_ids": torch.ones(4, 8, dtype=torch.long), "completion_mask": mask}
+    counts = {}
+    for across in (False, True):
+        trainer = DPOTrainer.__new__(DPOTrainer)
+        trainer.args = SimpleNamespace(rpo_alpha=1.0, average_tokens_across_devices=across, world_size=2)
+        trainer.accelerator = _GatherOverProcesses()
+        trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+        counts[across] = trainer._accumulated_chosen_tokens.item()
+    # bco_pair's running mean
+    running = RunningMean()
+    for rewards, split in _BCO_REWARDS:
+        running.update(torch.tensor(rewards[:split] if rank == 0 else rewards[split:]))
+    torch.save({"counts": counts, "running": running.state_dict()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes importing transformers: 20 s to a minute on a busy machine
+def test_statistics_over_two_processes(tmp_path):
+    """RPO's chosen-token count is global only with average_tokens_across_devices (otherwise each process
+    averages its own NLL and DDP averages the processes, as for the pair loss: a global count there made
+    the term world_size times too small); bco_pair's running mean is that of one process holding it all."""
+    import torch.multiprocessing as mp
+
+    from posttrain.losses.preference import RunningMean
+
+    out = str(tmp_path / "stats")
+    mp.spawn(_two_process_worker, args=(_free_port(), out), nprocs=2, join=True)
+    first, second = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert (first["counts"][False], second["counts"][False]) == (5, 8)
+    assert first["counts"][True] == second["counts"][True] == 13
+
+    single = RunningMean()
+    for rewards, _ in _BCO_REWARDS:
+        single.update(torch.tensor(rewards))
+    assert single.mean == pytest.approx(sum(sum(r) / len(r) for r, _ in _BCO_REWARDS) / 2, abs=1e-12)
+    for state in (first["running"], second["running"]):
+        assert state["count"] == single.count == 2
+        assert state["total"] == pytest.approx(single.total, abs=1e-12)

@@ -112,7 +112,8 @@ def test_implicit_prompt_conversations(tiny_model_dir, tmp_path):
     tok = a.processing_class
     row = b.train_dataset[0]
     assert tok.decode(row["prompt_input_ids"]).endswith("<|im_start|>assistant\n")
-    assert tok.decode(row["chosen_input_ids"]) == explicit[0]["chosen"][0]["content"] + "<|im_end|>"
+    # the whole rendered turn, the template's newline included: the score is read where TRL reads it
+    assert tok.decode(row["chosen_input_ids"]) == explicit[0]["chosen"][0]["content"] + "<|im_end|>\n"
 
 
 def test_missing_column_is_a_data_error(tiny_model_dir, tmp_path):
