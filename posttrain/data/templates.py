@@ -110,3 +110,25 @@ def render_prompt_completion(
             "match the start of the assistant turn), or give the prompt and completion as plain text",
         )
     return prompt_text, full_text[len(prompt_text) :]
+
+
+def turn_suffix_text(tokenizer: Any) -> str:
+    """What the chat template writes after the EOS that closes an assistant turn (ChatML: ``"\\n"``).
+
+    Generation stops at that EOS, while a rendered training row keeps the whole turn; a sampled
+    completion gets this text appended wherever it must look like a training row (a reward model
+    reads its score at a row's last token). Empty without a chat template, without an EOS token, or
+    when the template writes nothing after it.
+    """
+    eos = getattr(tokenizer, "eos_token", None)
+    if not has_chat_template(tokenizer) or not eos:
+        return ""
+    marker = "posttrain-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that needs other roles or arguments: append nothing
+        return ""
+    after_answer = text[text.rfind(marker) + len(marker):] if marker in text else ""
+    return after_answer[after_answer.find(eos) + len(eos):] if eos in after_answer else ""

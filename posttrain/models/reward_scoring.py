@@ -175,3 +175,45 @@ def require_reward_model(model: str | os.PathLike | nn.Module, field: str) -> No
         fix="train a reward model from it with `posttrain reward --model_name_or_path DIR ...`, "
             "or pass a directory saved from an AutoModelForSequenceClassification with num_labels=1",
     )
+
+
+def append_after_eos(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    suffix_ids: list[int],
+    eos_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append ``suffix_ids`` after the last attended token of every row that ends with an EOS.
+
+    A completion sampled until EOS stops where a rendered chat turn still goes on (ChatML writes a
+    newline after ``<|im_end|>``); a reward model trained on rendered turns reads its score at that
+    last token, so scored completions get the same ending. Truncated rows stay as they are.
+
+    Args:
+        input_ids, attention_mask, position_ids: ``(B, L)``; the rows are right-padded after their
+            last attended token (left padding before it is fine).
+        suffix_ids: the tokens to append (``S`` of them).
+        eos_ids: the ids that end a completion.
+
+    Returns:
+        ``(B, L + S)`` input ids, attention mask and position ids (the suffix continues each row's positions).
+    """
+    if not suffix_ids:
+        return input_ids, attention_mask, position_ids
+    batch, width = input_ids.shape
+    size = len(suffix_ids)
+    last = last_attended_index(attention_mask)
+    rows = torch.arange(batch, device=input_ids.device)
+    ends_with_eos = torch.isin(input_ids[rows, last], torch.tensor(eos_ids, device=input_ids.device))
+    ids = torch.cat([input_ids, input_ids.new_zeros(batch, size)], dim=1)
+    mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, size)], dim=1)
+    positions = torch.cat([position_ids, position_ids.new_zeros(batch, size)], dim=1)
+    suffix = torch.tensor(suffix_ids, dtype=input_ids.dtype, device=input_ids.device)
+    offsets = torch.arange(1, size + 1, device=input_ids.device)
+    for row in rows[ends_with_eos].tolist():
+        columns = last[row] + offsets
+        ids[row, columns] = suffix
+        mask[row, columns] = 1
+        positions[row, columns] = position_ids[row, last[row]] + offsets.to(position_ids.dtype)
+    return ids, mask, positions

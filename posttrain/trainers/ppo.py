@@ -41,7 +41,7 @@ from transformers import AutoModelForSequenceClassification, TrainerState
 
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
-from posttrain.models.reward_scoring import require_reward_model, sequence_scores
+from posttrain.models.reward_scoring import append_after_eos, require_reward_model, sequence_scores
 from posttrain.models.value_head import PolicyAndValueModel
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_processing_class
 from posttrain.trainers.config import note_alias_once
@@ -143,6 +143,7 @@ class PPOTrainer(PosttrainTrainer):
                               fix="pass a dataset with a 'prompt' column")
         train_dataset = prepare_prompt_dataset(train_dataset, self._tokenizer, args.max_prompt_length,
                                                args.dataset_num_proc, "train dataset")
+        self._turn_suffix_ids, self._eos_ids = self._scoring_suffix(train_dataset)
         if eval_dataset is not None:
             eval_dataset = prepare_prompt_dataset(eval_dataset, self._tokenizer, args.max_prompt_length,
                                                   args.dataset_num_proc, "eval dataset")
@@ -391,13 +392,30 @@ class PPOTrainer(PosttrainTrainer):
         return {"seq": seq, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
                 "mask": mask, "scores": scores, "num_rows": seq.input_ids.shape[0], "prompts": batch.get("prompt")}
 
+    def _scoring_suffix(self, prompts) -> tuple[list[int], list[int]]:
+        """For chat prompts: the token ids the template writes after a turn's EOS, and the EOS ids."""
+        from posttrain.data.templates import turn_suffix_text
+
+        first = prompts[0].get("prompt") if len(prompts) else None
+        generation_eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
+        eos_ids = [self._tokenizer.eos_token_id] + (generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        eos_ids = [int(i) for i in dict.fromkeys(eos_ids) if i is not None]
+        if not isinstance(first, list) or not eos_ids:
+            return [], eos_ids
+        text = turn_suffix_text(self._tokenizer)
+        return (self._tokenizer(text, add_special_tokens=False)["input_ids"] if text else []), eos_ids
+
     def reward_scores(self, sequences) -> torch.Tensor:
         """``(N,)`` scores of prompt + completion rows (:class:`RolloutSequences`); override to score differently.
 
-        Read where ``RewardTrainer`` trained them: at each row's last attended token, the EOS that
-        ended the completion or, for a truncated one, its last token (:func:`sequence_scores`).
+        Read where ``RewardTrainer`` trained them: at each row's last attended token (:func:`sequence_scores`).
+        A chat completion that ended with EOS first gets the text the template writes after a turn's
+        EOS (ChatML's newline), since a rendered training row holds it; a truncated one is read at its last token.
         """
-        return sequence_scores(self.reward_model, sequences.input_ids, sequences.attention_mask, sequences.position_ids)
+        ids, mask, positions = sequences.input_ids, sequences.attention_mask, sequences.position_ids
+        if self._turn_suffix_ids:  # the template's text after the turn's EOS, as the reward model saw in training
+            ids, mask, positions = append_after_eos(ids, mask, positions, self._turn_suffix_ids, self._eos_ids)
+        return sequence_scores(self.reward_model, ids, mask, positions)
 
     def _policy_logps(self, network: nn.Module, part) -> torch.Tensor:
         from posttrain.models.lm_head import token_logps

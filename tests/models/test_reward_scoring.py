@@ -202,3 +202,50 @@ def test_ppo_reads_the_score_reward_training_computes(arch, tmp_path):
     # an independent reference: each row alone, the score head at its last token
     expected = [score_at(reward_model, p + c, len(p + c) - 1) for p, c in zip(prompt_rows, completion_rows)]
     torch.testing.assert_close(ppo_scores, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_scores_a_chat_completion_as_reward_training_rendered_it(tiny_model_dir, tmp_path):
+    """Generation stops at <|im_end|>; a rendered training turn goes on with the template's newline."""
+    from transformers import AutoTokenizer
+
+    from posttrain import PPOConfig, PPOTrainer
+    from posttrain.models.tiny import tiny_model_path
+    from posttrain.rewards import RewardModelScorer
+    from posttrain.rollout.batch import RolloutBatch
+    from posttrain.trainers.online_dpo import rollout_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    questions, answers = ["What is 2 + 3?", "What is 10 + 1?"], ["5", "The answer is 11."]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    ppo = PPOTrainer(
+        args=PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=2, total_episodes=2,
+                       response_length=8, num_mini_batches=1, save_strategy="no", disable_tqdm=True,
+                       num_sample_generations=0),
+        model=tiny_model_dir, reward_model=tiny_model_path(reward=True),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+    )
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_rows = [ppo.train_dataset[i]["prompt_input_ids"] for i in range(2)]
+    completion_rows = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    prompt_ids, prompt_mask = pad_rows(prompt_rows, pad, "left")
+    completion_ids, completion_mask = pad_rows(completion_rows, pad, "right")
+    rollout = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                           is_truncated=torch.tensor([False, False]), prompt_index=torch.arange(2), group_size=1)
+    ppo_scores = ppo.reward_scores(rollout_sequences(rollout))
+    scorer = RewardModelScorer(tiny_model_path(reward=True))
+    trained_layout = scorer(prompts=prompts, completions=[[{"role": "assistant", "content": a}] for a in answers])
+    torch.testing.assert_close(ppo_scores, torch.tensor(trained_layout), atol=1e-5, rtol=1e-5)
+
+
+def test_append_after_eos_and_the_chatml_turn_suffix(tiny_tokenizer):
+    from posttrain.data.templates import turn_suffix_text
+    from posttrain.models.reward_scoring import append_after_eos
+
+    assert turn_suffix_text(tiny_tokenizer) == "\n"
+    ids = torch.tensor([[0, 5, 6, 9, 0], [5, 6, 7, 8, 4]])  # row 0 ends with EOS 9 then padding; row 1 truncated
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    positions = torch.tensor([[0, 0, 1, 2, 0], [0, 1, 2, 3, 4]])
+    new_ids, new_mask, new_positions = append_after_eos(ids, mask, positions, [7, 3], [9])
+    assert new_ids.tolist() == [[0, 5, 6, 9, 7, 3, 0], [5, 6, 7, 8, 4, 0, 0]]
+    assert new_mask.tolist() == [[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]]
+    assert new_positions[0, 4:6].tolist() == [3, 4]
