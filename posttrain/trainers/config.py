@@ -12,6 +12,7 @@ It adds three things to the Trainer's vocabulary:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -99,6 +100,7 @@ class PosttrainConfig(TrainingArguments):
                 )
             note_alias_once("warmup_ratio", "warmup_steps", owner)
             self.warmup_steps = float(self.warmup_ratio)
+        launched_processes = adopt_process_launch(self)
         self._resolve_precision()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False
@@ -106,7 +108,13 @@ class PosttrainConfig(TrainingArguments):
             self.output_dir = "trainer_output"
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = _parse_json_field(self.model_init_kwargs, "model_init_kwargs")
-        super().__post_init__()
+        super().__post_init__()  # sets up the device and, under a launcher, the process group
+        if launched_processes > 1 and self.world_size != launched_processes:
+            raise ConfigError(
+                f"the launcher started {launched_processes} processes but they did not join one distributed run "
+                f"(device: {self.device}); each would train alone on all the data into the same output_dir",
+                field="use_cpu", fix="pass --use_cpu true to train over gloo on the CPU, or launch one process",
+            )
 
     def _resolve_precision(self) -> None:
         has_gpu = torch.cuda.is_available()
@@ -123,6 +131,25 @@ class PosttrainConfig(TrainingArguments):
                 "fp16 mixed precision needs a CUDA GPU and this machine has none", field="fp16",
                 fix="drop --fp16 (float32 is used automatically on CPU)",
             )
+
+
+def adopt_process_launch(config: TrainingArguments) -> int:
+    """The number of processes a launcher started; on a machine without a GPU, makes them one CPU run.
+
+    torchrun and ``accelerate launch`` set ``WORLD_SIZE`` and ``LOCAL_RANK``. Without a GPU, accelerate
+    forms a distributed CPU run only when asked for the CPU (``use_cpu``); otherwise every process trains
+    alone on all the data, into the same ``output_dir``. Called before the device is set up.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1 or "LOCAL_RANK" not in os.environ or config.use_cpu:
+        return launched
+    if not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        config.use_cpu = True
+        config.ddp_backend = config.ddp_backend or "gloo"  # not MPI: torchrun's environment names the group
+        if os.environ.get("RANK", "0") == "0":
+            logger.warning("%d processes launched on a machine without a GPU: training on the CPU over gloo "
+                           "(use_cpu=True).", launched)
+    return launched
 
 
 def _parse_json_field(text: str, name: str) -> dict:
