@@ -1,0 +1,58 @@
+"""adopt_process_launch: a multi-process launch on a machine without a GPU becomes one CPU run on gloo."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from posttrain.trainers.config import adopt_process_launch
+
+
+def _config(**values):
+    return SimpleNamespace(**{"use_cpu": False, "ddp_backend": None, **values})
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    def launch(world_size: int, rank: int = 0):
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("RANK", str(rank))
+
+    return launch
+
+
+def test_two_processes_without_gpu_train_on_cpu_over_gloo(launched, monkeypatch, caplog):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    launched(2)
+    config = _config()
+    with caplog.at_level("WARNING", logger="posttrain"):
+        assert adopt_process_launch(config) == 2
+    assert config.use_cpu is True and config.ddp_backend == "gloo"
+    assert "2 processes launched on a machine without a GPU" in caplog.text
+
+
+def test_only_rank_zero_says_so(launched, monkeypatch, caplog):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    launched(2, rank=1)
+    config = _config()
+    with caplog.at_level("WARNING", logger="posttrain"):
+        adopt_process_launch(config)
+    assert config.use_cpu is True and caplog.text == ""
+
+
+@pytest.mark.parametrize("case", ["single process", "gpu present", "explicit backend"])
+def test_left_alone(case, launched, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: case == "gpu present")
+    config = _config(ddp_backend="mpi" if case == "explicit backend" else None)
+    if case != "single process":
+        launched(2)
+    adopt_process_launch(config)
+    if case == "explicit backend":
+        assert config.use_cpu is True and config.ddp_backend == "mpi"
+    else:
+        assert config.use_cpu is False and config.ddp_backend is None
