@@ -138,17 +138,26 @@ def adopt_process_launch(config: TrainingArguments) -> int:
 
     torchrun and ``accelerate launch`` set ``WORLD_SIZE`` and ``LOCAL_RANK``. Without a GPU, accelerate
     forms a distributed CPU run only when asked for the CPU (``use_cpu``); otherwise every process trains
-    alone on all the data, into the same ``output_dir``. Called before the device is set up.
+    alone on all the data, into the same ``output_dir``. On the CPU accelerate runs FSDP and DeepSpeed
+    requests as plain DDP, which is said once. Called before the device is set up.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if launched <= 1 or "LOCAL_RANK" not in os.environ or config.use_cpu:
+    if launched <= 1 or "LOCAL_RANK" not in os.environ:
         return launched
-    if not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+    says = os.environ.get("RANK", "0") == "0"
+    if not config.use_cpu and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         config.use_cpu = True
         config.ddp_backend = config.ddp_backend or "gloo"  # not MPI: torchrun's environment names the group
-        if os.environ.get("RANK", "0") == "0":
+        if says:
             logger.warning("%d processes launched on a machine without a GPU: training on the CPU over gloo "
                            "(use_cpu=True).", launched)
+    sharded = [name for name, asked in (
+        ("FSDP", config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"),
+        ("DeepSpeed", config.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"),
+    ) if asked]
+    if config.use_cpu and sharded and says:
+        logger.warning("%s does not run on the CPU: accelerate trains these %d processes as DDP instead (every "
+                       "process holds the whole model and optimizer state).", " and ".join(sharded), launched)
     return launched
 
 

@@ -10,7 +10,7 @@ from posttrain.trainers.config import adopt_process_launch
 
 
 def _config(**values):
-    return SimpleNamespace(**{"use_cpu": False, "ddp_backend": None, **values})
+    return SimpleNamespace(**{"use_cpu": False, "ddp_backend": None, "fsdp": None, "deepspeed": None, **values})
 
 
 @pytest.fixture
@@ -56,3 +56,18 @@ def test_left_alone(case, launched, monkeypatch):
         assert config.use_cpu is True and config.ddp_backend == "mpi"
     else:
         assert config.use_cpu is False and config.ddp_backend is None
+
+
+@pytest.mark.parametrize("request_kind", ["accelerate config", "--fsdp flag"])
+def test_fsdp_on_the_cpu_says_it_runs_as_ddp(request_kind, launched, monkeypatch, caplog):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    if request_kind == "accelerate config":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    else:
+        monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    launched(2)
+    with caplog.at_level("WARNING", logger="posttrain"):
+        adopt_process_launch(_config(fsdp="full_shard" if request_kind == "--fsdp flag" else None))
+    assert sum("FSDP does not run on the CPU" in r.getMessage() and "DDP" in r.getMessage()
+               for r in caplog.records) == 1
