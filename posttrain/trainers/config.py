@@ -109,12 +109,7 @@ class PosttrainConfig(TrainingArguments):
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = _parse_json_field(self.model_init_kwargs, "model_init_kwargs")
         super().__post_init__()  # sets up the device and, under a launcher, the process group
-        if launched_processes > 1 and self.world_size != launched_processes:
-            raise ConfigError(
-                f"the launcher started {launched_processes} processes but they did not join one distributed run "
-                f"(device: {self.device}); each would train alone on all the data into the same output_dir",
-                field="use_cpu", fix="pass --use_cpu true to train over gloo on the CPU, or launch one process",
-            )
+        check_launch_joined(self, launched_processes)
 
     def _resolve_precision(self) -> None:
         has_gpu = torch.cuda.is_available()
@@ -159,6 +154,16 @@ def adopt_process_launch(config: TrainingArguments) -> int:
         logger.warning("%s does not run on the CPU: accelerate trains these %d processes as DDP instead (every "
                        "process holds the whole model and optimizer state).", " and ".join(sharded), launched)
     return launched
+
+
+def check_launch_joined(config: TrainingArguments, launched: int) -> None:
+    """Stop when the processes a launcher started did not form one run (each would train alone)."""
+    if launched > 1 and config.world_size != launched:
+        raise ConfigError(
+            f"the launcher started {launched} processes but they did not join one distributed run "
+            f"(device: {config.device}); each would train alone on all the data into the same output_dir",
+            field="use_cpu", fix="pass --use_cpu true to train over gloo on the CPU, or launch one process",
+        )
 
 
 def _parse_json_field(text: str, name: str) -> dict:

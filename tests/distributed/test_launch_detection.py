@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from posttrain.trainers.config import adopt_process_launch
+from posttrain import ConfigError
+from posttrain.trainers.config import adopt_process_launch, check_launch_joined
 
 
 def _config(**values):
@@ -71,3 +72,11 @@ def test_fsdp_on_the_cpu_says_it_runs_as_ddp(request_kind, launched, monkeypatch
         adopt_process_launch(_config(fsdp="full_shard" if request_kind == "--fsdp flag" else None))
     assert sum("FSDP does not run on the CPU" in r.getMessage() and "DDP" in r.getMessage()
                for r in caplog.records) == 1
+
+
+def test_processes_that_did_not_join_one_run_stop_with_the_fix():
+    with pytest.raises(ConfigError, match="did not join one distributed run") as caught:
+        check_launch_joined(SimpleNamespace(world_size=1, device="mps"), launched=2)
+    assert "--use_cpu" in str(caught.value)
+    check_launch_joined(SimpleNamespace(world_size=2, device="cpu"), launched=2)
+    check_launch_joined(SimpleNamespace(world_size=1, device="cpu"), launched=1)
