@@ -51,5 +51,6 @@ def merge_model_kwargs(config, model_args) -> None:
 def train_and_save(trainer, config) -> str:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
-    print(f"saved to {os.path.abspath(config.output_dir)}")
+    if trainer.is_world_process_zero():
+        print(f"saved to {os.path.abspath(config.output_dir)}")
     return config.output_dir

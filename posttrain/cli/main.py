@@ -24,7 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: posttrain <command> [flags] [--debug]   (posttrain <command> --help for its flags; --debug shows tracebacks)", "", "commands:"]
+    lines = ["usage: posttrain <command> [flags] [--debug]   (posttrain <command> --help for its flags; --debug shows tracebacks)",
+             "       posttrain <command> --num_processes N [--accelerate_config ddp|fsdp2|zero2|zero3|multi_node|FILE] "
+             "[flags]   (starts `accelerate launch`)", "", "commands:"]
     for name, (target, summary) in COMMANDS.items():
         if _available(target):
             lines.append(f"  {name:<12} {summary}")
@@ -35,6 +37,9 @@ def _available(target: str) -> bool:
     module = target.split(":")[0]
     return importlib.util.find_spec(module) is not None
 
+
+# sub-commands that train, and so may start several processes (posttrain.cli.launch)
+LAUNCHABLE = ("sft", "reward", "dpo", "grpo", "rloo", "ppo", "online-dpo")
 
 _TRAINER_DEBUG_VALUES = ("underflow_overflow", "tpu_metrics_debug")
 
@@ -73,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     module_name, function_name = COMMANDS[command][0].split(":")
     try:
+        if command in LAUNCHABLE:
+            from posttrain.cli.launch import launch, split_launch_flags, wants_launch
+
+            options, rest = split_launch_flags(rest)
+            if wants_launch(options):
+                return launch(command, options, rest + (["--debug"] if debug else []))
         function = getattr(importlib.import_module(module_name), function_name)
         code = function(rest)
         return int(code or 0)

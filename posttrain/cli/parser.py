@@ -13,6 +13,13 @@ from transformers import HfArgumentParser
 from posttrain.errors import ConfigError
 
 
+LAUNCH_EPILOG = (
+    "Several processes: --num_processes N [--accelerate_config ddp|fsdp2|zero2|zero3|multi_node|FILE] "
+    "[--num_machines M --machine_rank R --main_process_ip IP --main_process_port P] starts `accelerate launch` "
+    "(docs/distributed.md)."
+)
+
+
 class ArgumentParser(HfArgumentParser):
     """``HfArgumentParser`` that raises :class:`ConfigError` instead of printing usage and exiting."""
 
@@ -27,8 +34,9 @@ def parse_command(prog: str, dataclass_types: tuple, argv: list[str], descriptio
     A YAML key may be any field of any of the dataclasses; ``datasets:`` (a list of mixture entries)
     is returned as the extra field ``dataset_mixture`` on the first instance that has it.
     """
-    parser = ArgumentParser(dataclass_types, prog=prog, description=description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: a misspelt flag (`--learning_rat`) is an error, not another flag it prefixes
+    parser = ArgumentParser(dataclass_types, prog=prog, description=description, epilog=LAUNCH_EPILOG,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags override it.")
     pre, _ = _config_only_parser().parse_known_args(argv)
     mixture = None
@@ -64,7 +72,7 @@ def _yaml_value_for_parser(value: Any) -> Any:
 
 
 def _config_only_parser() -> argparse.ArgumentParser:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     return pre
 

@@ -98,7 +98,10 @@ def load_pretrained(
     kwargs.update(extra_kwargs or {})
     _check_gpu_only_requests(kwargs)
     try:
-        return auto_class.from_pretrained(model, **kwargs)
+        # weights the checkpoint lacks (a reward head) are drawn from the run's seed, not the process's state
+        with torch.random.fork_rng(devices=[]):  # the Trainer seeds the GPUs with the same seed next
+            torch.manual_seed(args.seed)
+            return auto_class.from_pretrained(model, **kwargs)
     except OSError as err:
         raise ConfigError(
             f"could not load model '{model}': {str(err).splitlines()[0]}",

@@ -12,6 +12,7 @@ It adds three things to the Trainer's vocabulary:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -99,6 +100,7 @@ class PosttrainConfig(TrainingArguments):
                 )
             note_alias_once("warmup_ratio", "warmup_steps", owner)
             self.warmup_steps = float(self.warmup_ratio)
+        launched_processes = adopt_process_launch(self)
         self._resolve_precision()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False
@@ -106,7 +108,8 @@ class PosttrainConfig(TrainingArguments):
             self.output_dir = "trainer_output"
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = _parse_json_field(self.model_init_kwargs, "model_init_kwargs")
-        super().__post_init__()
+        super().__post_init__()  # sets up the device and, under a launcher, the process group
+        check_launch_joined(self, launched_processes)
 
     def _resolve_precision(self) -> None:
         has_gpu = torch.cuda.is_available()
@@ -123,6 +126,44 @@ class PosttrainConfig(TrainingArguments):
                 "fp16 mixed precision needs a CUDA GPU and this machine has none", field="fp16",
                 fix="drop --fp16 (float32 is used automatically on CPU)",
             )
+
+
+def adopt_process_launch(config: TrainingArguments) -> int:
+    """The number of processes a launcher started; on a machine without a GPU, makes them one CPU run.
+
+    torchrun and ``accelerate launch`` set ``WORLD_SIZE`` and ``LOCAL_RANK``. Without a GPU, accelerate
+    forms a distributed CPU run only when asked for the CPU (``use_cpu``); otherwise every process trains
+    alone on all the data, into the same ``output_dir``. On the CPU accelerate runs FSDP and DeepSpeed
+    requests as plain DDP, which is said once. Called before the device is set up.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1 or "LOCAL_RANK" not in os.environ:
+        return launched
+    says = os.environ.get("RANK", "0") == "0"
+    if not config.use_cpu and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        config.use_cpu = True
+        config.ddp_backend = config.ddp_backend or "gloo"  # not MPI: torchrun's environment names the group
+        if says:
+            logger.warning("%d processes launched on a machine without a GPU: training on the CPU over gloo "
+                           "(use_cpu=True).", launched)
+    sharded = [name for name, asked in (
+        ("FSDP", config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"),
+        ("DeepSpeed", config.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"),
+    ) if asked]
+    if config.use_cpu and sharded and says:
+        logger.warning("%s does not run on the CPU: accelerate trains these %d processes as DDP instead (every "
+                       "process holds the whole model and optimizer state).", " and ".join(sharded), launched)
+    return launched
+
+
+def check_launch_joined(config: TrainingArguments, launched: int) -> None:
+    """Stop when the processes a launcher started did not form one run (each would train alone)."""
+    if launched > 1 and config.world_size != launched:
+        raise ConfigError(
+            f"the launcher started {launched} processes but they did not join one distributed run "
+            f"(device: {config.device}); each would train alone on all the data into the same output_dir",
+            field="use_cpu", fix="pass --use_cpu true to train over gloo on the CPU, or launch one process",
+        )
 
 
 def _parse_json_field(text: str, name: str) -> dict:
