@@ -135,11 +135,13 @@ class NonFiniteGuard(TrainerCallback):
         return bool(bad.item() == 0)
 
     def _skip(self) -> None:
-        self.skipped_total += 1
         self.skipped_in_a_row += 1
+        # kept with the trainer's running totals, which are logged with every record (and PPO checkpoints them)
+        totals = self.trainer._cumulative
+        totals[NONFINITE_METRIC] = totals.get(NONFINITE_METRIC, 0.0) + 1.0
+        self.skipped_total = int(totals[NONFINITE_METRIC])
         # global_step is incremented after the optimizer step: this step is the next one
         step = self.trainer.state.global_step + 1
-        self.trainer._cumulative[NONFINITE_METRIC] = float(self.skipped_total)
         logger.warning(
             "step %d: the loss or the gradients are NaN/inf; this optimizer step is skipped "
             "(%d in a row, %d in this run)", step, self.skipped_in_a_row, self.skipped_total,
