@@ -186,3 +186,17 @@ def test_cli_resume_true_and_a_missing_path(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     last_line = err.splitlines()[-1]
     assert "Traceback" not in err and "--resume_from_checkpoint" in last_line and missing in last_line
+
+
+def test_best_checkpoint_is_kept_and_loaded_at_the_end(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    args = _config(run, max_steps=3, save_steps=1, eval_strategy="steps", eval_steps=1, save_total_limit=1,
+                   load_best_model_at_end=True, metric_for_best_model="loss", per_device_eval_batch_size=4)
+    trainer = SFTTrainer(model=tiny_model_dir, args=args, train_dataset=_data(), eval_dataset=_data(8))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best == str(run / f"checkpoint-{trainer.state.best_global_step}") and os.path.isdir(best)
+    kept = sorted(n for n in os.listdir(run) if n.startswith("checkpoint-"))
+    assert os.path.basename(best) in kept and "checkpoint-3" in kept and len(kept) <= 2
+    with open(run / "checkpoint-3" / "trainer_state.json") as handle:
+        assert json.load(handle)["best_model_checkpoint"] == best
