@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from posttrain import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from posttrain import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from posttrain.trainers.guard import NonFiniteTrainingError
 
 
@@ -39,16 +39,25 @@ def _common(tmp_path, **overrides):
     return values
 
 
+def _length_reward(completions, **kwargs):
+    return [len(c) / 10.0 for c in completions]
+
+
 def _make(method, model_dir, tmp_path, **overrides):
+    if method == "grpo":
+        args = GRPOConfig(**_common(tmp_path, num_generations=4, max_completion_length=6, **overrides))
+        prompts = Dataset.from_list([{"prompt": f"{i} + {i % 3} ="} for i in range(8)])
+        return GRPOTrainer(model=model_dir, reward_funcs=_length_reward, args=args, train_dataset=prompts)
     if method == "sft":
         return SFTTrainer(model=model_dir, args=SFTConfig(**_common(tmp_path, **overrides)), train_dataset=_sft_data())
     return DPOTrainer(model=model_dir, args=DPOConfig(**_common(tmp_path, **overrides)), train_dataset=_dpo_data())
 
 
 def _poison(trainer, bad_steps):
-    """Put a NaN into the first layer's output on the training forwards of the given (1-based) optimizer steps."""
+    """Put a NaN into the first layer's output in the training forwards (those that build a graph: not
+    sampling, not the reference model) of the given (1-based) optimizer steps."""
     def hook(module, inputs, output):
-        if module.training and trainer.state.global_step + 1 in bad_steps:
+        if module.training and torch.is_grad_enabled() and trainer.state.global_step + 1 in bad_steps:
             hidden = output[0] if isinstance(output, tuple) else output
             hidden = hidden.clone()
             hidden[0, 0, 0] = float("nan")
@@ -77,7 +86,7 @@ def _log_at(trainer, step):
     return next(h for h in trainer.state.log_history if h.get("step") == step and "loss" in h)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
 def test_one_nan_batch_is_logged_as_nan_and_its_step_skipped(method, tiny_model_dir, tmp_path):
     trainer = _make(method, tiny_model_dir, tmp_path)
     _poison(trainer, {5})
@@ -151,3 +160,31 @@ def test_cli_exits_2_with_one_line_naming_the_step(tiny_model_dir, tmp_path, cap
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "step 3" in err.splitlines()[-1]
+
+
+def test_ppo_skips_the_optimizer_steps_of_a_nan_update(tiny_model_dir, tmp_path):
+    """PPO runs its own loop; the guard sits on its optimizer too (counting optimizer steps: 4 per update here)."""
+    from posttrain import PPOConfig, PPOTrainer
+    from posttrain.models.tiny import tiny_model_path
+
+    args = PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=4, total_episodes=12,
+                     response_length=6, num_ppo_epochs=2, num_mini_batches=2, learning_rate=1e-4, logging_steps=1,
+                     save_strategy="no", disable_tqdm=True, num_sample_generations=0, max_consecutive_nonfinite_steps=5)
+    prompts = Dataset.from_list([{"prompt": f"What is {i} + {i % 5}?"} for i in range(12)])
+    trainer = PPOTrainer(args=args, model=tiny_model_dir, reward_model=tiny_model_path(reward=True),
+                         train_dataset=prompts)
+
+    def hook(module, inputs, output):
+        if torch.is_grad_enabled() and trainer.state.global_step + 1 == 2:
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[0, 0, 0] = float("nan")
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return output
+
+    trainer.policy.model.layers[0].register_forward_hook(hook)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    logged = [h for h in trainer.state.log_history if "nonfinite_steps" in h]
+    assert logged and logged[0]["step"] == 2 and logged[-1]["nonfinite_steps"] == 4
+    assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
