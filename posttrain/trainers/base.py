@@ -229,12 +229,14 @@ class PosttrainTrainer(Trainer):
         self._install_run_safety()
 
     def _install_run_safety(self) -> None:
-        """Skip non-finite optimizer steps; write checkpoints atomically (see guard.py, checkpoint.py)."""
+        """Skip non-finite optimizer steps, warn about unhealthy logs, write checkpoints atomically."""
         from posttrain.trainers.checkpoint import install_atomic_checkpoints
         from posttrain.trainers.guard import NonFiniteGuard
+        from posttrain.trainers.health import HealthWarnings
 
         self.nonfinite_guard = NonFiniteGuard(self, getattr(self.args, "max_consecutive_nonfinite_steps", 3))
         self.add_callback(self.nonfinite_guard)
+        self.add_callback(HealthWarnings())
         install_atomic_checkpoints(self)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
