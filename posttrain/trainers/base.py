@@ -236,7 +236,7 @@ class PosttrainTrainer(Trainer):
 
         self.nonfinite_guard = NonFiniteGuard(self, getattr(self.args, "max_consecutive_nonfinite_steps", 3))
         self.add_callback(self.nonfinite_guard)
-        self.add_callback(HealthWarnings())
+        self.add_callback(HealthWarnings(self))
         install_atomic_checkpoints(self)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):

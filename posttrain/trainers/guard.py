@@ -156,7 +156,15 @@ class NonFiniteGuard(TrainerCallback):
 
 
 def parameters_finite(model: torch.nn.Module) -> bool:
-    """True when every floating-point parameter and buffer of ``model`` is finite (checked before a save)."""
+    """True when every floating-point parameter and buffer of ``model`` is finite on every process.
+
+    Checked before a checkpoint is written; agreed over all processes (each may hold a shard), so that
+    either all of them refuse the save or none does.
+    """
     flags = [torch.isfinite(t.detach()).all() for t in list(model.parameters()) + list(model.buffers())
-             if t.is_floating_point()]
-    return all(bool(flag.item()) for flag in flags)
+             if t.is_floating_point() and t.numel()]
+    bad = torch.stack([~flag for flag in flags]).sum().float() if flags else torch.zeros(())
+    if is_distributed():
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        bad = all_reduce_sum(bad.to(device))
+    return bool(bad.item() == 0)

@@ -2,7 +2,9 @@
 
 * the training loss grows tenfold within a few logs (a learning rate too high, a bad batch);
 * the gradient norm is exactly 0 for several logs in a row (nothing is learned: empty loss masks,
-  frozen parameters, equal rewards within every group).
+  frozen parameters, equal rewards within every group);
+* preference rows whose chosen and rejected tokens are identical (after truncation), checked at
+  the start of training: they carry no preference, and a DPO or reward loss on them is constant.
 """
 
 from __future__ import annotations
@@ -24,11 +26,38 @@ ZERO_GRAD_LOGS = 3
 class HealthWarnings(TrainerCallback):
     """Watches the training logs; each warning is logged at most once per run."""
 
-    def __init__(self) -> None:
+    def __init__(self, dataset_source=None) -> None:
+        # an object with a `train_dataset` (the trainer), read at the start of training
+        self.dataset_source = dataset_source
         self.recent_losses: deque[float] = deque(maxlen=LOSS_JUMP_WINDOW)
         self.zero_grad_since: int | None = None
         self.zero_grad_logs = 0
         self.warned: set[str] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        dataset = getattr(self.dataset_source, "train_dataset", None)
+        if state.is_world_process_zero and dataset is not None:
+            self._check_preference_pairs(dataset)
+        return control
+
+    def _check_preference_pairs(self, dataset) -> None:
+        columns = getattr(dataset, "column_names", None) or []
+        if "chosen_input_ids" not in columns or "rejected_input_ids" not in columns or not hasattr(dataset, "iter"):
+            return
+        equal, first, total = 0, None, 0
+        for batch in dataset.select_columns(["chosen_input_ids", "rejected_input_ids"]).iter(batch_size=1024):
+            for chosen, rejected in zip(batch["chosen_input_ids"], batch["rejected_input_ids"]):
+                if list(chosen) == list(rejected):
+                    equal += 1
+                    first = total if first is None else first
+                total += 1
+        if equal:
+            self._warn_once(
+                "equal_pairs",
+                f"{equal} of {total} preference rows have identical chosen and rejected tokens (the first is row "
+                f"{first} of the tokenized training set); they carry no preference: fix the data, or raise "
+                "max_length if truncation cut off the difference",
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:

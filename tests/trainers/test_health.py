@@ -33,3 +33,22 @@ def test_zero_gradients_for_several_logs_are_named_once(caplog):
     norms = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     messages = _feed([{"loss": 1.0, "grad_norm": norm} for norm in norms], caplog)
     assert len(messages) == 1 and messages[0].startswith("step 7:") and "since step 5" in messages[0]
+
+
+def test_identical_chosen_and_rejected_rows_are_counted_once(tiny_model_dir, tmp_path, caplog):
+    import torch
+    from datasets import Dataset
+
+    from posttrain import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(1)
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(8)]
+    rows[3]["rejected"] = rows[3]["chosen"]
+    rows[5]["rejected"] = rows[5]["chosen"]
+    args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1,
+                     save_strategy="no", disable_tqdm=True, report_to="none")
+    trainer = DPOTrainer(model=tiny_model_dir, args=args, train_dataset=Dataset.from_list(rows))
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        trainer.train()
+    messages = [r.getMessage() for r in caplog.records if "identical chosen and rejected" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("2 of 8") and "row 3" in messages[0]
