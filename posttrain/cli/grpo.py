@@ -23,7 +23,8 @@ class RewardArguments:
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={"help": "Reward functions: built-in names (e.g. accuracy format), module:function, "
-                  "file.py:function, or reward model directories."},
+                  "file.py:function, or reward model directories. module:function and file.py:function "
+                  "import and run that code (a file's top-level statements too): pass only code you trust."},
     )
     reward_model_name_or_path: str | None = field(
         default=None, metadata={"help": "A reward model directory, added to --reward_funcs."}

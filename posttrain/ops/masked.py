@@ -3,7 +3,8 @@
 Completions in a batch have different lengths, so every per-token tensor comes with a mask (1 for a
 real token, 0 for padding). These helpers reduce over the masked entries only, and are safe on
 padding that holds ``inf`` or ``NaN`` (a log-prob of a pad token may be ``-inf``): masked-out
-entries never reach the result, nor its gradient.
+entries never reach the result, nor its gradient. A NaN or inf in a *selected* entry does reach it:
+a diverged step must show as NaN so that the trainers' non-finite guard can skip it.
 
 An empty selection (a mask of all zeros) gives a sum of 0, a mean of 0 and a variance of 0, never
 ``NaN``: an empty micro-batch must not poison a gradient-accumulation window.

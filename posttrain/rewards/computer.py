@@ -15,7 +15,10 @@ called with keyword arguments only:
 
 A function must accept ``**kwargs`` it does not use, since the set of columns depends on the
 dataset. It returns one number per row, or None for a row it does not apply to (that row is then
-left out of this function's share of the total rather than counted as 0).
+left out of this function's share of the total rather than counted as 0). NaN and inf are not
+rewards: they raise :class:`~posttrain.errors.RewardFunctionError` naming the function and the row
+(they would otherwise reach the advantages as a silent 0 or poison the whole batch). A call slower
+than ``slow_call_seconds`` is reported once per function with a warning naming it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +36,9 @@ import torch
 from posttrain.errors import ConfigError, DataError, RewardFunctionError
 
 logger = logging.getLogger(__name__)
+
+# a reward call slower than this is reported (a generation step waits for every reward function)
+DEFAULT_SLOW_CALL_SECONDS = 30.0
 
 RewardFunction = Callable[..., Sequence[float | None]]
 
@@ -123,6 +130,8 @@ class RewardComputer:
         reward_weights: one weight per function; default 1.0 each.
         names: one name per function, used in errors and metrics; default each function's ``__name__``
             (repeated names get ``_1``, ``_2`` suffixes).
+        slow_call_seconds: a call taking longer than this is reported with a warning naming the
+            function (once per function); None never warns.
     """
 
     def __init__(
@@ -130,6 +139,7 @@ class RewardComputer:
         reward_funcs: Sequence[RewardFunction | str] | RewardFunction | str,
         reward_weights: Sequence[float] | None = None,
         names: Sequence[str] | None = None,
+        slow_call_seconds: float | None = DEFAULT_SLOW_CALL_SECONDS,
     ) -> None:
         if callable(reward_funcs) or isinstance(reward_funcs, str):
             reward_funcs = [reward_funcs]
@@ -166,6 +176,8 @@ class RewardComputer:
         self.reward_weights = reward_weights
         self.names = _unique(list(names) if names is not None else [reward_function_name(f) for f in reward_funcs])
         self.num_all_none_rows = 0  # running count, for the trainer's logs
+        self.slow_call_seconds = slow_call_seconds
+        self._reported_slow: set[str] = set()
 
     def __call__(
         self,
@@ -197,7 +209,9 @@ class RewardComputer:
                 trainer_state=trainer_state,
                 **{k: list(v) for k, v in extra.items()},
             )
+            started = time.perf_counter()
             per_function[:, column] = self._call_one(function, name, num_rows, arguments)
+            self._note_duration(name, time.perf_counter() - started, num_rows)
         weights = torch.tensor(self.reward_weights, dtype=torch.float32)
         scored = ~torch.isnan(per_function)
         total = torch.where(scored, per_function * weights, torch.zeros(())).sum(dim=1)
@@ -210,6 +224,15 @@ class RewardComputer:
                 "%d of %d completions got None from every reward function (%s); their total reward is 0", count, num_rows, names
             )
         return RewardOutput(per_function, total, all_none, list(self.names), list(self.reward_weights))
+
+    def _note_duration(self, name: str, seconds: float, num_rows: int) -> None:
+        if self.slow_call_seconds is None or seconds <= self.slow_call_seconds or name in self._reported_slow:
+            return
+        self._reported_slow.add(name)
+        logger.warning(
+            "reward function '%s' took %.1f s for %d completions (more than %.1f s); every generation step waits "
+            "for it (reported once)", name, seconds, num_rows, self.slow_call_seconds,
+        )
 
     @staticmethod
     def _call_one(function: RewardFunction, name: str, num_rows: int, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -240,6 +263,11 @@ class RewardComputer:
                 raise RewardFunctionError(
                     f"reward function '{name}' returned a {type(value).__name__} at row {row} ({value!r:.80}); "
                     "expected a float or None"
+                )
+            if math.isinf(number) or (math.isnan(number) and value is not None):
+                raise RewardFunctionError(
+                    f"reward function '{name}' returned {number} at row {row}; expected a finite float, or None "
+                    "for a row it does not apply to. Fix: return None there, or find why the score is not finite"
                 )
             values.append(number)
         return torch.tensor(values, dtype=torch.float32)

@@ -228,8 +228,34 @@ class PosttrainTrainer(Trainer):
         if not hasattr(self, "_metrics"):
             self._init_metrics()
         super().__init__(*args, **kwargs)
-        self.add_callback(MetricsFileCallback())
+        self.metrics_file = MetricsFileCallback()
+        self.add_callback(self.metrics_file)
+        self._install_run_safety()
         self.add_callback(RunReportCallback(self.describe_run))
+
+    def _install_run_safety(self) -> None:
+        """Skip non-finite optimizer steps, warn about unhealthy logs, write checkpoints atomically."""
+        from posttrain.trainers.checkpoint import install_atomic_checkpoints
+        from posttrain.trainers.guard import NonFiniteGuard
+        from posttrain.trainers.health import HealthWarnings
+
+        self.nonfinite_guard = NonFiniteGuard(self, getattr(self.args, "max_consecutive_nonfinite_steps", 3))
+        self.add_callback(self.nonfinite_guard)
+        self.add_callback(HealthWarnings(self))
+        install_atomic_checkpoints(self)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``resume_from_checkpoint``: True/"true" (newest complete checkpoint), False/"false", or a directory."""
+        from posttrain.trainers.checkpoint import checkpoint_step, resolve_resume
+
+        checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        self.metrics_file.resume_step = checkpoint_step(checkpoint)
+        return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe_loss(loss)
+        return loss
 
     def add_callback(self, callback) -> None:
         """Add a callback; the run report stays last, so it sees what every other callback logged at the end."""
@@ -293,6 +319,8 @@ class PosttrainTrainer(Trainer):
         if mode == "train":
             for name, total in getattr(self, "_cumulative", {}).items():
                 logs[name] = total
+            if hasattr(self, "nonfinite_guard"):
+                self.nonfinite_guard.after_log()
         super().log(logs, start_time)
 
     def sampling_precision(self):

@@ -78,6 +78,17 @@ class PosttrainConfig(TrainingArguments):
         metadata={"help": "Tokens per chunk when computing log-probs from hidden states (default: about 256 MiB "
                   "of logits per chunk); bounds logit memory."},
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Kept False: a NaN or inf loss is logged as NaN/inf (True would log the mean of "
+                  "earlier losses instead, and after a reset 0.0, hiding a diverged run)."},
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "An optimizer step whose loss or gradient norm is NaN/inf is skipped (weights and "
+                  "optimizer state unchanged) and counted as `nonfinite_steps`; after this many skipped steps "
+                  "in a row the run stops with an error naming the step. 0 turns the guard off."},
+    )
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Older name: warm up for this fraction of all steps (sets warmup_steps)."}
     )
@@ -92,6 +103,11 @@ class PosttrainConfig(TrainingArguments):
             if value is not None:
                 note_alias_once(old, new, owner)
                 setattr(self, new, value)
+        if self.max_consecutive_nonfinite_steps < 0:
+            raise ConfigError(
+                f"max_consecutive_nonfinite_steps must be >= 0, got {self.max_consecutive_nonfinite_steps}",
+                field="max_consecutive_nonfinite_steps", fix="pass a small count such as 3, or 0 to turn the guard off",
+            )
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ConfigError(

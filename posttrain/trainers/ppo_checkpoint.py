@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.trainer_utils import get_last_checkpoint
 
 from posttrain.errors import ConfigError
 from posttrain.trainers.base import is_peft_model
+from posttrain.trainers.checkpoint import resolve_resume
 from posttrain.trainers.online_dpo import unwrap_model_keep_peft
 
 VALUE_MODEL_DIR = "value_model"
@@ -80,34 +80,14 @@ def save_ppo_state(checkpoint: str, args, sample_generator: torch.Generator, cum
 # ----------------------------------------------------------------------------- resuming
 
 
-def find_checkpoint(resume_from_checkpoint: str | os.PathLike | bool, output_dir: str) -> str:
-    """The directory ``train(resume_from_checkpoint=...)`` resumes from.
+def find_checkpoint(resume_from_checkpoint: str | os.PathLike | bool, output_dir: str) -> str | None:
+    """The directory ``train(resume_from_checkpoint=...)`` resumes from (None: a new run).
 
-    ``True`` (or the string ``"true"``, as the command line passes it) means the latest
-    ``checkpoint-N`` in ``output_dir``; anything else is the checkpoint directory itself.
+    ``True`` (or ``"true"``, as the command line passes it) means the newest complete
+    ``checkpoint-N`` in ``output_dir`` (see :func:`posttrain.trainers.checkpoint.resolve_resume`);
+    ``False``/``"false"`` none; anything else is the checkpoint directory itself.
     """
-    wants_latest = resume_from_checkpoint is True or (
-        isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() == "true"
-        and not os.path.isdir(resume_from_checkpoint)
-    )
-    if wants_latest:
-        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if latest is None:
-            raise ConfigError(
-                f"resume_from_checkpoint=True, but output_dir '{output_dir}' holds no checkpoint-N directory",
-                field="resume_from_checkpoint",
-                fix="pass the checkpoint directory itself (--resume_from_checkpoint RUN/checkpoint-N), set "
-                    "--output_dir to the run that saved it, or train without resuming",
-            )
-        return latest
-    path = os.fspath(resume_from_checkpoint)
-    if not os.path.isdir(path):
-        raise ConfigError(
-            f"checkpoint directory '{path}' does not exist", field="resume_from_checkpoint",
-            fix="pass a checkpoint-N directory written by a PPO run with --save_strategy steps (or True for the "
-                "latest one in output_dir)",
-        )
-    return path
+    return resolve_resume(resume_from_checkpoint, output_dir)
 
 
 def check_checkpoint(checkpoint: str, args, policy: nn.Module, value_model: nn.Module) -> None:
@@ -128,14 +108,23 @@ def check_checkpoint(checkpoint: str, args, policy: nn.Module, value_model: nn.M
             fix=f"resume from a checkpoint that has {VALUE_MODEL_DIR}/ (PPOTrainer writes it into every checkpoint), "
                 + restart + "; the value model then starts again from the reward model",
         )
-    for name in (OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE, ppo_state_file(args)):
-        if not os.path.isfile(os.path.join(checkpoint, name)):
-            raise ConfigError(
-                f"checkpoint '{checkpoint}' lacks {name}, which resuming needs",
-                field="resume_from_checkpoint",
-                fix="resume from a checkpoint saved without --save_only_model, by the same number of processes, "
-                    + restart,
-            )
+    required = (OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE, ppo_state_file(args))
+    missing = [name for name in required if not os.path.isfile(os.path.join(checkpoint, name))]
+    if missing:
+        present = sorted(name for name in os.listdir(checkpoint) if not name.startswith("."))
+        hint = ""
+        if TRAINER_STATE_FILE in missing:
+            hint = "its save did not finish; "
+        elif ppo_state_file(args) in missing and any(n.startswith("ppo_state") for n in present):
+            hint = f"it was saved by a different number of processes than this run's {args.world_size}; "
+        elif OPTIMIZER_FILE in missing:
+            hint = "it was saved with --save_only_model; "
+        raise ConfigError(
+            f"checkpoint '{checkpoint}' lacks {', '.join(missing)}, which resuming needs (it holds: "
+            f"{', '.join(present[:12])})",
+            field="resume_from_checkpoint",
+            fix=hint + "resume from another checkpoint-N of the run, " + restart,
+        )
 
 
 def load_weights(model: nn.Module, directory: str, what: str) -> None:

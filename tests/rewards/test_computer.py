@@ -136,3 +136,38 @@ def test_string_specs_are_resolved():
     assert computer.names == ["accuracy", "length_penalty"]
     out = computer(["q"], ["7"], [torch.tensor([1, 2, 3])], columns={"answer": ["7"]})  # tensor rows become lists
     assert out.per_function.tolist() == [[1.0, -2.0]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), np.float32("nan"), torch.tensor(float("inf"))])
+def test_nan_and_inf_are_errors_naming_the_function_and_row(bad):
+    """None means "does not apply"; NaN/inf used to become a silent 0 in the total (and the advantage)."""
+    def unstable(prompts, completions, **kwargs):
+        return [1.0, None, bad]
+
+    with pytest.raises(RewardFunctionError, match=r"'unstable' returned -?(nan|inf) at row 2") as info:
+        RewardComputer([first, unstable])(PROMPTS, COMPLETIONS, IDS, columns={})
+    assert "None" in str(info.value)
+    # None keeps its meaning: the row is left out of that function's share
+    output = RewardComputer([first, second])(PROMPTS, COMPLETIONS, IDS, columns={})
+    assert output.total.tolist() == [1.5, 0.0, 2.0]
+
+
+def test_a_slow_function_is_named_once(caplog, monkeypatch):
+    import posttrain.rewards.computer as computer_module
+
+    clock = iter([0.0, 5.0, 10.0, 10.1, 20.0, 25.0, 30.0, 30.1])  # slow: 5 s per call; quick: 0.1 s
+
+    monkeypatch.setattr(computer_module.time, "perf_counter", lambda: next(clock))
+
+    def slow_judge(prompts, completions, **kwargs):
+        return [1.0, 1.0, 1.0]
+
+    def quick(prompts, completions, **kwargs):
+        return [0.0, 0.0, 0.0]
+
+    computer = RewardComputer([slow_judge, quick], slow_call_seconds=2.0)
+    with caplog.at_level("WARNING"):
+        computer(PROMPTS, COMPLETIONS, IDS, columns={})
+        computer(PROMPTS, COMPLETIONS, IDS, columns={})
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert len(slow) == 1 and "'slow_judge'" in slow[0] and "quick" not in slow[0]
