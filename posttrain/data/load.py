@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import datasets
+import pyarrow as pa
 from datasets import Dataset, DatasetDict
 
 from posttrain.errors import ConfigError, DataError
@@ -130,23 +131,69 @@ def _load_file(path: str) -> Dataset:
             expected="a .json, .jsonl, .csv or .parquet file",
             fix="convert the file to JSON lines (one object per line) or parquet",
         )
+    if os.path.getsize(path) == 0:
+        raise _empty_file_error(path)
     try:
         dataset = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as error:  # noqa: BLE001 - any reader failure becomes one DataError naming the file
-        if builder == "json":
-            _diagnose_json_file(path)  # raises with the line number when it finds the bad line
+        if builder in ("json", "csv"):
+            _diagnose_text_file(path, builder)  # raises naming the line when it finds the problem
         raise DataError(
             f"could not read the file ({type(error).__name__}: {_root_message(error)})",
             source=path,
             fix=f"check that it is a valid {extension} file",
         ) from error
+    if builder == "json":
+        _check_text_is_valid(dataset, path)
     return mark_source(dataset, path)
 
 
-def _diagnose_json_file(path: str) -> None:
-    """Find the malformed line after the arrow reader failed: its own error names neither file nor line.
+def _check_text_is_valid(dataset: Dataset, path: str) -> None:
+    """The JSON reader copies bytes that are not UTF-8 into string columns unchecked; reading such
+    a row later raises deep inside a run. Arrow's full validation finds them in one pass."""
+    try:
+        dataset.data.table.validate(full=True)
+    except pa.ArrowInvalid as error:
+        _diagnose_text_file(path, "json")
+        raise DataError(f"the file holds invalid text ({_root_message(error)})", source=path,
+                        fix="re-save the file as UTF-8 JSON lines") from error
+
+
+def _empty_file_error(path: str, problem: str = "the file is empty") -> DataError:
+    return DataError(problem, source=path, expected="at least one row",
+                     fix="check that the file was written completely, or point at another file")
+
+
+def _diagnose_text_file(path: str, builder: str) -> None:
+    """Find what made the reader fail in a text file: its own errors name neither file nor line.
 
     Runs only on failure, so valid files load at the reader's speed."""
+    with open(path, "rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            try:
+                raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                column = len(raw_line[: error.start].decode("utf-8", errors="replace")) + 1
+                raise DataError(
+                    f"the file is not UTF-8 text: byte 0x{raw_line[error.start]:02x} at character {column}",
+                    source=path,
+                    line=number,
+                    expected="UTF-8 text",
+                    found=raw_line[max(0, error.start - 20) : error.start + 20].decode("utf-8", errors="replace").strip(),
+                    fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)",
+                ) from None
+    with open(path, encoding="utf-8-sig") as handle:
+        lines = [line for line in handle if line.strip()]
+    if not lines:
+        raise _empty_file_error(path, "the file is empty (blank lines only)")
+    if builder == "csv" and len(lines) == 1:
+        raise _empty_file_error(path, "the file has a header line but no rows")
+    if builder == "json":
+        _diagnose_json_file(path)
+
+
+def _diagnose_json_file(path: str) -> None:
+    """Find the malformed line of a JSON / JSON-lines file the arrow reader could not read."""
     with open(path, encoding="utf-8") as handle:
         head = handle.read(4096).lstrip()
         if head.startswith("["):  # a JSON array: one document
@@ -155,8 +202,9 @@ def _diagnose_json_file(path: str) -> None:
                 json.load(handle)
             except json.JSONDecodeError as error:
                 raise DataError(
-                    f"line {error.lineno}: malformed JSON ({error.msg})",
+                    f"malformed JSON ({error.msg}, character {error.colno})",
                     source=path,
+                    line=error.lineno,
                     fix="fix that line, or write one JSON object per line (.jsonl)",
                 ) from error
             return
@@ -170,15 +218,17 @@ def _diagnose_json_file(path: str) -> None:
                 if number == 1 and head.startswith("{") and _is_single_json_document(path):
                     return  # a pretty-printed JSON object, e.g. {"data": [...]}: leave it to the reader
                 raise DataError(
-                    f"line {number}: malformed JSON ({error.msg}, character {error.colno})",
+                    f"malformed JSON ({error.msg}, character {error.colno})",
                     source=path,
+                    line=number,
                     found=line.strip()[:80],
                     fix="fix that line: each line must be one complete JSON object",
                 ) from error
             if not isinstance(value, dict):
                 raise DataError(
-                    f"line {number}: each line must be a JSON object",
+                    "each line must be a JSON object",
                     source=path,
+                    line=number,
                     expected="an object like {\"prompt\": ..., \"completion\": ...}",
                     found=type(value).__name__,
                     fix="wrap each row in an object whose keys are the column names",
