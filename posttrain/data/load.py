@@ -145,6 +145,7 @@ def _load_file(path: str) -> Dataset:
         ) from error
     if builder == "json":
         _check_text_is_valid(dataset, path)
+        dataset = _reencode_mixed_columns(dataset, path)
     return mark_source(dataset, path)
 
 
@@ -157,6 +158,61 @@ def _check_text_is_valid(dataset: Dataset, path: str) -> None:
         _diagnose_text_file(path, "json")
         raise DataError(f"the file holds invalid text ({_root_message(error)})", source=path,
                         fix="re-save the file as UTF-8 JSON lines") from error
+
+
+def _reencode_mixed_columns(dataset: Dataset, path: str) -> Dataset:
+    """Re-read, from the file, each column whose values differ in type from row to row.
+
+    ``datasets`` stores such values as JSON text, but keeps a string that happens to parse as JSON
+    unquoted: the string " 1" comes back as the number 1, "true" as True. Validation would then
+    blame the wrong row (and training would see other data than the file holds), so each such
+    column is encoded again from the file, value by value."""
+    mixed = [name for name, feature in dataset.features.items() if _holds_json(feature)]
+    if not mixed:
+        return dataset
+    with open(path, encoding="utf-8-sig") as handle:
+        text = handle.read()
+    try:
+        stripped = text.lstrip()
+        rows = json.loads(stripped) if stripped.startswith("[") else [json.loads(line) for line in text.splitlines()
+                                                                       if line.strip()]
+    except json.JSONDecodeError:
+        return dataset  # a layout the reader understood and this does not (e.g. one {"data": [...]} object)
+    if not isinstance(rows, list) or len(rows) != len(dataset) or not all(isinstance(r, dict) for r in rows):
+        return dataset
+    table = dataset.data.table
+    for name in mixed:
+        feature = dataset.features[name]
+        try:
+            storage = pa.array([_json_storage(row.get(name), feature) for row in rows])
+            column = datasets.table.cast_array_to_feature(storage, feature)
+        except (pa.ArrowException, TypeError, ValueError):
+            continue  # keep the reader's values
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return Dataset(datasets.table.InMemoryTable(table), info=dataset.info.copy())
+
+
+def _holds_json(feature: Any) -> bool:
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_json(inner) for inner in feature.values())
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _holds_json(inner)
+
+
+def _json_storage(value: Any, feature: Any) -> Any:
+    """``value`` with every part that ``feature`` stores as JSON text written as JSON text."""
+    if value is None:
+        return None
+    if isinstance(feature, datasets.Json):
+        return json.dumps(value)
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {key: _json_storage(value.get(key), inner) for key, inner in feature.items()}
+    inner = getattr(feature, "feature", None)
+    if inner is not None and isinstance(value, list):
+        return [_json_storage(item, inner) for item in value]
+    return value
 
 
 def _empty_file_error(path: str, problem: str = "the file is empty") -> DataError:
