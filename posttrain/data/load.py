@@ -8,6 +8,7 @@ the hub or built in memory fall back to a name the caller gives.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
 from posttrain.errors import ConfigError, DataError
@@ -167,9 +169,11 @@ def _reencode_mixed_columns(dataset: Dataset, path: str) -> Dataset:
     unquoted: the string " 1" comes back as the number 1, "true" as True. Validation would then
     blame the wrong row (and training would see other data than the file holds), so each such
     column is encoded again from the file, value by value."""
-    mixed = [name for name, feature in dataset.features.items() if _holds_json(feature)]
+    table = dataset.data.table
+    mixed = [name for name, feature in dataset.features.items()
+             if _holds_json(feature) and _json_leaves_hold_scalars(table.column(name))]
     if not mixed:
-        return dataset
+        return dataset  # e.g. messages whose keys differ: each JSON value is a whole object, stored faithfully
     with open(path, encoding="utf-8-sig") as handle:
         text = handle.read()
     try:
@@ -180,7 +184,6 @@ def _reencode_mixed_columns(dataset: Dataset, path: str) -> Dataset:
         return dataset  # a layout the reader understood and this does not (e.g. one {"data": [...]} object)
     if not isinstance(rows, list) or len(rows) != len(dataset) or not all(isinstance(r, dict) for r in rows):
         return dataset
-    table = dataset.data.table
     for name in mixed:
         feature = dataset.features[name]
         try:
@@ -189,7 +192,30 @@ def _reencode_mixed_columns(dataset: Dataset, path: str) -> Dataset:
         except (pa.ArrowException, TypeError, ValueError):
             continue  # keep the reader's values
         table = table.set_column(table.schema.get_field_index(name), name, column)
-    return Dataset(datasets.table.InMemoryTable(table), info=dataset.info.copy())
+    # a fingerprint derived from the reader's, which would otherwise be computed by hashing the table
+    return Dataset(datasets.table.InMemoryTable(table), info=dataset.info.copy(),
+                   fingerprint=hashlib.sha256(f"{dataset._fingerprint}:{mixed}".encode()).hexdigest()[:16])
+
+
+def _json_leaves_hold_scalars(column: Any) -> bool:
+    """True when some JSON-text value of ``column`` is not an object (so it may be a mangled string)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for chunk in chunks:
+        if _is_json_array(chunk):
+            texts = chunk.storage
+            if pc.any(pc.invert(pc.starts_with(texts, "{"))).as_py():
+                return True
+        elif pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+            if _json_leaves_hold_scalars(chunk.flatten()):
+                return True
+        elif pa.types.is_struct(chunk.type):
+            if any(_json_leaves_hold_scalars(child) for child in chunk.flatten()):
+                return True
+    return False
+
+
+def _is_json_array(array: Any) -> bool:
+    return getattr(array.type, "extension_name", None) == "arrow.json"
 
 
 def _holds_json(feature: Any) -> bool:

@@ -135,13 +135,14 @@ def check_model_directory(model: str, field: str = "model_name_or_path") -> None
         return  # a hub id: from_pretrained says what is wrong with it
     if not os.path.isdir(model):
         raise ConfigError(
-            f"no model directory at '{model}'" + (" (it is a file)" if os.path.exists(model) else ""),
+            f"could not load model '{model}': "
+            + ("it is a file, not a model directory" if os.path.exists(model) else "no such directory"),
             field=field,
             fix="pass a directory written by save_pretrained (`posttrain init-model DIR` makes a tiny one)",
         )
     if not any(os.path.isfile(os.path.join(model, name)) for name in _MODEL_CONFIG_FILES):
         raise ConfigError(
-            f"'{model}' has no config.json, so it is not a model directory",
+            f"could not load model '{model}': the directory has no config.json",
             field=field,
             fix="point at the directory that save_pretrained wrote (it holds config.json and the weights), "
             "e.g. a checkpoint-N folder or the run's output_dir",

@@ -249,8 +249,8 @@ CASES: list[Case] = [
     _model_case("truncated_weights", "truncated_weights", "truncated_weights", "damaged or truncated"),
     _model_case("model_without_config", "no_config", "no_config", "no config.json"),
     _model_case("model_without_tokenizer", "no_tokenizer", "no_tokenizer", "no tokenizer files"),
-    _model_case("missing_model_dir", "missing", "missing_model", "no model directory"),
-    _model_case("model_path_is_file", "file", "model.bin", "it is a file"),
+    _model_case("missing_model_dir", "missing", "missing_model", "no such directory"),
+    _model_case("model_path_is_file", "file", "model.bin", "it is a file, not a model directory"),
     _model_case("empty_model_dir", "empty", "empty_model", "no config.json"),
     # -- the command line only: YAML files and flag syntax
     Case("yaml_unknown_key", data=CHAT, cli_args=["--config", "{dir}/run.yaml"],
