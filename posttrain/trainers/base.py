@@ -110,7 +110,10 @@ def load_pretrained(
             + f"{type(err).__name__}: {_first_line(err)}",
             field="model_name_or_path",
             fix="copy or save the weights again (an interrupted copy or download leaves a short file)" if damaged
-            else "pass a local model directory (`posttrain init-model DIR` makes a tiny one) or a reachable hub id",
+            else "pass a local model directory (`posttrain init-model DIR` makes a tiny one) or a reachable hub id"
+            if isinstance(err, OSError)
+            else "check that the directory holds a complete model saved with save_pretrained, and the "
+            "model_init_kwargs (dtype, attn_implementation)",
         ) from None
 
 
@@ -188,6 +191,7 @@ def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module
         if isinstance(model, str):
             check_model_directory(model)
         if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
+            # AutoTokenizer would build an empty tokenizer from config.json alone: every text would encode to nothing
             raise ConfigError(
                 f"'{source}' holds no tokenizer files (e.g. tokenizer.json or tokenizer_config.json)",
                 field="model_name_or_path",
@@ -204,14 +208,6 @@ def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module
                 "or processing_class=AutoTokenizer.from_pretrained(...)",
             ) from None
     tok = getattr(processing_class, "tokenizer", processing_class)
-    if hasattr(tok, "__len__") and len(tok) < 2:
-        # transformers builds an empty tokenizer from a config alone: every text would become one token
-        raise ConfigError(
-            f"the tokenizer has a vocabulary of {len(tok)} token(s), so every text would encode to nothing",
-            field="model_name_or_path" if processing_class is not None and isinstance(model, str) else None,
-            fix="load the tokenizer the model was trained with (its directory needs tokenizer.json or "
-            "tokenizer_config.json and vocabulary files)",
-        )
     if getattr(tok, "pad_token", None) is None:
         if getattr(tok, "eos_token", None) is None:
             raise ConfigError(
