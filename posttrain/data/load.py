@@ -281,7 +281,7 @@ def _diagnose_json_file(path: str) -> None:
         if head.startswith("["):  # a JSON array: one document
             handle.seek(0)
             try:
-                json.load(handle)
+                document = json.load(handle)
             except json.JSONDecodeError as error:
                 raise DataError(
                     f"malformed JSON ({error.msg}, character {error.colno})",
@@ -289,6 +289,8 @@ def _diagnose_json_file(path: str) -> None:
                     line=error.lineno,
                     fix="fix that line, or write one JSON object per line (.jsonl)",
                 ) from error
+            if document == []:
+                raise _empty_file_error(path, "the file is empty (a JSON array with no rows)")
             return
         handle.seek(0)
         for number, line in enumerate(handle, start=1):
