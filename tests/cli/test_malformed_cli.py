@@ -46,7 +46,7 @@ def models(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
-    """A good SFT run's output_dir, and its files as they were when the run ended."""
+    """The output_dir of a good SFT run."""
     folder = tmp_path_factory.mktemp("finished")
     data = str(folder / "train.jsonl")
     corpus._write(data, corpus.CHAT)
@@ -54,7 +54,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     code = main(["sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", data, "--output_dir", output_dir,
                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no"])
     assert code == 0 and os.path.isfile(os.path.join(output_dir, "model.safetensors"))
-    return output_dir, _snapshot(output_dir)
+    return output_dir
 
 
 @pytest.mark.parametrize("case", corpus.CASES, ids=lambda case: case.id)
@@ -64,7 +64,8 @@ def test_bad_input_is_one_line_and_exit_2(case, models, finished_run, tmp_path, 
 
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    output_dir, files_before = finished_run
+    output_dir = finished_run
+    files_before = _snapshot(output_dir)
     folder = str(tmp_path / "case")
     dataset = corpus.write_case_files(case, folder)
     method_flags, _ = corpus.method_extras(case.method)
