@@ -429,12 +429,8 @@ def _rules_for(info: FormatInfo, column_names: list[str]) -> list[_ColumnRule]:
             # what the model learns to say must contain an assistant turn; a prompt need not, but a
             # conversation (whole, or prompt then completion) must give the user's turn first
             is_target = column in ("messages", "completion", "chosen", "rejected")
-            if column == "prompt":
-                turn_order = "has_user"
-            elif is_target and not info.explicit_prompt:
-                turn_order = "user_first"
-            else:
-                turn_order = None
+            whole_conversation = is_target and not info.explicit_prompt
+            turn_order = "has_user" if column == "prompt" else "user_first" if whole_conversation else None
             rules.append(_ColumnRule(column, text_kind, need_assistant=is_target, turn_order=turn_order))
     if info.format is DataFormat.PREFERENCE and "margin" in column_names:
         rules.append(_ColumnRule("margin", "number"))
