@@ -22,7 +22,9 @@ class DataError(PosttrainError, ValueError):
     """A dataset does not have the shape a method needs.
 
     The message reads ``<source>, row <n>, column '<c>': <problem>; expected <x>, found <y>. Fix: <fix>``,
-    with each part present only when known. ``row`` is 0-based, as in ``dataset[row]``.
+    with each part present only when known. ``row`` is 0-based, as in ``dataset[row]``. A problem found
+    while reading a file, before it has rows, gives its 1-based ``line`` instead (``<source>, line <n>``),
+    as an editor numbers it.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class DataError(PosttrainError, ValueError):
         *,
         source: str | None = None,
         row: int | None = None,
+        line: int | None = None,
         column: str | None = None,
         expected: str | None = None,
         found: Any = None,
@@ -39,6 +42,7 @@ class DataError(PosttrainError, ValueError):
         self.problem = problem
         self.source = source
         self.row = row
+        self.line = line
         self.column = column
         self.expected = expected
         self.found = found
@@ -51,6 +55,8 @@ class DataError(PosttrainError, ValueError):
             where.append(str(self.source))
         if self.row is not None:
             where.append(f"row {self.row}")
+        if self.line is not None:
+            where.append(f"line {self.line}")
         if self.column is not None:
             where.append(f"column '{self.column}'")
         text = (", ".join(where) + ": " if where else "") + self.problem

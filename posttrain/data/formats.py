@@ -218,7 +218,9 @@ def _text_problem(value: Any) -> Problem | None:
     return None
 
 
-def _messages_problem(value: Any, need_assistant: bool) -> Problem | None:
+def _messages_problem(value: Any, need_assistant: bool, turn_order: str | None = None) -> Problem | None:
+    """``turn_order``: ``"user_first"`` for a whole conversation (a user turn must come before the
+    first assistant turn), ``"has_user"`` for a prompt (it must hold a user turn), None: no check."""
     expected_list = "a list of {'role', 'content'} messages"
     if value is None:
         return ("missing value", expected_list, "None", "fill the conversation in, or drop the row")
@@ -231,7 +233,7 @@ def _messages_problem(value: Any, need_assistant: bool) -> Problem | None:
         )
     if not value:
         return ("empty conversation", "at least one message", "[]", "drop the row or add its messages")
-    has_assistant = False
+    has_assistant = has_user = False
     for index, message in enumerate(value):
         if not isinstance(message, dict):
             return (f"message {index} is not an object", "{'role': ..., 'content': ...}", _describe_value(message),
@@ -243,7 +245,13 @@ def _messages_problem(value: Any, need_assistant: bool) -> Problem | None:
         if role not in ROLES:
             return (f"message {index} has an unknown role", f"one of {list(ROLES)}", repr(role),
                     f"rename the role ({_ROLE_RENAMES})")
+        if role == "assistant" and turn_order == "user_first" and not has_user:
+            return (f"message {index} (assistant) comes before any user turn",
+                    "a user message before the first assistant message", f"roles {[m.get('role') for m in value]}",
+                    "start the conversation with the user's message (drop the leading assistant turn, or "
+                    "move a greeting into the system prompt)")
         has_assistant |= role == "assistant"
+        has_user |= role == "user"
         content = message.get("content")
         calls_tools = bool(message.get("tool_calls"))
         if content is None and not calls_tools:
@@ -255,6 +263,9 @@ def _messages_problem(value: Any, need_assistant: bool) -> Problem | None:
         if role in _ROLES_NEEDING_CONTENT and not calls_tools and not (content or "").strip():
             return (f"message {index} ({role}) is empty", "non-empty content", repr(content),
                     "fill the message in, or drop the row")
+    if turn_order == "has_user" and not has_user:
+        return ("the prompt has no user turn", "at least one message with role 'user'",
+                f"roles {[m.get('role') for m in value]}", "add the user's message to the prompt")
     if need_assistant and not has_assistant:
         return ("the conversation has no assistant turn", "at least one message with role 'assistant'",
                 f"roles {[m.get('role') for m in value]}",
@@ -309,7 +320,7 @@ def _scan_text(array: pa.Array) -> int | None:
     return _first_true(bad)
 
 
-def _scan_messages(array: pa.Array, need_assistant: bool) -> int | None:
+def _scan_messages(array: pa.Array, need_assistant: bool, turn_order: str | None = None) -> int | None:
     list_type = array.type
     if not (pa.types.is_list(list_type) or pa.types.is_large_list(list_type)):
         return _UNSURE
@@ -345,9 +356,20 @@ def _scan_messages(array: pa.Array, need_assistant: bool) -> int | None:
     message_bad |= _blank(content) & needs_content & ~calls_tools
     if message_bad.any():
         row_bad[parents[message_bad]] = True
+    is_assistant = np.asarray(pc.fill_null(pc.equal(role, "assistant"), False), dtype=bool)
+    is_user = np.asarray(pc.fill_null(pc.equal(role, "user"), False), dtype=bool)
     if need_assistant:
-        is_assistant = np.asarray(pc.fill_null(pc.equal(role, "assistant"), False), dtype=bool)
         row_bad |= np.bincount(parents[is_assistant], minlength=num_rows)[:num_rows] == 0
+    if turn_order == "has_user":
+        row_bad |= np.bincount(parents[is_user], minlength=num_rows)[:num_rows] == 0
+    elif turn_order == "user_first":
+        # flat positions of each row's first user and first assistant message (past the end: none)
+        first_user = np.full(num_rows, len(flat), dtype=np.int64)
+        first_assistant = np.full(num_rows, len(flat), dtype=np.int64)
+        positions = np.arange(len(flat), dtype=np.int64)
+        np.minimum.at(first_user, parents[is_user], positions[is_user])
+        np.minimum.at(first_assistant, parents[is_assistant], positions[is_assistant])
+        row_bad |= first_assistant < first_user
     return _first_true(row_bad)
 
 
@@ -374,12 +396,13 @@ class _ColumnRule:
     column: str
     kind: str  # "text", "messages", "label" or "number"
     need_assistant: bool = False
+    turn_order: str | None = None  # see _messages_problem
 
     def problem(self, value: Any) -> Problem | None:
         if self.kind == "text":
             return _text_problem(value)
         if self.kind == "messages":
-            return _messages_problem(value, self.need_assistant)
+            return _messages_problem(value, self.need_assistant, self.turn_order)
         if self.kind == "label":
             return _label_problem(value)
         return _number_problem(value)
@@ -388,7 +411,7 @@ class _ColumnRule:
         if self.kind == "text":
             return _scan_text(array)
         if self.kind == "messages":
-            return _scan_messages(array, self.need_assistant)
+            return _scan_messages(array, self.need_assistant, self.turn_order)
         if self.kind == "label":
             return _scan_label(array)
         return _scan_number(array)
@@ -403,9 +426,12 @@ def _rules_for(info: FormatInfo, column_names: list[str]) -> list[_ColumnRule]:
         elif info.format is DataFormat.LANGUAGE_MODELING:
             rules.append(_ColumnRule(column, "text"))
         else:
-            # what the model learns to say must contain an assistant turn; a prompt need not
+            # what the model learns to say must contain an assistant turn; a prompt need not, but a
+            # conversation (whole, or prompt then completion) must give the user's turn first
             is_target = column in ("messages", "completion", "chosen", "rejected")
-            rules.append(_ColumnRule(column, text_kind, need_assistant=is_target))
+            whole_conversation = is_target and not info.explicit_prompt
+            turn_order = "has_user" if column == "prompt" else "user_first" if whole_conversation else None
+            rules.append(_ColumnRule(column, text_kind, need_assistant=is_target, turn_order=turn_order))
     if info.format is DataFormat.PREFERENCE and "margin" in column_names:
         rules.append(_ColumnRule("margin", "number"))
     return rules

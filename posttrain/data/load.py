@@ -8,6 +8,7 @@ the hub or built in memory fall back to a name the caller gives.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
 from posttrain.errors import ConfigError, DataError
@@ -130,35 +133,164 @@ def _load_file(path: str) -> Dataset:
             expected="a .json, .jsonl, .csv or .parquet file",
             fix="convert the file to JSON lines (one object per line) or parquet",
         )
+    if os.path.getsize(path) == 0:
+        raise _empty_file_error(path)
     try:
         dataset = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as error:  # noqa: BLE001 - any reader failure becomes one DataError naming the file
-        if builder == "json":
-            _diagnose_json_file(path)  # raises with the line number when it finds the bad line
+        if builder in ("json", "csv"):
+            _diagnose_text_file(path, builder)  # raises naming the line when it finds the problem
         raise DataError(
             f"could not read the file ({type(error).__name__}: {_root_message(error)})",
             source=path,
             fix=f"check that it is a valid {extension} file",
         ) from error
+    if builder == "json":
+        _check_text_is_valid(dataset, path)
+        dataset = _reencode_mixed_columns(dataset, path)
     return mark_source(dataset, path)
 
 
-def _diagnose_json_file(path: str) -> None:
-    """Find the malformed line after the arrow reader failed: its own error names neither file nor line.
+def _check_text_is_valid(dataset: Dataset, path: str) -> None:
+    """The JSON reader copies bytes that are not UTF-8 into string columns unchecked; reading such
+    a row later raises deep inside a run. Arrow's full validation finds them in one pass."""
+    try:
+        dataset.data.table.validate(full=True)
+    except pa.ArrowInvalid as error:
+        _diagnose_text_file(path, "json")
+        raise DataError(f"the file holds invalid text ({_root_message(error)})", source=path,
+                        fix="re-save the file as UTF-8 JSON lines") from error
+
+
+def _reencode_mixed_columns(dataset: Dataset, path: str) -> Dataset:
+    """Re-read, from the file, each column whose values differ in type from row to row.
+
+    ``datasets`` stores such values as JSON text, but keeps a string that happens to parse as JSON
+    unquoted: the string " 1" comes back as the number 1, "true" as True. Validation would then
+    blame the wrong row (and training would see other data than the file holds), so each such
+    column is encoded again from the file, value by value."""
+    table = dataset.data.table
+    mixed = [name for name, feature in dataset.features.items()
+             if _holds_json(feature) and _json_leaves_hold_scalars(table.column(name))]
+    if not mixed:
+        return dataset  # e.g. messages whose keys differ: each JSON value is a whole object, stored faithfully
+    with open(path, encoding="utf-8-sig") as handle:
+        text = handle.read()
+    try:
+        stripped = text.lstrip()
+        rows = json.loads(stripped) if stripped.startswith("[") else [json.loads(line) for line in text.splitlines()
+                                                                       if line.strip()]
+    except json.JSONDecodeError:
+        return dataset  # a layout the reader understood and this does not (e.g. one {"data": [...]} object)
+    if not isinstance(rows, list) or len(rows) != len(dataset) or not all(isinstance(r, dict) for r in rows):
+        return dataset
+    for name in mixed:
+        feature = dataset.features[name]
+        try:
+            storage = pa.array([_json_storage(row.get(name), feature) for row in rows])
+            column = datasets.table.cast_array_to_feature(storage, feature)
+        except (pa.ArrowException, TypeError, ValueError):
+            continue  # keep the reader's values
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    # a fingerprint derived from the reader's, which would otherwise be computed by hashing the table
+    return Dataset(datasets.table.InMemoryTable(table), info=dataset.info.copy(),
+                   fingerprint=hashlib.sha256(f"{dataset._fingerprint}:{mixed}".encode()).hexdigest()[:16])
+
+
+def _json_leaves_hold_scalars(column: Any) -> bool:
+    """True when some JSON-text value of ``column`` is not an object (so it may be a mangled string)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for chunk in chunks:
+        if _is_json_array(chunk):
+            texts = chunk.storage
+            if pc.any(pc.invert(pc.starts_with(texts, "{"))).as_py():
+                return True
+        elif pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+            if _json_leaves_hold_scalars(chunk.flatten()):
+                return True
+        elif pa.types.is_struct(chunk.type):
+            if any(_json_leaves_hold_scalars(child) for child in chunk.flatten()):
+                return True
+    return False
+
+
+def _is_json_array(array: Any) -> bool:
+    return getattr(array.type, "extension_name", None) == "arrow.json"
+
+
+def _holds_json(feature: Any) -> bool:
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_json(inner) for inner in feature.values())
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _holds_json(inner)
+
+
+def _json_storage(value: Any, feature: Any) -> Any:
+    """``value`` with every part that ``feature`` stores as JSON text written as JSON text."""
+    if value is None:
+        return None
+    if isinstance(feature, datasets.Json):
+        return json.dumps(value)
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {key: _json_storage(value.get(key), inner) for key, inner in feature.items()}
+    inner = getattr(feature, "feature", None)
+    if inner is not None and isinstance(value, list):
+        return [_json_storage(item, inner) for item in value]
+    return value
+
+
+def _empty_file_error(path: str, problem: str = "the file is empty") -> DataError:
+    return DataError(problem, source=path, expected="at least one row",
+                     fix="check that the file was written completely, or point at another file")
+
+
+def _diagnose_text_file(path: str, builder: str) -> None:
+    """Find what made the reader fail in a text file: its own errors name neither file nor line.
 
     Runs only on failure, so valid files load at the reader's speed."""
+    with open(path, "rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            try:
+                raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                column = len(raw_line[: error.start].decode("utf-8", errors="replace")) + 1
+                raise DataError(
+                    f"the file is not UTF-8 text: byte 0x{raw_line[error.start]:02x} at character {column}",
+                    source=path,
+                    line=number,
+                    expected="UTF-8 text",
+                    found=raw_line[max(0, error.start - 20) : error.start + 20].decode("utf-8", errors="replace").strip(),
+                    fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)",
+                ) from None
+    with open(path, encoding="utf-8-sig") as handle:
+        lines = [line for line in handle if line.strip()]
+    if not lines:
+        raise _empty_file_error(path, "the file is empty (blank lines only)")
+    if builder == "csv" and len(lines) == 1:
+        raise _empty_file_error(path, "the file has a header line but no rows")
+    if builder == "json":
+        _diagnose_json_file(path)
+
+
+def _diagnose_json_file(path: str) -> None:
+    """Find the malformed line of a JSON / JSON-lines file the arrow reader could not read."""
     with open(path, encoding="utf-8") as handle:
         head = handle.read(4096).lstrip()
         if head.startswith("["):  # a JSON array: one document
             handle.seek(0)
             try:
-                json.load(handle)
+                document = json.load(handle)
             except json.JSONDecodeError as error:
                 raise DataError(
-                    f"line {error.lineno}: malformed JSON ({error.msg})",
+                    f"malformed JSON ({error.msg}, character {error.colno})",
                     source=path,
+                    line=error.lineno,
                     fix="fix that line, or write one JSON object per line (.jsonl)",
                 ) from error
+            if document == []:
+                raise _empty_file_error(path, "the file is empty (a JSON array with no rows)")
             return
         handle.seek(0)
         for number, line in enumerate(handle, start=1):
@@ -170,15 +302,17 @@ def _diagnose_json_file(path: str) -> None:
                 if number == 1 and head.startswith("{") and _is_single_json_document(path):
                     return  # a pretty-printed JSON object, e.g. {"data": [...]}: leave it to the reader
                 raise DataError(
-                    f"line {number}: malformed JSON ({error.msg}, character {error.colno})",
+                    f"malformed JSON ({error.msg}, character {error.colno})",
                     source=path,
+                    line=number,
                     found=line.strip()[:80],
                     fix="fix that line: each line must be one complete JSON object",
                 ) from error
             if not isinstance(value, dict):
                 raise DataError(
-                    f"line {number}: each line must be a JSON object",
+                    "each line must be a JSON object",
                     source=path,
+                    line=number,
                     expected="an object like {\"prompt\": ..., \"completion\": ...}",
                     found=type(value).__name__,
                     fix="wrap each row in an object whose keys are the column names",

@@ -97,17 +97,62 @@ def load_pretrained(
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     kwargs.update(extra_kwargs or {})
     _check_gpu_only_requests(kwargs)
+    check_model_directory(model)
+    from safetensors import SafetensorError
+
     try:
         # weights the checkpoint lacks (a reward head) are drawn from the run's seed, not the process's state
         with torch.random.fork_rng(devices=[]):  # the Trainer seeds the GPUs with the same seed next
             torch.manual_seed(args.seed)
             return auto_class.from_pretrained(model, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError, SafetensorError) as err:
+        damaged = isinstance(err, SafetensorError) or "deserializ" in str(err)
         raise ConfigError(
-            f"could not load model '{model}': {str(err).splitlines()[0]}",
+            f"could not load model '{model}': "
+            + ("its weights file is damaged or truncated, " if damaged else "")
+            + f"{type(err).__name__}: {_first_line(err)}",
             field="model_name_or_path",
-            fix="pass a local model directory (`posttrain init-model DIR` makes a tiny one) or a reachable hub id",
+            fix="copy or save the weights again (an interrupted copy or download leaves a short file)" if damaged
+            else "pass a local model directory (`posttrain init-model DIR` makes a tiny one) or a reachable hub id"
+            if isinstance(err, OSError)
+            else "check that the directory holds a complete model saved with save_pretrained, and the "
+            "model_init_kwargs (dtype, attn_implementation)",
         ) from None
+
+
+_MODEL_CONFIG_FILES = ("config.json", "adapter_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tekken.json")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_local_path(model: str) -> bool:
+    """A path rather than a hub id ("name" or "owner/name")."""
+    return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def check_model_directory(model: str, field: str = "model_name_or_path") -> None:
+    """Raise a :class:`ConfigError` when ``model`` names a local path that holds no loadable model."""
+    if not isinstance(model, str) or not _is_local_path(model):
+        return  # a hub id: from_pretrained says what is wrong with it
+    if not os.path.isdir(model):
+        raise ConfigError(
+            f"could not load model '{model}': "
+            + ("it is a file, not a model directory" if os.path.exists(model) else "no such directory"),
+            field=field,
+            fix="pass a directory written by save_pretrained (`posttrain init-model DIR` makes a tiny one)",
+        )
+    if not any(os.path.isfile(os.path.join(model, name)) for name in _MODEL_CONFIG_FILES):
+        raise ConfigError(
+            f"could not load model '{model}': the directory has no config.json",
+            field=field,
+            fix="point at the directory that save_pretrained wrote (it holds config.json and the weights), "
+            "e.g. a checkpoint-N folder or the run's output_dir",
+        )
 
 
 def _check_gpu_only_requests(kwargs: dict[str, Any]) -> None:
@@ -146,12 +191,24 @@ def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module
         processing_class = tokenizer
     if processing_class is None:
         source = model if isinstance(model, str) else model_id_of(model)
+        if isinstance(model, str):
+            check_model_directory(model)
+        if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in _TOKENIZER_FILES):
+            # AutoTokenizer would build an empty tokenizer from config.json alone: every text would encode to nothing
+            raise ConfigError(
+                f"'{source}' holds no tokenizer files (e.g. tokenizer.json or tokenizer_config.json)",
+                field="model_name_or_path",
+                fix="save the tokenizer beside the model (tokenizer.save_pretrained(DIR)), "
+                "or pass processing_class=AutoTokenizer.from_pretrained(...)",
+            )
         try:
             processing_class = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise ConfigError(
-                f"could not load a tokenizer for '{source}': {str(err).splitlines()[0]}",
-                field="processing_class", fix="pass processing_class=AutoTokenizer.from_pretrained(...)",
+                f"could not load a tokenizer for '{source}': {_first_line(err)}",
+                field="model_name_or_path" if isinstance(model, str) else None,
+                fix="pass a model directory or hub id that includes its tokenizer, "
+                "or processing_class=AutoTokenizer.from_pretrained(...)",
             ) from None
     tok = getattr(processing_class, "tokenizer", processing_class)
     if getattr(tok, "pad_token", None) is None:
@@ -290,6 +347,17 @@ class PosttrainTrainer(Trainer):
             write_model_card(output_dir or self.args.output_dir, method=method, model_name=model_name, dataset=data,
                              args=self.args, records=read_metrics(self.args.output_dir),
                              is_peft=is_peft_model(unwrapped_pretrained(self.model)) or is_peft_model(self.model))
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the hub repository for ``push_to_hub``; a network or login failure is one ConfigError."""
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as err:  # noqa: BLE001 - HTTP, connection, offline and login errors all mean the same
+            raise ConfigError(
+                f"could not create the hub repository for push_to_hub ({type(err).__name__}: {_first_line(err)})",
+                field="push_to_hub",
+                fix="check the network and `hf auth login` (or --hub_token), or drop --push_to_hub",
+            ) from None
 
     def _init_metrics(self) -> None:
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}

@@ -12,6 +12,7 @@ It adds three things to the Trainer's vocabulary:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -116,6 +117,7 @@ class PosttrainConfig(TrainingArguments):
                 )
             note_alias_once("warmup_ratio", "warmup_steps", owner)
             self.warmup_steps = float(self.warmup_ratio)
+        check_common_values(self)
         launched_processes = adopt_process_launch(self)
         self._resolve_precision()
         if not torch.cuda.is_available():
@@ -180,6 +182,88 @@ def check_launch_joined(config: TrainingArguments, launched: int) -> None:
             f"(device: {config.device}); each would train alone on all the data into the same output_dir",
             field="use_cpu", fix="pass --use_cpu true to train over gloo on the CPU, or launch one process",
         )
+
+
+# ----------------------------------------------------------------------------- impossible values
+#
+# Values the optimizer, the data loader or the tokenizer would otherwise reject deep inside a run
+# (or, worse, accept: a negative learning rate ascends the loss). Each field is checked only when the
+# config has it, so one table serves every method.
+
+# field -> (least allowed value, None allowed, example for the fix)
+_INTEGER_MINIMUMS: dict[str, tuple[int, bool, str]] = {
+    "per_device_train_batch_size": (1, False, "8"),
+    "per_device_eval_batch_size": (1, False, "8"),
+    "gradient_accumulation_steps": (1, False, "1"),
+    "seed": (0, False, "42"),
+    "dataloader_num_workers": (0, False, "0"),
+    "max_length": (1, True, "1024"),
+    "max_prompt_length": (1, True, "512"),
+    "max_completion_length": (1, True, "256"),
+    "max_new_tokens": (1, True, "256"),
+    "logits_chunk_size": (1, True, "4096"),
+    "dataset_num_proc": (1, True, "4"),
+    "pad_to_multiple_of": (1, True, "8"),
+}
+# field -> (least allowed value, the least itself allowed, example for the fix)
+_NUMBER_MINIMUMS: dict[str, tuple[float, bool, str]] = {
+    "learning_rate": (0.0, True, "1e-5"),
+    "num_train_epochs": (0.0, True, "3"),
+    "weight_decay": (0.0, True, "0.0"),
+    "max_grad_norm": (0.0, True, "1.0"),
+    "warmup_steps": (0.0, True, "100"),
+    "adam_epsilon": (0.0, False, "1e-8"),
+    "logging_steps": (0.0, False, "10"),
+}
+_RESUME_KEYWORDS = ("true", "false")  # "true": the latest checkpoint in output_dir
+
+
+def check_common_values(config: TrainingArguments) -> None:
+    """Raise a :class:`ConfigError` naming the flag for a value no run can use.
+
+    Covers sizes and lengths (positive integers), the optimizer's numbers (finite, not negative),
+    a ``resume_from_checkpoint`` path that does not exist, and ``push_to_hub`` with the hub offline.
+    """
+    for name, (least, none_ok, example) in _INTEGER_MINIMUMS.items():
+        if not hasattr(config, name):
+            continue
+        value = getattr(config, name)
+        if value is None and none_ok:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise ConfigError(f"{name} must be {wanted}, got {value!r}", field=name,
+                              fix=f"pass e.g. --{name} {example}" + (" (or leave it unset)" if none_ok else ""))
+    for name, (least, least_ok, example) in _NUMBER_MINIMUMS.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value) or value < least or (value == least and not least_ok):
+            wanted = f"a finite number {'>=' if least_ok else '>'} {least:g}"
+            raise ConfigError(f"{name} must be {wanted}, got {value!r}", field=name, fix=f"pass e.g. --{name} {example}")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {value!r}", field=name,
+                              fix=f"pass e.g. --{name} {'0.9' if name == 'adam_beta1' else '0.999'}")
+    resume = getattr(config, "resume_from_checkpoint", None)
+    if isinstance(resume, (str, os.PathLike)) and str(resume).strip().lower() not in _RESUME_KEYWORDS:
+        if not os.path.isdir(resume):
+            raise ConfigError(
+                f"no checkpoint directory at '{resume}'" + (" (it is a file)" if os.path.exists(resume) else ""),
+                field="resume_from_checkpoint",
+                fix="pass a checkpoint-N directory written by an earlier run, or drop the flag to start afresh",
+            )
+    if getattr(config, "push_to_hub", False):
+        from huggingface_hub import is_offline_mode
+
+        if is_offline_mode():
+            raise ConfigError(
+                "push_to_hub needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE=1)",
+                field="push_to_hub",
+                fix="drop --push_to_hub (the model is saved in output_dir), or unset HF_HUB_OFFLINE and log in",
+            )
 
 
 def _parse_json_field(text: str, name: str) -> dict:

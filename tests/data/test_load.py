@@ -65,7 +65,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     with pytest.raises(DataError) as caught:
         load_data(str(path))
     message = str(caught.value)
-    assert message.startswith(f"{path}: line 3: malformed JSON")
+    assert message.startswith(f"{path}, line 3: malformed JSON")
 
 
 def test_non_object_json_line(tmp_path):
