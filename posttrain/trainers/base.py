@@ -225,6 +225,10 @@ class PosttrainTrainer(Trainer):
             self._init_metrics()
         super().__init__(*args, **kwargs)
         self.add_callback(MetricsFileCallback())
+        from posttrain.models.lm_head import check_output_heads
+
+        # a head transformation the chunked log-probs do not know falls back to full logits, with a warning
+        check_output_heads(self.model, getattr(getattr(self, "reference", None), "model", None))
 
     def _init_metrics(self) -> None:
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
