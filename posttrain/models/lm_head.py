@@ -132,6 +132,17 @@ def forward_hidden_states(
 
     ``input_ids`` may be ``None`` when ``inputs_embeds`` is among ``model_kwargs``.
     """
+    return forward_without_logits(model, input_ids, attention_mask, position_ids, **model_kwargs).hidden_states[-1]
+
+
+def forward_without_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **model_kwargs,
+):
+    """The model's output object of :func:`forward_hidden_states`' forward (hidden states, an MoE router loss)."""
     base = unwrap_model(model)
     kwargs = dict(model_kwargs)
     if _accepts_logits_to_keep(base.forward):
@@ -146,7 +157,7 @@ def forward_hidden_states(
         output_hidden_states=True,
         **kwargs,
     )
-    return outputs.hidden_states[-1]
+    return outputs
 
 
 @lru_cache(maxsize=64)
@@ -342,26 +353,39 @@ def weighted_target_nll(
     """``sum_i token_weights[i] * -log p(target_i)`` over the positions of ``mask``, and the argmax matches.
 
     ``mask``: (B, L-1) bool from :func:`target_positions`; ``token_weights``: (N,) with N = ``mask.sum()``.
-    Returns the scalar float32 loss and an (N,) bool tensor. Goes through the fused chunked head
+    Returns the scalar float32 loss (plus :func:`router_loss_term` for an MoE model that outputs its
+    router logits) and an (N,) bool tensor. Goes through the fused chunked head
     (:func:`posttrain.ops.logprobs.fused_linear_nll`) when it applies, else through the head module
     or the model's full logits.
     """
     targets = input_ids[:, 1:][mask]
     if uses_full_logits(model):
-        logits = model_logits(model, input_ids, attention_mask, position_ids)[:, :-1][mask].float()
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        logits = outputs.logits[:, :-1][mask].float()
     else:
-        hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
-        selected = hidden[:, :-1][mask]
+        outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
+        selected = outputs.hidden_states[-1][:, :-1][mask]
         head = output_head(model)
         if head is not None:
             loss, argmax_match, _ = fused_linear_nll(
                 selected, head.weight, targets, token_weights,
                 bias=head.bias, head=head.transform, chunk_size=chunk_size,
             )
-            return loss, argmax_match
+            return loss + router_loss_term(model, outputs, token_weights), argmax_match
         logits = transform_logits(unwrap_model(model).get_output_embeddings()(selected), head_transform(model))
     loss = -(naive_token_logps(logits, targets) * token_weights.to(logits.dtype)).sum()
-    return loss, logits.argmax(-1) == targets
+    return loss + router_loss_term(model, outputs, token_weights), logits.argmax(-1) == targets
+
+
+def router_loss_term(model: nn.Module, outputs, token_weights: torch.Tensor) -> torch.Tensor | float:
+    """``router_aux_loss_coef * aux_loss * sum(token_weights)``: an MoE model's load-balancing loss (present
+    when its config sets ``output_router_logits``), weighted by this micro-batch's share of the target
+    tokens so that accumulated micro-batches average it as one batch would; 0 for other models."""
+    aux_loss = getattr(outputs, "aux_loss", None)
+    if aux_loss is None:
+        return 0.0
+    coef = _number(unwrap_model(model).config, "router_aux_loss_coef") or 0.0
+    return coef * aux_loss.float() * token_weights.sum().to(torch.float32)
 
 
 def target_logits_chunks(

@@ -193,6 +193,8 @@ def _padded_batch(vocab_size: int, pad_id: int):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_chunked_logps_equal_log_softmax_of_the_model_logits(arch, own_pad_tokenizer):
     model = build_tiny_model(arch, own_pad_tokenizer).eval()  # eval: GPT-2 has dropout
+    if hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = False  # the SFT loss would add the router loss (tested below)
     input_ids, attention_mask, completion_mask = _padded_batch(len(own_pad_tokenizer), own_pad_tokenizer.pad_token_id)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = token_logps(model, input_ids, completion_mask, attention_mask, position_ids, chunk_size=4)
@@ -304,3 +306,31 @@ def test_pad_equal_to_eos_or_missing_gives_the_loss_of_a_separate_pad(arch, meth
               for variant in ("own_pad", "pad_is_eos", "no_pad")}
     for variant, value in losses.items():
         assert value == pytest.approx(losses["own_pad"], abs=1e-6), (variant, losses)
+
+
+@pytest.mark.parametrize("arch", ("qwen3_moe", "mixtral"))
+def test_sft_loss_adds_the_router_loss_as_transformers_does(arch, own_pad_tokenizer, tmp_path):
+    import posttrain
+
+    model = build_tiny_model(arch, own_pad_tokenizer).eval()
+    assert model.config.output_router_logits and model.config.router_aux_loss_coef > 0
+    args = posttrain.SFTConfig(per_device_train_batch_size=4, max_length=64, **_common(tmp_path))
+    trainer = posttrain.SFTTrainer(model=model, args=args, train_dataset=_conversations(),
+                                   processing_class=own_pad_tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    assert reference.aux_loss > 0
+    torch.testing.assert_close(loss, reference.loss, rtol=0, atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="DPOTrainer.compute_loss drops the MoE router loss: token_logps returns only "
+                   "log-probs, so router_aux_loss_coef * aux_loss never joins the preference loss (SFT adds it)")
+def test_dpo_loss_adds_the_router_loss(own_pad_tokenizer, tmp_path):
+    model = build_tiny_model("qwen3_moe", own_pad_tokenizer).eval()
+    with_router = _first_batch_loss("dpo", model, own_pad_tokenizer, tmp_path)
+    model.config.output_router_logits = False
+    without_router = _first_batch_loss("dpo", model, own_pad_tokenizer, tmp_path)
+    assert with_router - without_router > 1e-3
