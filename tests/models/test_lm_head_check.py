@@ -165,3 +165,18 @@ def test_a_lora_adapter_on_lm_head_keeps_the_soft_cap(tokenizer):
     out = token_logps(peft_model, input_ids, torch.ones_like(input_ids))
     torch.testing.assert_close(out.logps.double(), _reference_logps(peft_model, input_ids), rtol=0, atol=1e-5)
     assert check_output_heads(peft_model) == []
+
+
+class _NeedsMoreInputs(transformers.LlamaForCausalLM):
+    def forward(self, *args, extra_input=None, **kwargs):
+        if extra_input is None:
+            raise ValueError("this model needs extra_input")
+        return super().forward(*args, **kwargs)
+
+
+def test_a_model_the_check_cannot_run_is_named_in_a_warning_and_left_as_it_is(tokenizer, caplog):
+    model = _NeedsMoreInputs(build_tiny_model("llama", tokenizer).config)
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        assert check_output_heads(model) == []
+    assert any("could not check the output head of _NeedsMoreInputs" in r.getMessage() for r in caplog.records)
+    assert not uses_full_logits(model)
