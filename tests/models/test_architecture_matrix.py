@@ -334,3 +334,25 @@ def test_dpo_loss_adds_the_router_loss(own_pad_tokenizer, tmp_path):
     model.config.output_router_logits = False
     without_router = _first_batch_loss("dpo", model, own_pad_tokenizer, tmp_path)
     assert with_router - without_router > 1e-3
+
+
+@pytest.mark.xfail(strict=True, reason="RewardTrainer scores with transformers' sequence-classification pooling, which "
+                   "takes the last token that is not config.pad_token_id: with pad == EOS it skips the EOS ending each "
+                   "completion and scores the token before it, while a separate pad token scores the EOS")
+@pytest.mark.parametrize("variant", ("pad_is_eos", "no_pad"))
+def test_reward_scores_with_pad_equal_to_eos_or_missing_equal_those_of_a_separate_pad(variant, tmp_path):
+    import posttrain
+
+    model = build_tiny_model("llama", build_tokenizer_variant("own_pad"), reward=True).eval()
+    rewards = {}
+    for name in ("own_pad", variant):
+        tokenizer = build_tokenizer_variant(name)
+        scorer = copy.deepcopy(model)
+        args = posttrain.RewardConfig(per_device_train_batch_size=4, max_length=64, **_common(tmp_path))
+        trainer = posttrain.RewardTrainer(model=scorer, args=args, train_dataset=_preferences(),
+                                          processing_class=tokenizer)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            _, outputs = trainer.compute_loss(scorer, batch, return_outputs=True)
+        rewards[name] = torch.cat([outputs["rewards_chosen"], outputs["rewards_rejected"]])
+    torch.testing.assert_close(rewards[variant], rewards["own_pad"], rtol=0, atol=1e-5)
