@@ -282,7 +282,9 @@ def test_trainers_with_every_tokenizer_variant(arch, method, variant, tmp_path):
             assert ids[0] == bos and ids[1] != bos
 
 
-def _first_batch_loss(method: str, model, tokenizer, tmp_path) -> float:
+def _first_batch_loss(method: str, model, tokenizer, tmp_path, reference=None) -> float:
+    """``method``'s loss on its first batch of 4 rows; DPO against ``reference`` (which should differ from
+    ``model``: against a copy of itself every DPO loss is log 2 whatever the log-probs)."""
     import posttrain
 
     if method == "sft":
@@ -290,7 +292,8 @@ def _first_batch_loss(method: str, model, tokenizer, tmp_path) -> float:
         trainer = posttrain.SFTTrainer(model=model, args=args, train_dataset=_conversations(), processing_class=tokenizer)
     else:
         args = posttrain.DPOConfig(per_device_train_batch_size=4, max_length=64, **_common(tmp_path))
-        trainer = posttrain.DPOTrainer(model=model, args=args, train_dataset=_preferences(), processing_class=tokenizer)
+        trainer = posttrain.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=_preferences(),
+                                       processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
         return float(trainer.compute_loss(model, batch))
@@ -302,8 +305,10 @@ def test_pad_equal_to_eos_or_missing_gives_the_loss_of_a_separate_pad(arch, meth
     # the EOS that ends each completion is a target; a pad token equal to it must not mask it out
     own = build_tokenizer_variant("own_pad")
     model = build_tiny_model(arch, own).eval()
-    losses = {variant: _first_batch_loss(method, model, build_tokenizer_variant(variant), tmp_path)
+    reference = build_tiny_model(arch, own, seed=1).eval()
+    losses = {variant: _first_batch_loss(method, model, build_tokenizer_variant(variant), tmp_path, reference)
               for variant in ("own_pad", "pad_is_eos", "no_pad")}
+    assert method == "sft" or abs(losses["own_pad"] - math.log(2)) > 1e-4
     for variant, value in losses.items():
         assert value == pytest.approx(losses["own_pad"], abs=1e-6), (variant, losses)
 
@@ -356,3 +361,22 @@ def test_reward_scores_with_pad_equal_to_eos_or_missing_equal_those_of_a_separat
             _, outputs = trainer.compute_loss(scorer, batch, return_outputs=True)
         rewards[name] = torch.cat([outputs["rewards_chosen"], outputs["rewards_rejected"]])
     torch.testing.assert_close(rewards[variant], rewards["own_pad"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_dpo_loss_is_the_same_padded_or_padding_free(arch, own_pad_tokenizer, tmp_path):
+    import posttrain
+
+    model = build_tiny_model(arch, own_pad_tokenizer).eval()
+    reference = build_tiny_model(arch, own_pad_tokenizer, seed=1).eval()
+    losses = {}
+    for padding_free in (False, True):
+        args = posttrain.DPOConfig(per_device_train_batch_size=4, max_length=64, padding_free=padding_free,
+                                   **_common(tmp_path))
+        trainer = posttrain.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=_preferences(),
+                                       processing_class=own_pad_tokenizer)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            losses[padding_free] = float(trainer.compute_loss(model, batch))
+    assert abs(losses[False] - math.log(2)) > 1e-4  # the log-probs matter
+    assert losses[True] == pytest.approx(losses[False], abs=2e-5), losses
