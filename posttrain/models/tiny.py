@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from posttrain.errors import ConfigError
@@ -402,7 +402,8 @@ def build_tokenizer_variant(variant: str, *, vocab_size: int = 1024, seed: int =
     ``own_pad``: a pad token distinct from EOS (the default); ``pad_is_eos``: pad and EOS are one
     token, so a finished sequence and padding look alike; ``no_pad``: no pad token at all;
     ``template_bos``: a BOS token that the chat template writes at the start of every conversation
-    (the tokenizer itself adds none), as Llama 3 templates do.
+    and that the tokenizer also adds to any text it encodes, as Llama 3's do: a templated
+    conversation must still start with exactly one.
     """
     _check_choice(variant, TOKENIZER_VARIANTS, "tokenizer_variant")
     tokenizer = build_tokenizer(vocab_size=vocab_size, seed=seed)
@@ -413,6 +414,10 @@ def build_tokenizer_variant(variant: str, *, vocab_size: int = 1024, seed: int =
     elif variant == "template_bos":
         tokenizer.add_special_tokens({"bos_token": BOS_TOKEN})
         tokenizer.chat_template = "{{- bos_token }}" + CHATML_TEMPLATE
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+            special_tokens=[(BOS_TOKEN, tokenizer.bos_token_id)],
+        )
     return tokenizer
 
 

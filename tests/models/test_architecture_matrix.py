@@ -262,7 +262,8 @@ def test_tokenizer_variants_are_what_they_say(variant):
         assert tokenizer.pad_token is None
     else:
         assert tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-        assert tokenizer("hi")["input_ids"][0] != tokenizer.bos_token_id  # only the template writes it
+        assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id  # and the tokenizer adds it too
+        assert tokenizer(text)["input_ids"][:2] == [tokenizer.bos_token_id] * 2  # the doubling to avoid
     if variant != "template_bos":
         assert tokenizer.bos_token is None
 
@@ -274,8 +275,8 @@ def test_trainers_with_every_tokenizer_variant(arch, method, variant, tmp_path):
     tokenizer = build_tokenizer_variant(variant)
     trainer = _train(method, arch, tokenizer, tmp_path)
     _assert_two_finite_steps(trainer)
-    if variant == "template_bos" and method in ("sft", "dpo"):
-        # the template's BOS starts every row once: never doubled by a second add_special_tokens
+    if variant == "template_bos":
+        # the template's BOS starts every row once: never doubled by the tokenizer's own
         bos = tokenizer.bos_token_id
         for row in trainer.train_dataset.select(range(2)):
             ids = row["input_ids"] if "input_ids" in row else row["prompt_input_ids"]
