@@ -254,13 +254,16 @@ class TokenLogps:
     """Per-token log-probabilities of a batch, aligned with ``input_ids[:, 1:]``.
 
     ``logps``, ``entropy``: (B, L-1) float32, zero where ``mask`` is False; ``argmax_match``: (B, L-1)
-    bool; ``mask``: (B, L-1) bool, the positions that were computed.
+    bool; ``mask``: (B, L-1) bool, the positions that were computed. ``router_loss``: an MoE model's
+    ``router_aux_loss_coef * aux_loss`` for this forward when its config sets ``output_router_logits``
+    (a scalar tensor; 0.0 otherwise), for trainers that add it to their loss.
     """
 
     logps: torch.Tensor
     mask: torch.Tensor
     entropy: torch.Tensor
     argmax_match: torch.Tensor
+    router_loss: torch.Tensor | float = 0.0
 
     def sequence_sums(self) -> torch.Tensor:
         """(B,) summed log-probs of each row's target tokens."""
@@ -296,8 +299,11 @@ def token_logps(
     """
     mask = target_positions(completion_mask, position_ids)
     targets = input_ids[:, 1:][mask]
+    router_loss: torch.Tensor | float = 0.0
     if uses_full_logits(model):
-        logits = model_logits(model, input_ids, attention_mask, position_ids)[:, :-1][mask].float() / temperature
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        router_loss = router_loss_term(model, outputs)
+        logits = outputs.logits[:, :-1][mask].float() / temperature
         flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy)
     else:
         selected = None
@@ -312,8 +318,9 @@ def token_logps(
                 if tail is not None:
                     selected = tail[mask[:, start:]]
         if selected is None:
-            hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
-            selected = hidden[:, :-1][mask]
+            outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
+            router_loss = router_loss_term(model, outputs)
+            selected = outputs.hidden_states[-1][:, :-1][mask]
         head = output_head(model, temperature=temperature)
         if head is not None:
             flat_logps, flat_entropy, flat_match = chunked_token_logps(
@@ -328,7 +335,7 @@ def token_logps(
     logps = flat_logps.new_zeros(shape).masked_scatter(mask, flat_logps)
     entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy.detach())
     match = torch.zeros(shape, dtype=torch.bool, device=mask.device).masked_scatter(mask, flat_match)
-    return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match)
+    return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match, router_loss=router_loss)
 
 
 def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
@@ -377,15 +384,17 @@ def weighted_target_nll(
     return loss + router_loss_term(model, outputs, token_weights), logits.argmax(-1) == targets
 
 
-def router_loss_term(model: nn.Module, outputs, token_weights: torch.Tensor) -> torch.Tensor | float:
-    """``router_aux_loss_coef * aux_loss * sum(token_weights)``: an MoE model's load-balancing loss (present
-    when its config sets ``output_router_logits``), weighted by this micro-batch's share of the target
-    tokens so that accumulated micro-batches average it as one batch would; 0 for other models."""
+def router_loss_term(model: nn.Module, outputs, token_weights: torch.Tensor | None = None) -> torch.Tensor | float:
+    """``router_aux_loss_coef * aux_loss``: an MoE model's load-balancing loss (present when its config
+    sets ``output_router_logits``); 0.0 for other models. With ``token_weights`` it is multiplied by
+    their sum, this micro-batch's share of the target tokens, so that accumulated micro-batches
+    average it as one batch would."""
     aux_loss = getattr(outputs, "aux_loss", None)
     if aux_loss is None:
         return 0.0
     coef = _number(unwrap_model(model).config, "router_aux_loss_coef") or 0.0
-    return coef * aux_loss.float() * token_weights.sum().to(torch.float32)
+    share = token_weights.sum().to(torch.float32) if token_weights is not None else 1.0
+    return coef * aux_loss.float() * share
 
 
 def target_logits_chunks(

@@ -366,6 +366,7 @@ class DPOTrainer(PosttrainTrainer):
         return TokenLogps(
             logps=rows_from_flat(values.logps, rows, 0.0), mask=rows_from_flat(values.mask, rows, False),
             entropy=rows_from_flat(values.entropy, rows, 0.0), argmax_match=rows_from_flat(values.argmax_match, rows, False),
+            router_loss=values.router_loss,
         )
 
     def _sequence_logps(self, values: TokenLogps, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,6 +418,7 @@ class DPOTrainer(PosttrainTrainer):
             rpo_alpha=args.rpo_alpha, chosen_nll=chosen_nll, pair_weights=self._pair_weights(model, inputs, policy),
             **options,
         )
+        loss = loss + policy.router_loss  # an MoE policy's load-balancing loss, as transformers adds it to its own
         loss = self.scale_for_devices(loss * (pairs / normaliser), num_items_in_batch)
 
         self._record_dpo_metrics(metrics, policy, inputs, pairs)

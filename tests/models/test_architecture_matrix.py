@@ -340,16 +340,6 @@ def test_sft_loss_adds_the_router_loss_as_transformers_does(arch, own_pad_tokeni
     torch.testing.assert_close(loss, reference.loss, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="DPOTrainer.compute_loss drops the MoE router loss: token_logps returns only "
-                   "log-probs, so router_aux_loss_coef * aux_loss never joins the preference loss (SFT adds it)")
-def test_dpo_loss_adds_the_router_loss(own_pad_tokenizer, tmp_path):
-    model = build_tiny_model("qwen3_moe", own_pad_tokenizer).eval()
-    with_router = _first_batch_loss("dpo", model, own_pad_tokenizer, tmp_path)
-    model.config.output_router_logits = False
-    without_router = _first_batch_loss("dpo", model, own_pad_tokenizer, tmp_path)
-    assert with_router - without_router > 1e-3
-
-
 @pytest.mark.xfail(strict=True, reason="RewardTrainer scores with transformers' sequence-classification pooling, which "
                    "takes the last token that is not config.pad_token_id: with pad == EOS it skips the EOS ending each "
                    "completion and scores the token before it, while a separate pad token scores the EOS")
@@ -389,3 +379,26 @@ def test_dpo_loss_is_the_same_padded_or_padding_free(arch, own_pad_tokenizer, tm
             losses[padding_free] = float(trainer.compute_loss(model, batch))
     assert abs(losses[False] - math.log(2)) > 1e-4  # the log-probs matter
     assert losses[True] == pytest.approx(losses[False], abs=2e-5), losses
+
+
+@pytest.mark.parametrize("padding_free", (False, True))
+def test_dpo_loss_adds_the_router_loss_of_the_policy(padding_free, own_pad_tokenizer, tmp_path):
+    import posttrain
+
+    model = build_tiny_model("qwen3_moe", own_pad_tokenizer).eval()
+    reference = build_tiny_model("qwen3_moe", own_pad_tokenizer, seed=1).eval()
+    args = posttrain.DPOConfig(per_device_train_batch_size=4, max_length=64, padding_free=padding_free,
+                               **_common(tmp_path))
+    trainer = posttrain.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=_preferences(),
+                                   processing_class=own_pad_tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    losses = {}
+    with torch.no_grad():
+        for router in (True, False):
+            model.config.output_router_logits = router
+            losses[router] = trainer.compute_loss(model, batch)
+        model.config.output_router_logits = True
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         position_ids=batch.get("position_ids")).aux_loss * model.config.router_aux_loss_coef
+    assert expected > 1e-3
+    torch.testing.assert_close(losses[True] - losses[False], expected, rtol=0, atol=1e-6)
