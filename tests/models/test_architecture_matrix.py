@@ -27,9 +27,9 @@ from posttrain.models.tiny import (
 
 ARCHITECTURES = tuple(MATRIX_ARCHITECTURES)
 TRAINERS = ("sft", "reward", "dpo", "grpo", "rloo", "ppo", "online_dpo")
-# trainer x architecture cells that run in the fast subset; the rest are marked slow (the budget
-# of the whole not-slow matrix is ~90 s on one core)
-# (SFT and DPO losses are also checked on every architecture by the layout tests below)
+# trainer x architecture cells in the fast subset, the rest marked slow, to keep the not-slow part of
+# this file well under 90 s on one core (SFT and DPO losses are checked on every architecture by the
+# layout tests below)
 FAST_TRAINER_CELLS = {
     "sft": ("llama", "qwen3_moe", "gemma2", "gpt2"),
     "dpo": ("mistral", "mixtral", "granite", "phi3", "olmo2", "qwen3"),
@@ -39,8 +39,6 @@ FAST_TRAINER_CELLS = {
     "ppo": ("qwen2", "gpt2"),
     "online_dpo": ("olmo2", "mixtral"),
 }
-# known defects outside models/ and ops/, one strict xfail each: {(trainer, arch): reason}
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _has_sequence_classification(arch: str) -> bool:
@@ -74,8 +72,6 @@ def _cell(trainer: str, arch: str):
         marks.append(pytest.mark.slow)
     if trainer == "reward" and not _has_sequence_classification(arch):
         marks.append(pytest.mark.skip(reason=f"transformers has no sequence-classification class for {arch}"))
-    if (trainer, arch) in KNOWN_FAILURES:
-        marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(trainer, arch)]))
     return pytest.param(trainer, arch, marks=marks, id=f"{trainer}-{arch}")
 
 
