@@ -9,13 +9,24 @@ its hidden states and for no logits at all, and then apply the output head thems
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from posttrain.ops.logprobs import HeadTransform
+from posttrain.ops.logprobs import (
+    HeadTransform,
+    _chunk_logits,
+    chunked_token_logps,
+    entropy_from_logits,
+    fused_linear_nll,
+    naive_token_logps,
+)
+
+logger = logging.getLogger("posttrain")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -43,22 +54,63 @@ class OutputHead:
     transform: HeadTransform
 
 
+def _number(config, name: str) -> float | None:
+    value = getattr(config, name, None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def head_transform(model: nn.Module, temperature: float = 1.0) -> HeadTransform:
+    """What the model's causal-LM forward does to ``lm_head(h)`` (transformers 5.25), from its config.
+
+    Known transformations: a multiplier (Cohere ``logit_scale``, FalconH1 ``lm_head_multiplier``,
+    HyperCLOVAX ``logits_scaling``), a divisor (the Granite family's ``logits_scaling``), and tanh
+    soft-capping (Gemma 2/3/4, VaultGemma, NanoChat: ``final_logit_softcapping``; RecurrentGemma:
+    ``logits_soft_cap``; xLSTM: ``output_logit_soft_cap``). Anything else is caught by
+    :func:`check_output_heads`, which compares against the model's own logits.
+    """
+    config = getattr(unwrap_model(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    model_type = str(getattr(config, "model_type", "") or "")
+    scale = 1.0
+    for name in ("logit_scale", "lm_head_multiplier"):
+        scale *= _number(config, name) or 1.0
+    logits_scaling = _number(config, "logits_scaling")
+    if logits_scaling:
+        # the same field name is a divisor in Granite models and a multiplier in HyperCLOVAX;
+        # any other owner is left to check_output_heads
+        if model_type.startswith("granite"):
+            scale /= logits_scaling
+        elif model_type.startswith("hyperclovax"):
+            scale *= logits_scaling
+    softcap = None
+    for name in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"):
+        softcap = softcap or _number(config, name)
+    return HeadTransform(scale=scale, softcap=softcap or None, temperature=float(temperature))
+
+
 def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None:
-    """The model's output head, or ``None`` when it is not a plain linear layer (e.g. LoRA on lm_head)."""
+    """The model's output head for the chunked path, or ``None`` when the head must be called as a
+    module: it is not a plain linear layer (e.g. LoRA on lm_head), or :func:`check_output_heads`
+    found that the chunked head does not reproduce the model's logits (see :func:`uses_full_logits`)."""
     base = unwrap_model(model)
     get = getattr(base, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if type(head) is not nn.Linear:
+    if type(head) is not nn.Linear or uses_full_logits(base):
         return None
-    config = getattr(base, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    transform = HeadTransform(
-        scale=float(scale) if isinstance(scale, (int, float)) else 1.0,
-        softcap=float(softcap) if softcap else None,
-        temperature=float(temperature),
-    )
-    return OutputHead(head.weight, head.bias, transform)
+    return OutputHead(head.weight, head.bias, head_transform(base, temperature))
+
+
+def transform_logits(raw_logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
+    """Apply ``transform`` to ``lm_head(h)`` out of place, in float32: (..., V) -> (..., V)."""
+    logits = raw_logits.float()
+    if transform.scale != 1.0:
+        logits = logits * transform.scale
+    if transform.softcap is not None:
+        logits = torch.tanh(logits / transform.softcap) * transform.softcap
+    if transform.temperature != 1.0:
+        logits = logits / transform.temperature
+    return logits
 
 
 @lru_cache(maxsize=64)
@@ -80,6 +132,17 @@ def forward_hidden_states(
 
     ``input_ids`` may be ``None`` when ``inputs_embeds`` is among ``model_kwargs``.
     """
+    return forward_without_logits(model, input_ids, attention_mask, position_ids, **model_kwargs).hidden_states[-1]
+
+
+def forward_without_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **model_kwargs,
+):
+    """The model's output object of :func:`forward_hidden_states`' forward (hidden states, an MoE router loss)."""
     base = unwrap_model(model)
     kwargs = dict(model_kwargs)
     if _accepts_logits_to_keep(base.forward):
@@ -94,7 +157,7 @@ def forward_hidden_states(
         output_hidden_states=True,
         **kwargs,
     )
-    return outputs.hidden_states[-1]
+    return outputs
 
 
 @lru_cache(maxsize=64)
@@ -191,13 +254,16 @@ class TokenLogps:
     """Per-token log-probabilities of a batch, aligned with ``input_ids[:, 1:]``.
 
     ``logps``, ``entropy``: (B, L-1) float32, zero where ``mask`` is False; ``argmax_match``: (B, L-1)
-    bool; ``mask``: (B, L-1) bool, the positions that were computed.
+    bool; ``mask``: (B, L-1) bool, the positions that were computed. ``router_loss``: an MoE model's
+    ``router_aux_loss_coef * aux_loss`` for this forward when its config sets ``output_router_logits``
+    (a scalar tensor; 0.0 otherwise), for trainers that add it to their loss.
     """
 
     logps: torch.Tensor
     mask: torch.Tensor
     entropy: torch.Tensor
     argmax_match: torch.Tensor
+    router_loss: torch.Tensor | float = 0.0
 
     def sequence_sums(self) -> torch.Tensor:
         """(B,) summed log-probs of each row's target tokens."""
@@ -228,41 +294,245 @@ def token_logps(
     ``prompt_width``: the first ``prompt_width`` columns are a left-padded prompt holding no target.
     When several rows share a prompt (a group of completions), the prompt runs through the model once
     (:func:`shared_prompt_hidden_states`); the values and gradients are those of the full forward.
+
+    A model whose head :func:`check_output_heads` could not reproduce is asked for its full logits.
     """
     mask = target_positions(completion_mask, position_ids)
-    selected = None
-    if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
-        start = prompt_width - 1
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        positions = position_ids if position_ids is not None else torch.arange(
-            input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if not mask[:, :start].any() and bool(attention_mask[:, start].all()):
-            tail = shared_prompt_hidden_states(model, input_ids, attention_mask, positions, prompt_width)
-            if tail is not None:
-                selected = tail[mask[:, start:]]
-    if selected is None:
-        hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
-        selected = hidden[:, :-1][mask]
     targets = input_ids[:, 1:][mask]
-    head = output_head(model, temperature=temperature)
-    if head is not None:
-        from posttrain.ops.logprobs import chunked_token_logps
-
-        flat_logps, flat_entropy, flat_match = chunked_token_logps(
-            selected, head.weight, targets, bias=head.bias, head=head.transform,
-            chunk_size=chunk_size, with_entropy=with_entropy,
-        )
-    else:  # a wrapped head (e.g. LoRA on lm_head): call the module itself
-        from posttrain.ops.logprobs import entropy_from_logits, naive_token_logps
-
-        logits = unwrap_model(model).get_output_embeddings()(selected).float() / temperature
-        flat_logps = naive_token_logps(logits, targets)
-        with torch.no_grad():
-            flat_entropy = entropy_from_logits(logits) if with_entropy else torch.full_like(flat_logps, float("nan"))
-            flat_match = logits.argmax(-1) == targets
+    router_loss: torch.Tensor | float = 0.0
+    if uses_full_logits(model):
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        router_loss = router_loss_term(model, outputs)
+        logits = outputs.logits[:, :-1][mask].float() / temperature
+        flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy)
+    else:
+        selected = None
+        if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
+            start = prompt_width - 1
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            positions = position_ids if position_ids is not None else torch.arange(
+                input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            if not mask[:, :start].any() and bool(attention_mask[:, start].all()):
+                tail = shared_prompt_hidden_states(model, input_ids, attention_mask, positions, prompt_width)
+                if tail is not None:
+                    selected = tail[mask[:, start:]]
+        if selected is None:
+            outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
+            router_loss = router_loss_term(model, outputs)
+            selected = outputs.hidden_states[-1][:, :-1][mask]
+        head = output_head(model, temperature=temperature)
+        if head is not None:
+            flat_logps, flat_entropy, flat_match = chunked_token_logps(
+                selected, head.weight, targets, bias=head.bias, head=head.transform,
+                chunk_size=chunk_size, with_entropy=with_entropy,
+            )
+        else:  # a wrapped head (e.g. LoRA on lm_head): call the module itself
+            logits = transform_logits(unwrap_model(model).get_output_embeddings()(selected),
+                                      head_transform(model, temperature))
+            flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy)
     shape = mask.shape
     logps = flat_logps.new_zeros(shape).masked_scatter(mask, flat_logps)
     entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy.detach())
     match = torch.zeros(shape, dtype=torch.bool, device=mask.device).masked_scatter(mask, flat_match)
-    return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match)
+    return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match, router_loss=router_loss)
+
+
+def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """(N,) log-probs, entropy (NaN unless ``with_entropy``) and argmax match from float32 logits (N, V)."""
+    flat_logps = naive_token_logps(logits, targets)
+    with torch.no_grad():
+        flat_entropy = entropy_from_logits(logits) if with_entropy else torch.full_like(flat_logps, float("nan"))
+        flat_match = logits.argmax(-1) == targets
+    return flat_logps, flat_entropy, flat_match
+
+
+def weighted_target_nll(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    token_weights: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_i token_weights[i] * -log p(target_i)`` over the positions of ``mask``, and the argmax matches.
+
+    ``mask``: (B, L-1) bool from :func:`target_positions`; ``token_weights``: (N,) with N = ``mask.sum()``.
+    Returns the scalar float32 loss (plus :func:`router_loss_term` for an MoE model that outputs its
+    router logits) and an (N,) bool tensor. Goes through the fused chunked head
+    (:func:`posttrain.ops.logprobs.fused_linear_nll`) when it applies, else through the head module
+    or the model's full logits.
+    """
+    targets = input_ids[:, 1:][mask]
+    if uses_full_logits(model):
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        logits = outputs.logits[:, :-1][mask].float()
+    else:
+        outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
+        selected = outputs.hidden_states[-1][:, :-1][mask]
+        head = output_head(model)
+        if head is not None:
+            loss, argmax_match, _ = fused_linear_nll(
+                selected, head.weight, targets, token_weights,
+                bias=head.bias, head=head.transform, chunk_size=chunk_size,
+            )
+            return loss + router_loss_term(model, outputs, token_weights), argmax_match
+        logits = transform_logits(unwrap_model(model).get_output_embeddings()(selected), head_transform(model))
+    loss = -(naive_token_logps(logits, targets) * token_weights.to(logits.dtype)).sum()
+    return loss + router_loss_term(model, outputs, token_weights), logits.argmax(-1) == targets
+
+
+def router_loss_term(model: nn.Module, outputs, token_weights: torch.Tensor | None = None) -> torch.Tensor | float:
+    """``router_aux_loss_coef * aux_loss``: an MoE model's load-balancing loss (present when its config
+    sets ``output_router_logits``); 0.0 for other models. With ``token_weights`` it is multiplied by
+    their sum, this micro-batch's share of the target tokens, so that accumulated micro-batches
+    average it as one batch would."""
+    aux_loss = getattr(outputs, "aux_loss", None)
+    if aux_loss is None:
+        return 0.0
+    coef = _number(unwrap_model(model).config, "router_aux_loss_coef") or 0.0
+    share = token_weights.sum().to(torch.float32) if token_weights is not None else 1.0
+    return coef * aux_loss.float() * share
+
+
+def target_logits_chunks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 1024,
+) -> Iterator[torch.Tensor]:
+    """The model's float32 logits at the positions of ``mask`` (B, L-1), ``chunk_size`` rows (of V) at a time.
+
+    Each chunk may be a view of a buffer that the next chunk overwrites: use it (or clone it) before
+    asking for the next. The same head path as :func:`token_logps`, so it is what training sees.
+    """
+    if uses_full_logits(model):
+        logits = model_logits(model, input_ids, attention_mask, position_ids)[:, :-1][mask]
+        for chunk in logits.split(chunk_size):
+            yield chunk.float()
+        return
+    hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
+    selected = hidden[:, :-1][mask]
+    head = output_head(model)
+    for chunk in selected.split(chunk_size):
+        if head is not None:
+            yield _chunk_logits(chunk, head.weight, head.bias, head.transform)[0]
+        else:
+            yield transform_logits(unwrap_model(model).get_output_embeddings()(chunk), head_transform(model))
+
+
+# ----------------------------------------------------------------------------- the head check
+
+# set on a model whose chunked head disagreed with its own logits: it then computes full logits
+FULL_LOGITS_ATTRIBUTE = "_posttrain_uses_full_logits"
+_CHECKED_ATTRIBUTE = "_posttrain_head_checked"
+CHECK_LENGTH = 8
+
+
+def uses_full_logits(model: nn.Module) -> bool:
+    """True when :func:`check_output_heads` found that only the model's own forward gives its logits."""
+    return bool(getattr(unwrap_model(model), FULL_LOGITS_ATTRIBUTE, False))
+
+
+def model_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, L, V) logits from the model's own forward: the fallback for heads the chunked path cannot reproduce."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+
+def causal_lms(root: nn.Module) -> Iterator[nn.Module]:
+    """The outermost transformers models inside ``root`` (itself included) that have an output head."""
+    from transformers import PreTrainedModel
+
+    inside: set[int] = set()
+    for module in root.modules():
+        if id(module) in inside or not isinstance(module, PreTrainedModel):
+            continue
+        get = getattr(module, "get_output_embeddings", None)
+        if callable(get) and get() is not None:
+            inside.update(id(m) for m in module.modules())
+            yield module
+
+
+def head_disagreement(model: nn.Module) -> tuple[float, float] | None:
+    """Largest |log-softmax gap| between the head path of :func:`token_logps` and ``model(...).logits``
+    on a short fixed input, and the tolerance it is held to; ``None`` when the weights are not here
+    (meta tensors, ZeRO-3 shards). Runs in evaluation mode and draws no global random numbers."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    embeddings = model.get_input_embeddings()
+    if weight is None or weight.is_meta or weight.dim() != 2 or weight.numel() == 0:
+        return None
+    vocab = min(weight.shape[0], getattr(embeddings, "num_embeddings", weight.shape[0]))
+    input_ids = torch.randint(0, vocab, (1, CHECK_LENGTH), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(getattr(embeddings, "weight", weight).device)
+    attention_mask = torch.ones_like(input_ids)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            raw = model_logits(model, input_ids, attention_mask)[0, :-1]
+            expected = torch.log_softmax(raw.float(), dim=-1)
+            every_position = torch.ones(1, CHECK_LENGTH - 1, dtype=torch.bool, device=input_ids.device)
+            chunks = target_logits_chunks(model, input_ids, every_position, attention_mask)
+            ours = torch.cat([torch.log_softmax(chunk, dim=-1) for chunk in chunks])
+    finally:
+        for module, training in modes:
+            module.training = training
+    dtype = raw.dtype if raw.is_floating_point() else torch.float32
+    # float32 rounding of the logits, or the coarser rounding of a half-precision model's own head
+    tolerance = 1e-4 + 8 * torch.finfo(dtype).eps * max(1.0, float(raw.float().abs().max()))
+    gap = (ours - expected).abs().max()
+    return (float(gap) if torch.isfinite(gap) else float("inf")), tolerance
+
+
+def check_output_heads(*roots: nn.Module | None) -> list[nn.Module]:
+    """Check once per model that the head path reproduces ``model(...).logits``; switch mismatches to full logits.
+
+    Every transformers model with an output head inside ``roots`` (the policy, a PEFT or value-head
+    wrapper, a reference model) is run on a short fixed input. Where the log-probs of the chunked
+    head differ from those of the model's own logits beyond rounding (a head transformation that
+    :func:`head_transform` does not know), the model is marked to compute full logits from then on
+    (correct, at the memory cost of a (B, L, V) tensor) and one warning names it. Returns the models
+    switched.
+    """
+    switched: list[tuple[nn.Module, float]] = []
+    for root in roots:
+        if root is None:
+            continue
+        for model in causal_lms(root):
+            if getattr(model, _CHECKED_ATTRIBUTE, False):
+                continue
+            try:
+                result = head_disagreement(model)
+            except (RuntimeError, ValueError, TypeError, AttributeError) as err:
+                # the check must not be what stops a run; the model's own forward will say more in training
+                logger.warning("could not check the output head of %s against its logits (%s: %s)",
+                               type(model).__name__, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                continue
+            if result is None:
+                logger.debug("output head of %s not checked: its weights are not materialised", type(model).__name__)
+                continue
+            setattr(model, _CHECKED_ATTRIBUTE, True)
+            gap, tolerance = result
+            if not gap <= tolerance:
+                setattr(model, FULL_LOGITS_ATTRIBUTE, True)
+                switched.append((model, gap))
+    if switched:
+        names = ", ".join(sorted({type(model).__name__ for model, _ in switched}))
+        logger.warning(
+            "the chunked output head does not reproduce the logits of %s (log-prob gap %.3g): its forward "
+            "transforms the logits in a way posttrain does not know. Falling back to the model's own full "
+            "logits for it, which is correct but holds a (batch, length, vocabulary) tensor per forward.",
+            names, max(gap for _, gap in switched),
+        )
+    return [model for model, _ in switched]

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from posttrain.errors import ConfigError
@@ -318,6 +318,107 @@ def create_tiny_reward_model(
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- other architectures and tokenizers
+
+# Tiny configurations of the architectures users bring, built offline from transformers' config
+# classes (tests/models/test_architecture_matrix.py, docs/architectures.md). Each entry: the config
+# class name and the fields that make it tiny or exercise what is special about it.
+_ATTENTION = dict(num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+MATRIX_ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(_ATTENTION)),
+    "mistral": ("MistralConfig", dict(_ATTENTION, sliding_window=4)),
+    "qwen2": ("Qwen2Config", dict(_ATTENTION)),
+    "qwen3": ("Qwen3Config", dict(_ATTENTION, head_dim=16)),
+    # the router's load-balancing loss joins the training loss when output_router_logits is on
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_ATTENTION, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, output_router_logits=True,
+                                          router_aux_loss_coef=0.01)),
+    "mixtral": ("MixtralConfig", dict(_ATTENTION, num_local_experts=4, num_experts_per_tok=2,
+                                      output_router_logits=True, router_aux_loss_coef=0.01)),
+    # final-logit soft-capping (a low cap so that it bends tiny logits) and alternating sliding windows
+    "gemma2": ("Gemma2Config", dict(_ATTENTION, head_dim=16, final_logit_softcapping=0.5, sliding_window=4)),
+    "phi3": ("Phi3Config", dict(_ATTENTION)),
+    # logits divided by logits_scaling, plus muP multipliers inside the network
+    "granite": ("GraniteConfig", dict(_ATTENTION, logits_scaling=8.0, embedding_multiplier=2.0,
+                                      residual_multiplier=0.5, attention_multiplier=0.25)),
+    "olmo2": ("Olmo2Config", dict(_ATTENTION)),
+    # learned absolute positions, LayerNorm, a Conv1D-style block
+    "gpt2": ("GPT2Config", dict(n_head=2, n_inner=64)),
+}
+
+
+def build_tiny_model(
+    arch: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    reward: bool = False,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    seed: int = 0,
+    **overrides,
+) -> PreTrainedModel:
+    """A random causal LM of architecture ``arch`` (a key of :data:`MATRIX_ARCHITECTURES`) sized for
+    ``tokenizer``, in float32; its token ids (EOS, pad, BOS) are the tokenizer's. ``reward=True``
+    gives the sequence-classification model with one score (a reward or value model)."""
+    import transformers
+
+    _check_choice(arch, tuple(MATRIX_ARCHITECTURES), "arch")
+    config_name, fields = MATRIX_ARCHITECTURES[arch]
+    values = dict(fields, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, vocab_size=len(tokenizer),
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=arch != "phi3",
+                  # 5x the usual 0.02: distributions far enough from uniform that a wrong log-prob shows
+                  initializer_range=0.1)
+    if arch == "gpt2":
+        values.update(n_positions=MAX_POSITIONS)
+    else:
+        values.update(max_position_embeddings=MAX_POSITIONS)
+    values.update(overrides)
+    if reward:
+        values.update(num_labels=1)
+    config = getattr(transformers, config_name)(**values)
+    auto_class = transformers.AutoModelForSequenceClassification if reward else transformers.AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto_class.from_config(config, dtype=torch.float32)
+    if reward:
+        return model
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+    return model
+
+
+BOS_TOKEN = "<|startoftext|>"
+# how a tokenizer marks padding and the start of a text: the cases users bring
+TOKENIZER_VARIANTS = ("own_pad", "pad_is_eos", "no_pad", "template_bos")
+
+
+def build_tokenizer_variant(variant: str, *, vocab_size: int = 1024, seed: int = 0) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer of :func:`build_tokenizer`, changed to one of :data:`TOKENIZER_VARIANTS`:
+
+    ``own_pad``: a pad token distinct from EOS (the default); ``pad_is_eos``: pad and EOS are one
+    token, so a finished sequence and padding look alike; ``no_pad``: no pad token at all;
+    ``template_bos``: a BOS token that the chat template writes at the start of every conversation
+    and that the tokenizer also adds to any text it encodes, as Llama 3's do: a templated
+    conversation must still start with exactly one.
+    """
+    _check_choice(variant, TOKENIZER_VARIANTS, "tokenizer_variant")
+    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=seed)
+    if variant == "pad_is_eos":
+        tokenizer.pad_token = tokenizer.eos_token
+    elif variant == "no_pad":
+        tokenizer.pad_token = None
+    elif variant == "template_bos":
+        tokenizer.add_special_tokens({"bos_token": BOS_TOKEN})
+        tokenizer.chat_template = "{{- bos_token }}" + CHATML_TEMPLATE
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+            special_tokens=[(BOS_TOKEN, tokenizer.bos_token_id)],
+        )
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- process-wide cache

@@ -137,6 +137,9 @@ class HFRolloutEngine:
         parameters = inspect.signature(base.forward).parameters
         self._cache_kwarg = cache_argument_name(base.forward)
         self._keeps_last_logits = "logits_to_keep" in parameters
+        # MoE models: the router's auxiliary loss is a training term, and with a KV cache transformers
+        # pairs the new tokens' router logits with the whole attention mask and fails
+        self._skips_router_logits = "output_router_logits" in parameters
 
     @property
     def device(self) -> torch.device:
@@ -201,6 +204,8 @@ class HFRolloutEngine:
         kwargs = {self._cache_kwarg: cache}
         if self._keeps_last_logits:
             kwargs["logits_to_keep"] = 1
+        if self._skips_router_logits:
+            kwargs["output_router_logits"] = False
         output = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
         )

@@ -289,6 +289,10 @@ class PosttrainTrainer(Trainer):
         self.add_callback(self.metrics_file)
         self._install_run_safety()
         self.add_callback(RunReportCallback(self.describe_run))
+        from posttrain.models.lm_head import check_output_heads
+
+        # a head transformation the chunked log-probs do not know falls back to full logits, with a warning
+        check_output_heads(self.model, getattr(getattr(self, "reference", None), "model", None))
 
     def _install_run_safety(self) -> None:
         """Skip non-finite optimizer steps, warn about unhealthy logs, write checkpoints atomically."""

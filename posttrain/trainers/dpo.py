@@ -42,11 +42,9 @@ from posttrain.losses.preference import (
 )
 from posttrain.models.lm_head import (
     TokenLogps,
-    forward_hidden_states,
-    output_head,
+    target_logits_chunks,
     target_positions,
     token_logps,
-    unwrap_model,
 )
 from posttrain.ops.distributed import all_reduce_sum
 from posttrain.trainers.base import (
@@ -367,6 +365,7 @@ class DPOTrainer(PosttrainTrainer):
         return TokenLogps(
             logps=rows_from_flat(values.logps, rows, 0.0), mask=rows_from_flat(values.mask, rows, False),
             entropy=rows_from_flat(values.entropy, rows, 0.0), argmax_match=rows_from_flat(values.argmax_match, rows, False),
+            router_loss=values.router_loss,
         )
 
     def _sequence_logps(self, values: TokenLogps, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,6 +419,7 @@ class DPOTrainer(PosttrainTrainer):
             rpo_alpha=args.rpo_alpha, chosen_nll=chosen_nll, pair_weights=self._pair_weights(model, inputs, policy),
             **options,
         )
+        loss = loss + policy.router_loss  # an MoE policy's load-balancing loss, as transformers adds it to its own
         loss = self.scale_for_devices(loss * (pairs / normaliser), num_items_in_batch)
 
         self._record_dpo_metrics(metrics, policy, inputs, pairs)
@@ -563,21 +563,10 @@ def token_log_sum_sq_probs(model, inputs: dict[str, torch.Tensor], *, chunk_size
     WPO's per-token normaliser. It needs the full distribution at each target, so this is a second,
     gradient-free forward that goes through the output head in chunks of ``chunk_size`` positions.
     """
-    from posttrain.ops.logprobs import _chunk_logits
-
     position_ids = inputs.get("position_ids")
-    hidden = forward_hidden_states(model, inputs["input_ids"], inputs.get("attention_mask"), position_ids)
     mask = target_positions(inputs["completion_mask"], position_ids)
-    selected = hidden[:, :-1][mask]
-    head = output_head(model)
-    values = []
-    chunk_size = chunk_size or 1024
-    for start in range(0, selected.shape[0], chunk_size):
-        chunk = selected[start : start + chunk_size]
-        if head is not None:
-            logits, _ = _chunk_logits(chunk, head.weight, head.bias, head.transform)
-        else:  # a wrapped head (e.g. LoRA on lm_head)
-            logits = unwrap_model(model).get_output_embeddings()(chunk)
-        values.append(log_sum_squared_probs(logits))
-    flat = torch.cat(values) if values else selected.new_zeros(0, dtype=torch.float32)
+    chunks = target_logits_chunks(model, inputs["input_ids"], mask, inputs.get("attention_mask"), position_ids,
+                                  chunk_size=chunk_size or 1024)
+    values = [log_sum_squared_probs(logits) for logits in chunks]
+    flat = torch.cat(values) if values else torch.zeros(0, dtype=torch.float32, device=mask.device)
     return torch.zeros(mask.shape, dtype=flat.dtype, device=mask.device).masked_scatter(mask, flat)

@@ -22,8 +22,7 @@ from posttrain.data.packing import pack_dataset
 from posttrain.data.tokenize import tokenize_sft
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import nll_token_weights
-from posttrain.models.lm_head import forward_hidden_states, output_head, target_positions
-from posttrain.ops.logprobs import fused_linear_nll, naive_token_logps
+from posttrain.models.lm_head import target_positions, weighted_target_nll
 from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
@@ -200,23 +199,13 @@ class SFTTrainer(PosttrainTrainer):
         input_ids = inputs["input_ids"]
         position_ids = inputs.get("position_ids")
         targets_mask = target_positions(inputs["completion_mask"], position_ids)
-        hidden = forward_hidden_states(model, input_ids, inputs.get("attention_mask"), position_ids)
-        selected_hidden = hidden[:, :-1][targets_mask]
-        targets = input_ids[:, 1:][targets_mask]
         num_targets = targets_mask.sum()
         normaliser = num_items_in_batch if num_items_in_batch is not None else num_targets
-        token_weights = nll_token_weights(targets.shape[0], normaliser, device=hidden.device)
-
-        head = output_head(model)
-        if head is not None:
-            loss, argmax_match, _ = fused_linear_nll(
-                selected_hidden, head.weight, targets, token_weights,
-                bias=head.bias, head=head.transform, chunk_size=self.args.logits_chunk_size,
-            )
-        else:  # e.g. an adapter on lm_head: use the module itself
-            logits = model.get_output_embeddings()(selected_hidden)
-            loss = -(naive_token_logps(logits, targets) * token_weights).sum()
-            argmax_match = logits.argmax(-1) == targets
+        token_weights = nll_token_weights(int(num_targets), normaliser, device=input_ids.device)
+        loss, argmax_match = weighted_target_nll(
+            model, input_ids, targets_mask, token_weights, inputs.get("attention_mask"), position_ids,
+            chunk_size=self.args.logits_chunk_size,
+        )
         loss = self.scale_for_devices(loss, num_items_in_batch)
 
         self._record_sft_metrics(inputs, argmax_match, num_targets)
