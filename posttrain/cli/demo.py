@@ -4,6 +4,7 @@ It makes a tiny random model and tokenizer, then runs the stages in order, each 
 previous one's output, measuring task accuracy (greedy, held-out and training problems) after each:
 
     model  -> sft -> reward -> ppo        (the classic SFT -> reward model -> PPO chain)
+                  -> dpo                  (preference pairs, from the SFT model)
                   -> grpo                 (verifiable-reward RL from the same SFT model)
 
 The reward stage first supervises the base model longer than the policy (a judge must know answers
@@ -11,7 +12,9 @@ the policy still gets wrong), then trains the reward model from it on pairs that
 wrong answers and pairs that reject other problems' answers. It reports pair accuracy and how often
 the reward model's favourite answer is the correct one, which bounds what PPO can get from it.
 
-and writes ``report.md`` with the accuracy table and metric plots into the output directory.
+then evaluates every stage's model side by side with ``posttrain eval`` (held-out accuracy with 95%
+intervals, reward-model scores and win rate against SFT, preference accuracy on held-out pairs), and
+writes ``report.md`` with both tables and metric plots into the output directory.
 Everything is made locally; nothing is downloaded.
 """
 
@@ -24,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-STAGES = ("sft", "reward", "ppo", "grpo")
+STAGES = ("sft", "dpo", "reward", "ppo", "grpo")
 
 
 @dataclass
@@ -45,6 +48,10 @@ class DemoSettings:
     online_steps: int = 200
     online_learning_rate: float = 1e-4
     online_temperature: float = 0.3
+    dpo_steps: int = 200
+    dpo_learning_rate: float = 1e-3
+    dpo_beta: float = 0.5
+    dpo_rpo_alpha: float = 1.0
 
 
 @dataclass
@@ -73,6 +80,7 @@ def _parse(argv: list[str]) -> DemoSettings:
     settings = DemoSettings(output_dir=args.output_dir, stages=stages, seed=args.seed, quick=args.quick)
     if args.quick:
         settings.sft_steps, settings.judge_sft_steps, settings.reward_steps, settings.online_steps = 4, 4, 4, 2
+        settings.dpo_steps = 2
     return settings
 
 
@@ -118,18 +126,36 @@ def stage_sft(settings: DemoSettings, task, base_dir: str, results: dict[str, St
     return StageResult("sft", _supervise(settings, task, base_dir, "sft", settings.sft_steps), 0.0)
 
 
-def stage_reward(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
+def _preference_pairs(task, size: int, seed: int):
+    """Pairs rejecting a plausible wrong answer and pairs rejecting another problem's answer, mixed."""
     from datasets import concatenate_datasets
 
+    return concatenate_datasets([
+        task.as_preference(size, split="train", seed=seed + 1),
+        task.as_preference(size, split="train", seed=seed + 4, rejected="other_answer"),
+    ]).shuffle(seed=seed)
+
+
+def stage_dpo(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
+    from posttrain import DPOConfig, DPOTrainer
+
+    args = DPOConfig(per_device_train_batch_size=settings.batch_size, max_steps=settings.dpo_steps,
+                     learning_rate=settings.dpo_learning_rate, beta=settings.dpo_beta, rpo_alpha=settings.dpo_rpo_alpha,
+                     lr_scheduler_type="cosine",
+                     warmup_steps=5, **_common(settings, "dpo"))
+    pairs = _preference_pairs(task, min(settings.dpo_steps * settings.batch_size, 8000), settings.seed + 10)
+    trainer = DPOTrainer(model=results["sft"].model_dir, args=args, train_dataset=pairs)
+    trainer.train()
+    trainer.save_model()
+    return StageResult("dpo", args.output_dir, 0.0)
+
+
+def stage_reward(settings: DemoSettings, task, base_dir: str, results: dict[str, StageResult]) -> StageResult:
     from posttrain import RewardConfig, RewardTrainer
     from posttrain.eval.reward_model import top_answer_accuracy
 
     judge_dir = _supervise(settings, task, base_dir, "reward-sft", settings.judge_sft_steps)
-    size = min(settings.reward_steps * settings.batch_size, 8000)
-    train = concatenate_datasets([
-        task.as_preference(size, split="train", seed=settings.seed + 1),
-        task.as_preference(size, split="train", seed=settings.seed + 4, rejected="other_answer"),
-    ]).shuffle(seed=settings.seed)
+    train = _preference_pairs(task, min(settings.reward_steps * settings.batch_size, 8000), settings.seed)
     args = RewardConfig(per_device_train_batch_size=settings.batch_size, max_steps=settings.reward_steps,
                         learning_rate=settings.reward_learning_rate, lr_scheduler_type="cosine", warmup_steps=10,
                         center_rewards_coefficient=0.01, **_common(settings, "reward"))
@@ -175,8 +201,9 @@ def stage_grpo(settings: DemoSettings, task, base_dir: str, results: dict[str, S
     return StageResult("grpo", args.output_dir, 0.0)
 
 
-STAGE_FUNCTIONS: dict[str, Callable] = {"sft": stage_sft, "reward": stage_reward, "ppo": stage_ppo, "grpo": stage_grpo}
-STAGE_NEEDS = {"reward": ("sft",), "ppo": ("sft", "reward"), "grpo": ("sft",)}
+STAGE_FUNCTIONS: dict[str, Callable] = {"sft": stage_sft, "dpo": stage_dpo, "reward": stage_reward, "ppo": stage_ppo,
+                                        "grpo": stage_grpo}
+STAGE_NEEDS = {"dpo": ("sft",), "reward": ("sft",), "ppo": ("sft", "reward"), "grpo": ("sft",)}
 
 
 def run_demo(settings: DemoSettings) -> list[StageResult]:
@@ -210,11 +237,43 @@ def run_demo(settings: DemoSettings) -> list[StageResult]:
         results[stage] = result
         ordered.append(result)
         _announce(result)
+    eval_table = evaluate_stages(settings, task, ordered)
     from posttrain.report.run_report import write_demo_report
 
-    path = write_demo_report(settings.output_dir, ordered, task=repr(task))
+    path = write_demo_report(settings.output_dir, ordered, task=repr(task), eval_table=eval_table)
     print(f"report: {path}")
     return ordered
+
+
+def evaluate_stages(settings: DemoSettings, task, ordered: list[StageResult]) -> str:
+    """One `posttrain eval` over every stage's model: held-out accuracy with intervals, reward-model
+    scores and win rate against SFT, and preference accuracy on held-out pairs; returns the table."""
+    from posttrain.cli.evaluate import _parser, run_eval
+    from posttrain.report.eval_report import format_table, write_eval_outputs
+
+    policies = [r.model_dir for r in ordered if r.name != "reward"]
+    reward = [r.model_dir for r in ordered if r.name == "reward"]
+    output_dir = os.path.join(settings.output_dir, "eval")
+    argv = ["--model", *policies, *reward, "--task", "arithmetic", "--split", "test", "--num_problems", "all",
+            "--task_args", f"max_operand={settings.max_operand}", f"ops={','.join(settings.ops)}", f"seed={settings.seed}",
+            "--max_new_tokens", "6", "--batch_size", "128", "--output_dir", output_dir]
+    if reward:
+        os.makedirs(output_dir, exist_ok=True)
+        pairs = os.path.join(output_dir, "held_out_pairs.jsonl")
+        task.as_preference(distinct_problems(task, "test"), split="test", seed=settings.seed).to_json(pairs)
+        argv += ["--reward_model", reward[0], "--preference_dataset", pairs]
+    if any(r.name == "sft" for r in ordered):
+        sft = next(r.model_dir for r in ordered if r.name == "sft")
+        argv += ["--ref_model", sft]
+        if reward:
+            argv += ["--baseline", sft]
+    args = _parser().parse_args(argv)
+    started = time.time()
+    results = run_eval(args)
+    write_eval_outputs(output_dir, results, {**vars(args), "seconds": round(time.time() - started, 1)})
+    table = format_table(results)
+    print(table, flush=True)
+    return table
 
 
 def _announce(result: StageResult) -> None:

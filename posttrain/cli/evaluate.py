@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     prompts.add_argument("--task_args", nargs="*", default=[], metavar="KEY=VALUE",
                          help="Options of the task, e.g. max_operand=20 ops=+,-")
     prompts.add_argument("--split", default="test", help="Which split of the task (test or train).")
-    prompts.add_argument("--num_problems", type=int, default=64, help="How many task problems to draw.")
+    prompts.add_argument("--num_problems", default="64",
+                         help="How many task problems to draw, or 'all' for every distinct problem of the split.")
     prompts.add_argument("--text_prompts", action="store_true",
                          help="Give task prompts as plain text ('Question: ... Answer:') instead of chat messages.")
     prompts.add_argument("--dataset_name", default=None,
@@ -89,6 +90,21 @@ def _task_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _problem_count(value: str, task, split: str) -> int:
+    if str(value).lower() == "all":
+        if not hasattr(task, "split_size"):
+            raise ConfigError(f"task {task.name!r} cannot list every problem", field="num_problems", fix="pass a number")
+        return task.split_size(split)
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 1:
+        raise ConfigError(f"--num_problems must be a positive number or 'all', got {value!r}", field="num_problems",
+                          fix="pass e.g. --num_problems 64")
+    return count
+
+
 def _load_rows(source: str, split: str, max_samples: int | None, flag: str):
     from posttrain.data import load_data
 
@@ -112,7 +128,8 @@ def _prompt_rows(args) -> tuple[list[dict[str, Any]], list[Any]]:
         from posttrain.tasks import get_task
 
         task = get_task(args.task, **_task_options(args.task_args))
-        count = args.num_problems if args.max_samples is None else min(args.num_problems, args.max_samples)
+        count = _problem_count(args.num_problems, task, args.split)
+        count = count if args.max_samples is None else min(count, args.max_samples)
         dataset = task.as_prompt_only(count, split=args.split, conversational=not args.text_prompts, seed=args.seed)
         return list(dataset), funcs or [task_reward(task)]
     dataset = _load_rows(args.dataset_name, args.dataset_split, args.max_samples, "dataset_name")

@@ -18,7 +18,7 @@ STAGE_METRICS = {
 }
 
 
-def write_demo_report(output_dir: str, results: list[Any], *, task: str) -> str:
+def write_demo_report(output_dir: str, results: list[Any], *, task: str, eval_table: str | None = None) -> str:
     """Write ``<output_dir>/report.md``; ``results`` have name, model_dir, seconds, accuracy ({split: value}), extra."""
     lines = ["# posttrain demo report", "", f"Task: `{task}`. Accuracy is greedy exact match on every held-out "
              "(test) problem and on every training problem.", "",
@@ -30,6 +30,12 @@ def write_demo_report(output_dir: str, results: list[Any], *, task: str) -> str:
                           if v is not None)
         lines.append(f"| {r.name} | {test} | {train} | {r.seconds:.0f} | {notes} |")
     lines.append("")
+    if eval_table:
+        lines += ["## Every stage side by side (`posttrain eval`)", "",
+                  "Greedy accuracy on every held-out problem with its 95% interval; the reward model's mean score "
+                  "of each model's answers and their win rate against SFT's; preference accuracy on held-out pairs "
+                  "(the reward model's own, and each policy's implicit reward against SFT). Details: `eval/eval.md`.",
+                  "", eval_table, "", "![eval](eval/eval.png)", ""]
     for r in results:
         keys = STAGE_METRICS.get(r.name)
         if not keys:

@@ -112,6 +112,10 @@ class ArithmeticTask(Task):
             size += n * (n + 1) // 2 if (op == "-" and not self.allow_negative) else n * n
         return size
 
+    def split_size(self, split: str) -> int:
+        """How many distinct problems ``split`` holds (``make_problems(split_size(split))`` deals each once)."""
+        return len(self._pool(split))
+
     def _problem(self, a: int, op: str, b: int) -> dict[str, Any]:
         value = a + b if op == "+" else a - b if op == "-" else a * b
         return {"question": f"What is {a} {op} {b}?", "answer": value}
