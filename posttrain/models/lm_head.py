@@ -78,7 +78,8 @@ def forward_hidden_states(
 ) -> torch.Tensor:
     """Final (post-norm) hidden states ``(B, L, d)`` from a normal forward that computes no logits.
 
-    ``input_ids`` may be ``None`` when ``inputs_embeds`` is among ``model_kwargs``.
+    ``input_ids`` may be ``None`` when ``inputs_embeds`` is among ``model_kwargs``. The states of a
+    PEFT prompt-learning model's virtual tokens are left out: position t is always input token t.
     """
     base = unwrap_model(model)
     kwargs = dict(model_kwargs)
@@ -94,7 +95,11 @@ def forward_hidden_states(
         output_hidden_states=True,
         **kwargs,
     )
-    return outputs.hidden_states[-1]
+    hidden = outputs.hidden_states[-1]
+    # PEFT prompt tuning and P-tuning prepend their virtual tokens' embeddings to every row: those
+    # leading states belong to no input token, so they are dropped (prefix tuning adds none)
+    length = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+    return hidden[:, hidden.shape[1] - length :] if hidden.shape[1] > length else hidden
 
 
 @lru_cache(maxsize=64)

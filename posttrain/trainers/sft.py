@@ -24,12 +24,15 @@ from posttrain.errors import ConfigError
 from posttrain.losses.sft import nll_token_weights
 from posttrain.models.lm_head import forward_hidden_states, output_head, target_positions
 from posttrain.ops.logprobs import fused_linear_nll, naive_token_logps
+from posttrain.ops.predictions import chunked_argmax, head_logits
 from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
     load_pretrained,
+    require_train_dataset,
     resolve_args,
     resolve_processing_class,
+    router_aux_loss_requested,
 )
 from posttrain.trainers.config import PosttrainConfig
 
@@ -127,9 +130,12 @@ class SFTTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, SFTConfig, self.method_name)
+        require_train_dataset(train_dataset, type(self).__name__)
         processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
         self._init_metrics()
+        self.aux_loss_enabled = router_aux_loss_requested(model)
+        self._formatting_func = formatting_func
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.eos_token is not None:
             self._tokenizer.eos_token = args.eos_token
@@ -164,6 +170,9 @@ class SFTTrainer(PosttrainTrainer):
         self.loss_is_scaled_for_ga = True
 
     # -- data
+
+    def prepare_eval_dataset(self, dataset, name: str):
+        return self._prepare_dataset(dataset, self.args, self._formatting_func, name)
 
     def _prepare_dataset(self, dataset, args: SFTConfig, formatting_func, split: str):
         if args.skip_prepare_dataset or "input_ids" in getattr(dataset, "column_names", []):
@@ -220,7 +229,36 @@ class SFTTrainer(PosttrainTrainer):
         loss = self.scale_for_devices(loss, num_items_in_batch)
 
         self._record_sft_metrics(inputs, argmax_match, num_targets)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        return (loss, {"loss": loss, "hidden_states": hidden}) if return_outputs else loss
+
+    def evaluation_step(self, model, inputs: dict[str, Any]):
+        """Loss, predictions and labels for ``compute_metrics``, aligned as a causal LM's logits and labels.
+
+        Labels (B, L): ``input_ids`` with -100 wherever the token is not a loss target. Predictions:
+        without ``preprocess_logits_for_metrics``, the argmax token ids (B, L), where position t holds
+        the prediction of token t+1, computed at loss positions only (-100 elsewhere) and never from the
+        full logits; with it, the logits (B, L, V) of this one batch, which the evaluation loop hands to it.
+        """
+        loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        hidden = outputs["hidden_states"]
+        targets_mask = target_positions(inputs["completion_mask"], inputs.get("position_ids"))
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, 1:] = torch.where(targets_mask, inputs["input_ids"][:, 1:], -100)
+        head = output_head(model)
+        if self.preprocess_logits_for_metrics is not None:
+            if head is not None:
+                predictions = head_logits(hidden, head.weight, head.bias, head.transform)
+            else:  # a wrapped head (e.g. LoRA on lm_head)
+                predictions = model.get_output_embeddings()(hidden).float()
+            return loss, predictions, labels
+        selected = hidden[:, :-1][targets_mask]
+        if head is not None:
+            argmax = chunked_argmax(selected, head.weight, head.bias, head.transform, self.args.logits_chunk_size)
+        else:
+            argmax = model.get_output_embeddings()(selected).argmax(-1)
+        predictions = torch.full_like(inputs["input_ids"], -100)
+        predictions[:, :-1] = predictions[:, :-1].masked_scatter(targets_mask, argmax)
+        return loss, predictions, labels
 
     def _record_sft_metrics(self, inputs, argmax_match, num_targets) -> None:
         with torch.no_grad():
