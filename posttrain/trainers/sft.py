@@ -178,7 +178,10 @@ class SFTTrainer(PosttrainTrainer):
         if args.skip_prepare_dataset or "input_ids" in getattr(dataset, "column_names", []):
             if "completion_mask" not in dataset.column_names:
                 dataset = dataset.map(lambda row: {"completion_mask": [1] * len(row["input_ids"])})
-            return pack_dataset(dataset, args.max_length, strategy=args.packing_strategy) if args.packing else dataset
+            already_packed = "position_ids" in dataset.column_names  # e.g. trainer.eval_dataset passed to evaluate()
+            if args.packing and not already_packed:
+                dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+            return dataset
         source = describe_source(dataset, fallback=f"{split} dataset")
         if formatting_func is not None:
             dataset = dataset.map(
