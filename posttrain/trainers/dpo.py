@@ -503,7 +503,6 @@ class DPOTrainer(PosttrainTrainer):
             load_reference_state(self.reference, checkpoint)
 
 
-
 def accumulated_chosen_tokens(batch_samples: list, device: torch.device, *, across_processes: bool) -> torch.Tensor:
     """Chosen target tokens of the micro-batches of one accumulation window (0-dim), summed over every
     process when ``across_processes`` (``average_tokens_across_devices``).

@@ -135,7 +135,20 @@ def test_sft_preprocess_logits_sees_one_batch_of_logits(tiny_model_dir, tmp_path
     assert metrics["eval_scored"] == reference["eval_scored"]
 
 
-def test_sft_without_compute_metrics_gathers_no_predictions(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("layout", [dict(padding_free=True), dict(packing=True, max_length=24)])
+def test_sft_metrics_do_not_depend_on_the_batch_layout(tiny_model_dir, tmp_path, layout):
+    def build(**fields):
+        args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_eval_batch_size=8, **fields, **COMMON)
+        return SFTTrainer(model=tiny_model_dir, args=args, train_dataset=_prompt_completion(4),
+                          eval_dataset=_prompt_completion(6, offset=10), compute_metrics=Recorder(_next_token_accuracy))
+
+    padded, flat = build().evaluate(), build(**layout).evaluate()
+    assert flat["eval_scored"] == padded["eval_scored"]
+    assert flat["eval_next_token_accuracy"] == pytest.approx(padded["eval_next_token_accuracy"])
+    assert flat["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)
+
+
+def test_sft_predict_prepares_a_raw_dataset_and_evaluate_needs_no_compute_metrics(tiny_model_dir, tmp_path):
     trainer = _sft(tiny_model_dir, tmp_path)
     output = trainer.predict(_prompt_completion(3))  # a raw dataset, prepared like the eval set
     assert output.predictions is not None and output.predictions.shape[0] == 3
