@@ -130,9 +130,22 @@ def forward_hidden_states(
 ) -> torch.Tensor:
     """Final (post-norm) hidden states ``(B, L, d)`` from a normal forward that computes no logits.
 
-    ``input_ids`` may be ``None`` when ``inputs_embeds`` is among ``model_kwargs``.
+    ``input_ids`` may be ``None`` when ``inputs_embeds`` is among ``model_kwargs``. The states of a
+    PEFT prompt-learning model's virtual tokens are left out: position t is always input token t.
     """
-    return forward_without_logits(model, input_ids, attention_mask, position_ids, **model_kwargs).hidden_states[-1]
+    outputs = forward_without_logits(model, input_ids, attention_mask, position_ids, **model_kwargs)
+    return final_hidden_states(outputs, input_ids if input_ids is not None else model_kwargs["inputs_embeds"])
+
+
+def final_hidden_states(outputs, inputs: torch.Tensor) -> torch.Tensor:
+    """``(B, L, d)``: the last hidden states of ``outputs``, one per input position of ``inputs`` ``(B, L[, d])``.
+
+    PEFT prompt tuning and P-tuning prepend their virtual tokens' embeddings to every row: those
+    leading states belong to no input token, so they are dropped (prefix tuning adds none).
+    """
+    hidden = outputs.hidden_states[-1]
+    length = inputs.shape[1]
+    return hidden[:, hidden.shape[1] - length :] if hidden.shape[1] > length else hidden
 
 
 def forward_without_logits(
@@ -371,7 +384,7 @@ def weighted_target_nll(
         logits = outputs.logits[:, :-1][mask].float()
     else:
         outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
-        selected = outputs.hidden_states[-1][:, :-1][mask]
+        selected = final_hidden_states(outputs, input_ids)[:, :-1][mask]
         head = output_head(model)
         if head is not None:
             loss, argmax_match, _ = fused_linear_nll(

@@ -238,6 +238,31 @@ def apply_peft(model: nn.Module, peft_config, args: PosttrainConfig) -> nn.Modul
     return get_peft_model(model, peft_config)
 
 
+def require_train_dataset(train_dataset, owner: str) -> None:
+    """Offline trainers train on a dataset given at construction, as in TRL (which raises there too)."""
+    if train_dataset is None:
+        raise ConfigError(
+            f"{owner} needs a train_dataset", field="train_dataset",
+            fix="pass train_dataset=... (to evaluate only, build the trainer with the data and call evaluate())",
+        )
+
+
+def router_aux_loss_requested(model: nn.Module) -> bool:
+    """Whether the model's config asks a mixture-of-experts model for router logits (``output_router_logits``).
+
+    posttrain's losses do not add the router load-balancing loss; a config that asks for it is told so.
+    """
+    config = getattr(unwrapped_pretrained(model), "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    requested = bool(getattr(text_config, "output_router_logits", False))
+    if requested:
+        logger.warning(
+            "the model config sets output_router_logits=True: the MoE router load-balancing loss is not added to "
+            "the training loss (router_aux_loss_coef has no effect); set output_router_logits=False to silence this."
+        )
+    return requested
+
+
 def is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -381,7 +406,8 @@ class PosttrainTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
+        # a named eval set (eval_dataset={"a": ...}) logs its metrics as eval_a_<name>
+        prefix = f"{getattr(self, '_eval_metric_prefix', None) or 'eval'}_" if mode == "eval" else ""
         bucket = getattr(self, "_metrics", {}).get(mode, {})
         for name, values in bucket.items():
             if values:
@@ -424,13 +450,50 @@ class PosttrainTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return loss
 
-    # -- evaluation computes the same loss as training, without labels
+    # -- evaluation: the training loss, plus predictions and labels for compute_metrics
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Evaluate as ``transformers.Trainer`` does, preparing a raw ``eval_dataset`` (or a dict of named
+        ones, whose metrics are prefixed ``eval_<name>_``) the way the constructor prepares its own."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            if isinstance(eval_dataset, dict):
+                metrics: dict[str, float] = {}
+                for name, dataset in eval_dataset.items():
+                    metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+                return metrics
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, "eval dataset")
+        outer_prefix, self._eval_metric_prefix = getattr(self, "_eval_metric_prefix", None), metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_metric_prefix = outer_prefix
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        output = super().predict(self.prepare_eval_dataset(test_dataset, "test dataset"), ignore_keys, metric_key_prefix)
+        self._metrics["eval"].clear()  # predict logs nothing: its batches' metrics must not leak into the next evaluation
+        return output
+
+    def prepare_eval_dataset(self, dataset, name: str):
+        """A dataset given to ``evaluate``/``predict`` after construction, made ready for the collator
+        (tokenized etc.); datasets that are already prepared come back as they are."""
+        return dataset
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, predictions, labels = self.evaluation_step(model, inputs)
+        return loss.detach(), predictions, labels
+
+    def evaluation_step(self, model, inputs: dict[str, Any]):
+        """(loss, predictions, labels) of one evaluation batch, for ``compute_metrics``.
+
+        The evaluation loop applies ``preprocess_logits_for_metrics`` to ``predictions`` batch by batch,
+        gathers them over processes and concatenates them. Methods that have predictions to give
+        override this; the default gives the loss alone, and ``compute_metrics`` is then not called.
+        """
+        return self.compute_loss(model, inputs), None, None
 
 
 def unwrapped_pretrained(model: nn.Module) -> PreTrainedModel | nn.Module:

@@ -51,8 +51,10 @@ from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
     load_pretrained,
+    require_train_dataset,
     resolve_args,
     resolve_processing_class,
+    router_aux_loss_requested,
 )
 from posttrain.trainers.config import PosttrainConfig
 from posttrain.trainers.reference import (
@@ -225,11 +227,13 @@ class DPOTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, DPOConfig, self.method_name)
+        require_train_dataset(train_dataset, type(self).__name__)
         processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
         if args.disable_dropout:
             disable_dropout(model)
         self._init_metrics()
+        self.aux_loss_enabled = router_aux_loss_requested(model)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.reference = resolve_reference(
             model, ref_model, args, adapter_is_new=peft_config is not None, precompute=args.precompute_ref_log_probs
@@ -273,7 +277,20 @@ class DPOTrainer(PosttrainTrainer):
         if args.precompute_ref_log_probs:
             self._precompute_reference()
 
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The frozen reference model; ``None`` when the reference is the policy's base model under a
+        disabled adapter, a reference adapter, or log-probs precomputed before training (as in TRL)."""
+        return self.reference.model
+
     # -- data
+
+    def prepare_eval_dataset(self, dataset, name: str):
+        dataset = self._prepare_dataset(dataset, self.args, name)
+        if self.args.precompute_ref_log_probs and "ref_chosen_logps" not in dataset.column_names:
+            dataset = self._with_reference_columns(
+                dataset, self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, "eval")
+        return dataset
 
     def _prepare_dataset(self, dataset, args: DPOConfig, name: str):
         require_map_style(dataset, name)
@@ -423,7 +440,19 @@ class DPOTrainer(PosttrainTrainer):
         loss = self.scale_for_devices(loss * (pairs / normaliser), num_items_in_batch)
 
         self._record_dpo_metrics(metrics, policy, inputs, pairs)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        return loss, {"loss": loss, "chosen_rewards": args.beta * (logps.policy_chosen - logps.ref_chosen).detach(),
+                      "rejected_rewards": args.beta * (logps.policy_rejected - logps.ref_rejected).detach()}
+
+    def evaluation_step(self, model, inputs: dict[str, Any]):
+        """Predictions (B, 2): each pair's implicit rewards ``beta * (log pi - log pi_ref)`` of
+        ``[chosen, rejected]`` (summed over completion tokens); labels (B,): zeros, the column of the
+        preferred completion, so that ``argmax(predictions, -1) == labels`` is the reward accuracy."""
+        loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        predictions = torch.stack([outputs["chosen_rewards"], outputs["rejected_rewards"]], dim=-1).float()
+        labels = torch.zeros(predictions.shape[0], dtype=torch.long, device=predictions.device)
+        return loss, predictions, labels
 
     def _pair_weights(self, model, inputs, policy: TokenLogps) -> torch.Tensor | None:
         if not self.args.use_weighting:
@@ -472,22 +501,6 @@ class DPOTrainer(PosttrainTrainer):
                 self.bco_running_mean.load_state_dict(json.load(handle))
         if self.args.sync_ref_model:
             load_reference_state(self.reference, checkpoint)
-
-    # -- evaluation of datasets passed later
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            if isinstance(eval_dataset, dict):
-                return {
-                    key: value
-                    for name, dataset in eval_dataset.items()
-                    for key, value in self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}").items()
-                }
-            eval_dataset = self._prepare_dataset(eval_dataset, self.args, "eval dataset")
-            if self.args.precompute_ref_log_probs and "ref_chosen_logps" not in eval_dataset.column_names:
-                eval_dataset = self._with_reference_columns(
-                    eval_dataset, self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, "eval")
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
 
 def accumulated_chosen_tokens(batch_samples: list, device: torch.device, *, across_processes: bool) -> torch.Tensor:

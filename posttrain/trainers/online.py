@@ -172,6 +172,9 @@ class OnlineTrainer(PosttrainTrainer):
             source=source,
         )
 
+    def prepare_eval_dataset(self, dataset, name: str):
+        return self._prepare_dataset(dataset, "eval", self.args)
+
     def _set_signature_columns_if_needed(self) -> None:
         # with remove_unused_columns=True, keep what the prompt collator reads
         if self._signature_columns is None:

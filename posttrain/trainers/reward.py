@@ -35,8 +35,10 @@ from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
     load_pretrained,
+    require_train_dataset,
     resolve_args,
     resolve_processing_class,
+    router_aux_loss_requested,
     unwrapped_pretrained,
 )
 from posttrain.trainers.config import PosttrainConfig
@@ -119,6 +121,7 @@ class RewardTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, RewardConfig, self.method_name)
+        require_train_dataset(train_dataset, type(self).__name__)
         processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         model = load_pretrained(model, args, auto_class=AutoModelForSequenceClassification,
@@ -129,6 +132,7 @@ class RewardTrainer(PosttrainTrainer):
         if args.disable_dropout:
             disable_dropout(model)
         self._init_metrics()
+        self.aux_loss_enabled = router_aux_loss_requested(model)
 
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, args, "train dataset")
@@ -156,6 +160,9 @@ class RewardTrainer(PosttrainTrainer):
         self.loss_is_scaled_for_ga = True
 
     # -- data
+
+    def prepare_eval_dataset(self, dataset, name: str):
+        return self._prepare_dataset(dataset, self.args, name)
 
     def _prepare_dataset(self, dataset, args: RewardConfig, name: str):
         require_map_style(dataset, name)
@@ -235,6 +242,14 @@ class RewardTrainer(PosttrainTrainer):
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum().reshape(1)).sum()
             self._cumulative["num_tokens"] += float(tokens.item())
         return (loss, {"loss": loss, "rewards_chosen": chosen, "rewards_rejected": rejected}) if return_outputs else loss
+
+    def evaluation_step(self, model, inputs: dict[str, Any]):
+        """Predictions (B, 2): each pair's rewards ``[chosen, rejected]``; labels (B,): zeros, the column
+        of the preferred completion, so that ``argmax(predictions, -1) == labels`` is the pair accuracy."""
+        loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        predictions = torch.stack([outputs["rewards_chosen"], outputs["rewards_rejected"]], dim=-1).float()
+        labels = torch.zeros(predictions.shape[0], dtype=torch.long, device=predictions.device)
+        return loss, predictions, labels
 
 
 def _truncated(batch: dict[str, list], limit: int) -> dict[str, list]:

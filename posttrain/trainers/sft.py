@@ -22,13 +22,22 @@ from posttrain.data.packing import pack_dataset
 from posttrain.data.tokenize import tokenize_sft
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import nll_token_weights
-from posttrain.models.lm_head import target_positions, weighted_target_nll
+from posttrain.models.lm_head import (
+    forward_hidden_states,
+    output_head,
+    target_positions,
+    uses_full_logits,
+    weighted_target_nll,
+)
+from posttrain.ops.predictions import chunked_argmax, head_logits
 from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
     load_pretrained,
+    require_train_dataset,
     resolve_args,
     resolve_processing_class,
+    router_aux_loss_requested,
 )
 from posttrain.trainers.config import PosttrainConfig
 
@@ -126,9 +135,12 @@ class SFTTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, SFTConfig, self.method_name)
+        require_train_dataset(train_dataset, type(self).__name__)
         processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
         self._init_metrics()
+        self.aux_loss_enabled = router_aux_loss_requested(model)
+        self._formatting_func = formatting_func
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.eos_token is not None:
             self._tokenizer.eos_token = args.eos_token
@@ -164,11 +176,17 @@ class SFTTrainer(PosttrainTrainer):
 
     # -- data
 
+    def prepare_eval_dataset(self, dataset, name: str):
+        return self._prepare_dataset(dataset, self.args, self._formatting_func, name)
+
     def _prepare_dataset(self, dataset, args: SFTConfig, formatting_func, split: str):
         if args.skip_prepare_dataset or "input_ids" in getattr(dataset, "column_names", []):
             if "completion_mask" not in dataset.column_names:
                 dataset = dataset.map(lambda row: {"completion_mask": [1] * len(row["input_ids"])})
-            return pack_dataset(dataset, args.max_length, strategy=args.packing_strategy) if args.packing else dataset
+            already_packed = "position_ids" in dataset.column_names  # e.g. trainer.eval_dataset passed to evaluate()
+            if args.packing and not already_packed:
+                dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+            return dataset
         source = describe_source(dataset, fallback=f"{split} dataset")
         if formatting_func is not None:
             dataset = dataset.map(
@@ -210,6 +228,37 @@ class SFTTrainer(PosttrainTrainer):
 
         self._record_sft_metrics(inputs, argmax_match, num_targets)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def evaluation_step(self, model, inputs: dict[str, Any]):
+        """Loss, predictions and labels for ``compute_metrics``, aligned as a causal LM's logits and labels.
+
+        Labels (B, L): ``input_ids`` with -100 wherever the token is not a loss target. Predictions:
+        without ``preprocess_logits_for_metrics``, the argmax token ids (B, L), where position t holds
+        the prediction of token t+1, computed at loss positions only (-100 elsewhere) and never from the
+        full logits; with it, the logits (B, L, V) of this one batch, which the evaluation loop hands to it.
+        """
+        loss = self.compute_loss(model, inputs)
+        input_ids, attention_mask, position_ids = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids")
+        targets_mask = target_positions(inputs["completion_mask"], position_ids)
+        labels = torch.full_like(input_ids, -100)
+        labels[:, 1:] = torch.where(targets_mask, input_ids[:, 1:], -100)
+        head = None if uses_full_logits(model) else output_head(model)
+        if head is None:  # the model's own logits: a head the chunked path does not reproduce, or a wrapped one
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).logits.float()
+            logits = logits[:, logits.shape[1] - input_ids.shape[1]:]  # prompt-learning virtual tokens
+            if self.preprocess_logits_for_metrics is not None:
+                return loss, logits, labels
+            argmax = logits[:, :-1][targets_mask].argmax(-1)
+        else:
+            hidden = forward_hidden_states(model, input_ids, attention_mask, position_ids)
+            if self.preprocess_logits_for_metrics is not None:
+                return loss, head_logits(hidden, head.weight, head.bias, head.transform), labels
+            argmax = chunked_argmax(hidden[:, :-1][targets_mask], head.weight, head.bias, head.transform,
+                                    self.args.logits_chunk_size)
+        predictions = torch.full_like(inputs["input_ids"], -100)
+        predictions[:, :-1] = predictions[:, :-1].masked_scatter(targets_mask, argmax)
+        return loss, predictions, labels
 
     def _record_sft_metrics(self, inputs, argmax_match, num_targets) -> None:
         with torch.no_grad():

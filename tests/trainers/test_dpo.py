@@ -269,7 +269,7 @@ def test_same_object_as_model_and_reference_is_refused(tiny_model_dir, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(ConfigError, match="ref_model"):
         DPOTrainer(model=model, ref_model=model, args=_config(tmp_path),
-                   processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+                   processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), train_dataset=_preferences(2))
 
 
 def test_new_lora_adapter_uses_base_model_as_reference(tiny_model_dir, tmp_path):

@@ -50,7 +50,8 @@ def test_model_path_gets_one_score_and_the_pad_token(tiny_model_dir):
 def test_model_with_several_labels_is_refused(tiny_model_dir, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     with pytest.raises(ConfigError, match="num_labels=1"):
-        RewardTrainer(model=model, args=_config(tmp_path), processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+        RewardTrainer(model=model, args=_config(tmp_path), processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+                      train_dataset=_preferences(2))
 
 
 @pytest.mark.parametrize("center", [None, 0.01])

@@ -196,3 +196,32 @@ def test_sft_learns_the_arithmetic_task(tiny_model_dir, tmp_path):
     after = evaluate_task(trainer.model, tok, task, problems, max_new_tokens=4)["accuracy"]
     # measured 0.0 -> 0.31 on this machine; the bar only asks for clear learning
     assert before <= 0.1 and after >= 0.2, (before, after)
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prompt_encoder"])
+def test_prompt_learning_adapters_train_and_score_the_real_tokens(tiny_model_dir, tmp_path, kind):
+    """Virtual tokens lengthen the model's outputs; loss and token accuracy are those of the input tokens."""
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    peft_config = {
+        "prompt_tuning": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+        "prompt_encoder": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16),
+    }[kind]
+    data = _prompt_completion(8)
+    trainer = SFTTrainer(model=tiny_model_dir, args=_config(tmp_path, max_steps=2, per_device_eval_batch_size=8),
+                         train_dataset=data, eval_dataset=data, peft_config=peft_config)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+
+    metrics = trainer.evaluate()
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(data))])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape[1] == batch["input_ids"].shape[1] + 5  # the PEFT model's own logits, virtual tokens first
+    logits = logits[:, 5:-1].double()
+    targets = batch["completion_mask"][:, 1:].bool()
+    token_logps = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    assert metrics["eval_loss"] == pytest.approx(-token_logps[targets].mean().item(), rel=1e-5)
+    correct = logits.argmax(-1)[targets] == batch["input_ids"][:, 1:][targets]
+    assert metrics["eval_mean_token_accuracy"] == pytest.approx(correct.double().mean().item())
