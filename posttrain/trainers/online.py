@@ -30,6 +30,7 @@ from torch.utils.data import Sampler
 from posttrain.errors import ConfigError
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
 from posttrain.trainers.online_batches import (  # noqa: F401  (re-exported for the trainers)
+    COMPLETION_ROW_KEYS,
     CompletionsLog,
     RepeatedBlockSampler,
     ScoredRollout,
@@ -378,6 +379,7 @@ class OnlineTrainer(PosttrainTrainer):
             rewards_per_function=output.per_function.to(device).float(),
             rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
             reward_names=list(output.names), group_size=num_generations,
+            extra_columns=output.extra_columns, logged_metrics=output.logged_metrics,
         )
 
     def _rollout_engine(self):
@@ -457,26 +459,48 @@ class OnlineTrainer(PosttrainTrainer):
         metrics["completions/clipped_ratio"] = truncated.float().mean().item()
         if (~truncated).any():
             metrics["completions/mean_terminated_length"] = lengths[~truncated].mean().item()
-        self.record_metrics({**metrics, **extra})
+        self.record_metrics({**metrics, **extra, **self._reward_logged_metrics(scored.logged_metrics)})
         if mode == "train":
             tokens = self._gathered((rows["prompt_mask"].sum() + rows["completion_mask"].sum()).reshape(1)).sum()
             self._cumulative["num_tokens"] += float(tokens.item())
             if self.args.log_completions:
                 self._completions_log.replace(self.completion_rows(scored))
 
+    def _reward_logged_metrics(self, logged: dict[str, list[float]]) -> dict[str, float]:
+        """The mean of each metric the reward functions logged, over every call on every process."""
+        names = sorted(logged)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            # every process reduces the same names in the same order, including names only others logged
+            names = sorted(set(gather_object(names)))
+        if not names:
+            return {}
+        device = self.accelerator.device
+        totals = torch.tensor([[sum(logged.get(name, [])), len(logged.get(name, []))] for name in names],
+                              dtype=torch.float32, device=device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return {name: float(total / count) for name, (total, count) in zip(names, totals.tolist()) if count}
+
     @staticmethod
     def completion_rows(scored: ScoredRollout) -> list[dict[str, Any]]:
-        """One dict per completion: prompt and completion text, each reward, the total and the advantage."""
+        """One dict per completion: prompt and completion text, each reward, the total and the advantage, and
+        the columns reward functions added with ``log_extra`` (a name the table uses gets ``_extra`` appended)."""
         texts = [c[0]["content"] if isinstance(c, list) else c for c in scored.completions]
         per_function = scored.rewards_per_function.tolist()
         totals, advantage_values = scored.rewards.tolist(), scored.rows["advantages"].tolist()
+        extra = {(name + "_extra" if name in COMPLETION_ROW_KEYS else name): values
+                 for name, values in scored.extra_columns.items()}
         return [
             {
                 "prompt": prompt_text(prompt), "completion": text,
                 "rewards": {name: _nan_to_none(value) for name, value in zip(scored.reward_names, row_rewards)},
+                **{name: values[row] for name, values in extra.items()},
                 "reward": _nan_to_none(total), "advantage": advantage,
             }
-            for prompt, text, row_rewards, total, advantage in zip(scored.prompts, texts, per_function, totals, advantage_values)
+            for row, (prompt, text, row_rewards, total, advantage)
+            in enumerate(zip(scored.prompts, texts, per_function, totals, advantage_values))
         ]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
