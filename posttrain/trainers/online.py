@@ -60,14 +60,15 @@ class OnlineTrainer(PosttrainTrainer):
     Args:
         model: a model instance, or a local path / hub id loaded with ``AutoModelForCausalLM``.
         reward_funcs: one reward function or a list; each is a callable
-            ``f(prompts, completions, **kwargs) -> list[float | None]``, the name of a built-in
-            (``"accuracy"``, ``"format"``, ...), ``"module:function"``, ``"file.py:function"``, a reward
-            model directory, or a sequence-classification model instance.
+            ``f(prompts, completions, **kwargs) -> list[float | None]`` (or ``async def``), the name of a
+            built-in (``"accuracy"``, ``"format"``, ...), ``"module:function"``, ``"file.py:function"``, a
+            reward model directory or hub id, or a sequence-classification model instance.
         args: the method's config (``None``: defaults, output in ``<model name>-<method>``).
         train_dataset / eval_dataset: datasets with a ``prompt`` column (text or messages); every other
             column reaches the reward functions as a keyword argument.
         processing_class: the tokenizer (``tokenizer=`` is accepted as its older name).
-        reward_processing_classes: tokenizers of reward-model instances in ``reward_funcs``.
+        reward_processing_classes: one entry per reward function: a reward model's tokenizer (None: the one
+            saved with it); ignored for plain functions.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter instead of all weights.
     """
 
@@ -528,6 +529,28 @@ class OnlineTrainer(PosttrainTrainer):
         self._debug_generations += 1
         return self.completion_rows(scored)
 
+    # ------------------------------------------------------------------ what TRL's callbacks read
+
+    @property
+    def reward_funcs(self) -> list[Any]:
+        """The reward functions as TRL holds them: each reward model as its ``nn.Module``, other functions as given."""
+        from posttrain.rewards import RewardModelScorer
+
+        return [f.model if isinstance(f, RewardModelScorer) else f for f in self.reward_computer.reward_funcs]
+
+    @property
+    def reward_processing_classes(self) -> list[Any]:
+        """One entry per reward function: a reward model's tokenizer, None for other functions (as TRL)."""
+        from posttrain.rewards import RewardModelScorer
+
+        return [f.tokenizer if isinstance(f, RewardModelScorer) else None for f in self.reward_computer.reward_funcs]
+
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The separate frozen reference network, or None: ``beta == 0``, or the reference is the policy with its
+        adapters disabled (PEFT), as in TRL."""
+        return self.reference.model if self.reference is not None else None
+
     def _move_reward_models_to_device(self) -> None:
         for function in self.reward_computer.reward_funcs:
             network = getattr(function, "model", None)
@@ -561,29 +584,38 @@ def _nan_std(values: torch.Tensor) -> float:
 
 
 def build_reward_computer(reward_funcs: Any, reward_processing_classes: Any, args: OnlineConfig):
-    """A :class:`posttrain.rewards.RewardComputer` from what the user passed (functions, names, models)."""
-    from posttrain.rewards import RewardComputer, RewardModelScorer, describe_builtins, load_reward_funcs
+    """A :class:`posttrain.rewards.RewardComputer` from what the user passed (functions, names, models).
+
+    ``reward_processing_classes`` follows TRL: one entry per reward function (a single one stands for a
+    list of one), the tokenizer of the reward model at that position, None to load the one saved with
+    the model; ignored for plain functions.
+    """
+    from posttrain.rewards import RewardComputer, RewardModelScorer, describe_builtins, load_reward_func
 
     if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
         raise ConfigError(
             "no reward functions were given", field="reward_funcs",
-            fix=f"pass reward_funcs=[...] (callables, model directories or built-in names). {describe_builtins()}",
+            fix=f"pass reward_funcs=[...] (callables, model directories, hub ids or built-in names). {describe_builtins()}",
         )
     functions = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     tokenizers = reward_processing_classes
-    if not isinstance(tokenizers, (list, tuple)):
-        tokenizers = [tokenizers] * len(functions)
+    if tokenizers is None:
+        tokenizers = [None] * len(functions)
+    elif not isinstance(tokenizers, (list, tuple)):
+        tokenizers = [tokenizers]
     if len(tokenizers) != len(functions):
         raise ConfigError(
             f"{len(tokenizers)} reward_processing_classes for {len(functions)} reward functions",
-            field="reward_processing_classes", fix="pass one tokenizer per reward function (None for plain functions)",
+            field="reward_processing_classes",
+            fix="pass a list with one entry per reward function: the reward model's tokenizer, or None",
         )
     resolved = []
     for function, reward_tokenizer in zip(functions, tokenizers):
-        if isinstance(function, str):
-            resolved.extend(load_reward_funcs([function]))
+        if isinstance(function, (str, os.PathLike)):
+            resolved.append(load_reward_func(function, tokenizer=reward_tokenizer))
         elif isinstance(function, nn.Module):
-            resolved.append(RewardModelScorer(function, tokenizer=reward_tokenizer))
+            name = str(getattr(function.config, "_name_or_path", "") or "reward_model").rstrip("/").rsplit("/", 1)[-1]
+            resolved.append(RewardModelScorer(function, tokenizer=reward_tokenizer, name=name))
         elif callable(function):
             resolved.append(function)
         else:
