@@ -187,3 +187,61 @@ def load_reward_funcs(specs: Sequence[str | Callable] | str) -> list[Callable]:
     if isinstance(specs, (str, os.PathLike)) or callable(specs):
         specs = [specs]
     return [load_reward_func(spec) for spec in specs]
+
+
+def resolve_reward_funcs(reward_funcs: Any, reward_processing_classes: Any = None) -> list[Callable]:
+    """What a trainer's ``reward_funcs`` and ``reward_processing_classes`` arguments hold, as reward functions.
+
+    ``reward_funcs``: one entry or a list of callables, specs (:func:`load_reward_func`) and
+    sequence-classification model instances (scored with :class:`RewardModelScorer`, named by the
+    last part of their ``name_or_path`` as TRL names them). ``reward_processing_classes`` follows
+    TRL: one entry per reward function (a single one stands for a list of one), the tokenizer of the
+    reward model at that position, None for the one saved with the model; ignored for plain functions.
+    """
+    from torch import nn
+
+    from posttrain.rewards.builtin import describe_builtins
+    from posttrain.rewards.model_scorer import RewardModelScorer
+
+    if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
+        raise ConfigError(
+            "no reward functions were given", field="reward_funcs",
+            fix=f"pass reward_funcs=[...] (callables, model directories, hub ids or built-in names). {describe_builtins()}",
+        )
+    functions = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    tokenizers = reward_processing_classes
+    if tokenizers is None:
+        tokenizers = [None] * len(functions)
+    elif not isinstance(tokenizers, (list, tuple)):
+        tokenizers = [tokenizers]
+    if len(tokenizers) != len(functions):
+        raise ConfigError(
+            f"{len(tokenizers)} reward_processing_classes for {len(functions)} reward functions",
+            field="reward_processing_classes",
+            fix="pass a list with one entry per reward function: the reward model's tokenizer, or None",
+        )
+    resolved = []
+    for function, tokenizer in zip(functions, tokenizers):
+        if isinstance(function, (str, os.PathLike)):
+            resolved.append(load_reward_func(function, tokenizer=tokenizer))
+        elif isinstance(function, nn.Module):
+            source = str(getattr(function.config, "_name_or_path", "") or "reward_model").rstrip("/")
+            resolved.append(RewardModelScorer(function, tokenizer=tokenizer, name=source.rsplit("/", 1)[-1]))
+        elif callable(function):
+            resolved.append(function)
+        else:
+            raise ConfigError(
+                f"a reward function must be callable, a name or a model; got {type(function).__name__}",
+                field="reward_funcs", fix=describe_builtins(),
+            )
+    return resolved
+
+
+def trl_reward_views(functions: Sequence[Callable]) -> tuple[list[Any], list[Any]]:
+    """``(reward_funcs, reward_processing_classes)`` as TRL's trainers hold them: a reward model as its
+    ``nn.Module`` with its tokenizer, any other function as itself with None."""
+    from posttrain.rewards.model_scorer import RewardModelScorer
+
+    models = [f.model if isinstance(f, RewardModelScorer) else f for f in functions]
+    tokenizers = [f.tokenizer if isinstance(f, RewardModelScorer) else None for f in functions]
+    return models, tokenizers

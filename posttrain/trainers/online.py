@@ -534,16 +534,16 @@ class OnlineTrainer(PosttrainTrainer):
     @property
     def reward_funcs(self) -> list[Any]:
         """The reward functions as TRL holds them: each reward model as its ``nn.Module``, other functions as given."""
-        from posttrain.rewards import RewardModelScorer
+        from posttrain.rewards import trl_reward_views
 
-        return [f.model if isinstance(f, RewardModelScorer) else f for f in self.reward_computer.reward_funcs]
+        return trl_reward_views(self.reward_computer.reward_funcs)[0]
 
     @property
     def reward_processing_classes(self) -> list[Any]:
         """One entry per reward function: a reward model's tokenizer, None for other functions (as TRL)."""
-        from posttrain.rewards import RewardModelScorer
+        from posttrain.rewards import trl_reward_views
 
-        return [f.tokenizer if isinstance(f, RewardModelScorer) else None for f in self.reward_computer.reward_funcs]
+        return trl_reward_views(self.reward_computer.reward_funcs)[1]
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -584,43 +584,8 @@ def _nan_std(values: torch.Tensor) -> float:
 
 
 def build_reward_computer(reward_funcs: Any, reward_processing_classes: Any, args: OnlineConfig):
-    """A :class:`posttrain.rewards.RewardComputer` from what the user passed (functions, names, models).
+    """A :class:`posttrain.rewards.RewardComputer` from what the user passed (functions, names, models, hub ids),
+    with TRL's ``reward_processing_classes`` (see :func:`posttrain.rewards.resolve_reward_funcs`)."""
+    from posttrain.rewards import RewardComputer, resolve_reward_funcs
 
-    ``reward_processing_classes`` follows TRL: one entry per reward function (a single one stands for a
-    list of one), the tokenizer of the reward model at that position, None to load the one saved with
-    the model; ignored for plain functions.
-    """
-    from posttrain.rewards import RewardComputer, RewardModelScorer, describe_builtins, load_reward_func
-
-    if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
-        raise ConfigError(
-            "no reward functions were given", field="reward_funcs",
-            fix=f"pass reward_funcs=[...] (callables, model directories, hub ids or built-in names). {describe_builtins()}",
-        )
-    functions = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    tokenizers = reward_processing_classes
-    if tokenizers is None:
-        tokenizers = [None] * len(functions)
-    elif not isinstance(tokenizers, (list, tuple)):
-        tokenizers = [tokenizers]
-    if len(tokenizers) != len(functions):
-        raise ConfigError(
-            f"{len(tokenizers)} reward_processing_classes for {len(functions)} reward functions",
-            field="reward_processing_classes",
-            fix="pass a list with one entry per reward function: the reward model's tokenizer, or None",
-        )
-    resolved = []
-    for function, reward_tokenizer in zip(functions, tokenizers):
-        if isinstance(function, (str, os.PathLike)):
-            resolved.append(load_reward_func(function, tokenizer=reward_tokenizer))
-        elif isinstance(function, nn.Module):
-            name = str(getattr(function.config, "_name_or_path", "") or "reward_model").rstrip("/").rsplit("/", 1)[-1]
-            resolved.append(RewardModelScorer(function, tokenizer=reward_tokenizer, name=name))
-        elif callable(function):
-            resolved.append(function)
-        else:
-            raise ConfigError(
-                f"a reward function must be callable, a name or a model; got {type(function).__name__}",
-                field="reward_funcs", fix=describe_builtins(),
-            )
-    return RewardComputer(resolved, reward_weights=args.reward_weights)
+    return RewardComputer(resolve_reward_funcs(reward_funcs, reward_processing_classes), reward_weights=args.reward_weights)
