@@ -4,7 +4,8 @@ A policy loss is computed in two steps:
 
 1. a per-token loss (B, T) from the new and old log-probs and the advantages:
    :func:`clipped_policy_loss` (PPO / GRPO / DAPO / GSPO), :func:`cispo_policy_loss`,
-   :func:`sapo_policy_loss`; each can add a per-token KL penalty towards a reference policy;
+   :func:`sapo_policy_loss`, :func:`vespo_policy_loss`; each can add a per-token KL penalty towards a
+   reference policy;
 2. a reduction to a scalar, chosen by name: :func:`aggregate_token_loss` over
    :data:`POLICY_LOSS_AGGREGATIONS` ("grpo", "bnpo", "dr_grpo", "dapo", "luspo").
 
@@ -18,6 +19,7 @@ never reach a loss or a gradient, whatever they hold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -247,6 +249,90 @@ def sapo_policy_loss(
     return per_token_loss, metrics
 
 
+#: VESPO's clamp on log-ratios: each token's to [-20, 20], the sequence's to [log 1e-8, 20]; keeps exp finite.
+VESPO_TOKEN_LOG_RATIO_BOUND = 20.0
+VESPO_SEQUENCE_LOG_RATIO_BOUNDS = (math.log(1e-8), 20.0)
+
+
+def vespo_gamma_weights(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+) -> torch.Tensor:
+    """VESPO's reshaping kernel ``phi(w) = w^k exp(lambda (1 - w))`` of the sequence importance weight, without gradient.
+
+    ``w = exp(sum_t log(pi_t / pi_old_t))`` over the sequence's valid tokens: the whole-sequence ratio,
+    not length-normalised (each token's log-ratio clamped to [-20, 20], the sum to [log 1e-8, 20]).
+    ``phi(1) = 1``; it peaks at ``w = k / lambda`` and decays on both sides, so sequences the policy has
+    moved far from (w near 0 or large) get a small weight instead of a hard clip. ``(k, lambda)`` is
+    ``(k_pos, lambda_pos)`` where A >= 0 and ``(k_neg, lambda_neg)`` where A < 0 (lambda floored at 1e-4).
+
+    Returns (B, 1) for (B,) advantages, (B, T) for per-token ones.
+    """
+    with torch.no_grad():
+        valid = mask.to(torch.bool)
+        zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+        bound = VESPO_TOKEN_LOG_RATIO_BOUND
+        log_ratio = torch.where(valid, (logps - old_logps).clamp(-bound, bound), zero)
+        log_w = log_ratio.sum(dim=-1, keepdim=True).clamp(*VESPO_SEQUENCE_LOG_RATIO_BOUNDS)
+        advantages = _as_columns(advantages, mask, logps.dtype)
+        non_negative = advantages >= 0
+        k = torch.where(non_negative, float(k_pos), float(k_neg)).to(logps.dtype)
+        lam = torch.where(non_negative, float(lambda_pos), float(lambda_neg)).to(logps.dtype).clamp(min=1e-4)
+        # in log space: log phi = lambda + k log w - lambda w
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def vespo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+    importance_sampling_level: str = "token",
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """VESPO: a smooth, asymmetric Gamma-shaped weight on the sequence importance ratio in place of clipping.
+
+    Paper: "VESPO: Variational Sequence-Level Soft Policy Optimization for Stable Off-Policy LLM
+    Training", arXiv:2602.10693. The defaults are TRL's (``vespo_k_pos=2, vespo_lambda_pos=3,
+    vespo_k_neg=3, vespo_lambda_neg=2``).
+
+    ``loss_t = -sg(phi(w)) * A * log pi_t (+ kl_coef * KL_t)``, with ``phi`` and the sequence ratio
+    ``w`` of :func:`vespo_gamma_weights`; its gradient is ``phi(w) A grad log pi_t``, the policy
+    gradient reweighted per sequence. ``importance_sampling_level`` only sets the ratio that the KL
+    term's bias correction uses (as in :func:`clipped_policy_loss`); the kernel always reads the whole
+    sequence's ratio. Shapes as :func:`clipped_policy_loss`; aggregate with "dapo".
+    Metric ``vespo/phi_seq_mean``: the mean weight over valid tokens (plus ``kl``).
+    """
+    phi = vespo_gamma_weights(logps, old_logps, advantages, mask, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
+                              lambda_neg=lambda_neg)
+    advantages = _as_columns(advantages, mask, logps.dtype)
+    valid = mask.to(torch.bool)
+    safe_logps = torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+    per_token_loss = -phi * advantages * safe_logps
+    with torch.no_grad():
+        metrics = {"vespo/phi_seq_mean": masked_mean(phi.expand(valid.shape), valid).item()}
+    ratio = torch.exp(importance_log_weights(logps, old_logps, mask, importance_sampling_level))
+    per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
+                             use_bias_correction_kl)  # fmt: skip
+    return per_token_loss, metrics
+
+
 def sequence_clipped_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -309,7 +395,7 @@ def _aggregate_dr_grpo(per_token_loss, mask, *, max_completion_length=None, num_
     return masked_sum(per_token_loss, mask) / (per_token_loss.shape[0] * max_completion_length)
 
 
-@POLICY_LOSS_AGGREGATIONS.register("dapo", "cispo")
+@POLICY_LOSS_AGGREGATIONS.register("dapo", "cispo", "vespo")
 def _aggregate_dapo(per_token_loss, mask, *, max_completion_length=None, num_items_in_batch=None):
     count = masked_count(per_token_loss, mask) if num_items_in_batch is None else num_items_in_batch
     count = torch.as_tensor(count, dtype=per_token_loss.dtype, device=per_token_loss.device).clamp_min(1.0)
@@ -336,7 +422,7 @@ def aggregate_token_loss(
     * ``bnpo``: token sum / valid tokens in this batch. PPO's masked mean.
     * ``dr_grpo``: token sum / (B * max_completion_length) (Dr. GRPO, arXiv:2503.20783): a constant
       normaliser, no length bias.
-    * ``dapo`` (also for ``cispo``): token sum / ``num_items_in_batch`` (DAPO, arXiv:2503.14476):
+    * ``dapo`` (also for ``cispo`` and ``vespo``): token sum / ``num_items_in_batch`` (DAPO, arXiv:2503.14476):
       pass the number of valid tokens in the whole accumulated batch (across micro-batches and
       devices, divided as the caller's reduction needs) so every token weighs the same; without it,
       the local token count.

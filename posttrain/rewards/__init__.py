@@ -18,7 +18,7 @@ from posttrain.rewards.builtin import (
     length_penalty,
 )
 from posttrain.rewards.computer import RewardComputer, RewardOutput, reward_function_name
-from posttrain.rewards.loader import load_reward_func, load_reward_funcs
+from posttrain.rewards.loader import load_reward_func, load_reward_funcs, resolve_reward_funcs, trl_reward_views
 from posttrain.rewards.model_scorer import RewardModelScorer
 from posttrain.rewards.text import completion_text, extract_answer, last_number, parse_number
 
@@ -40,5 +40,7 @@ __all__ = [
     "load_reward_func",
     "load_reward_funcs",
     "parse_number",
+    "resolve_reward_funcs",
     "reward_function_name",
+    "trl_reward_views",
 ]

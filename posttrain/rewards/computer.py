@@ -12,6 +12,13 @@ called with keyword arguments only:
   as ``RolloutBatch.completion_token_lists()`` gives them).
 * every other dataset column, as a list aligned with the rows (e.g. ``answer``).
 * ``trainer_state``: the trainer's ``TrainerState`` (step, epoch, ...), or None outside training.
+* ``log_extra(column, values)``: adds a column to the completions table (``values``: one per row).
+* ``log_metric(name, value)``: logs a scalar; a trainer averages it over the calls of a logging step
+  and writes it with its own metrics (``metrics.jsonl``, ``report_to``).
+
+A function may be ``async def`` (or return an awaitable): the awaitables of one batch run
+concurrently on one background event loop, which lives as long as the process, so a client the
+function keeps (an HTTP session, say) stays bound to the same loop from one call to the next.
 
 A function must accept ``**kwargs`` it does not use, since the set of columns depends on the
 dataset. It returns one number per row, or None for a row it does not apply to (that row is then
@@ -23,12 +30,15 @@ than ``slow_call_seconds`` is reported once per function with a warning naming i
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
 import numbers
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,7 +53,7 @@ DEFAULT_SLOW_CALL_SECONDS = 30.0
 RewardFunction = Callable[..., Sequence[float | None]]
 
 # Argument names the computer passes itself; dataset columns with these names are not forwarded.
-RESERVED_NAMES = ("prompts", "completions", "completion_ids", "trainer_state")
+RESERVED_NAMES = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 # Columns already given to the function under another name.
 REDUNDANT_COLUMNS = ("prompt", "completion")
 
@@ -59,6 +69,8 @@ class RewardOutput:
         all_none: ``(N,)`` bool, rows that no function scored.
         names: the function names, one per column.
         weights: the weights used, one per column.
+        extra_columns: what the functions passed to ``log_extra``: column -> one value per row.
+        logged_metrics: what the functions passed to ``log_metric``: name -> the value of each call.
     """
 
     per_function: torch.Tensor
@@ -66,6 +78,8 @@ class RewardOutput:
     all_none: torch.Tensor
     names: list[str]
     weights: list[float]
+    extra_columns: dict[str, list[Any]] = field(default_factory=dict)
+    logged_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Mean and std of each function's rewards (over the rows it scored) and of the total, for logging."""
@@ -78,6 +92,8 @@ class RewardOutput:
         result["reward"] = self.total.mean().item()
         result["reward_std"] = self.total.std(unbiased=False).item()
         result["frac_reward_all_none"] = self.all_none.float().mean().item()
+        for name, values in self.logged_metrics.items():
+            result[name] = sum(values) / len(values)
         return result
 
 
@@ -200,6 +216,8 @@ class RewardComputer:
         extra = {k: list(v) for k, v in columns.items() if k not in RESERVED_NAMES and k not in REDUNDANT_COLUMNS}
         id_lists = [ids.tolist() if hasattr(ids, "tolist") else list(ids) for ids in completion_ids]
         per_function = torch.full((num_rows, len(self.reward_funcs)), math.nan, dtype=torch.float32)
+        reported = _ReportedValues(num_rows)
+        pending: list[tuple[int, str, Awaitable]] = []
         for column, (function, name) in enumerate(zip(self.reward_funcs, self.names)):
             # fresh lists per function, so one function mutating its inputs cannot affect the next
             arguments = dict(
@@ -207,11 +225,20 @@ class RewardComputer:
                 completions=list(completions),
                 completion_ids=[list(ids) for ids in id_lists],
                 trainer_state=trainer_state,
+                log_extra=reported.extra_logger(name),
+                log_metric=reported.metric_logger(name),
                 **{k: list(v) for k, v in extra.items()},
             )
             started = time.perf_counter()
-            per_function[:, column] = self._call_one(function, name, num_rows, arguments)
+            returned = self._invoke(function, name, arguments)
+            if inspect.isawaitable(returned):  # an async function: awaited below, with the others
+                pending.append((column, name, returned))
+                continue
+            per_function[:, column] = self._as_row_rewards(name, num_rows, returned)
             self._note_duration(name, time.perf_counter() - started, num_rows)
+        for column, name, returned, seconds in _await_concurrently(pending):
+            per_function[:, column] = self._as_row_rewards(name, num_rows, returned)
+            self._note_duration(name, seconds, num_rows)
         weights = torch.tensor(self.reward_weights, dtype=torch.float32)
         scored = ~torch.isnan(per_function)
         total = torch.where(scored, per_function * weights, torch.zeros(())).sum(dim=1)
@@ -223,7 +250,8 @@ class RewardComputer:
             logger.warning(
                 "%d of %d completions got None from every reward function (%s); their total reward is 0", count, num_rows, names
             )
-        return RewardOutput(per_function, total, all_none, list(self.names), list(self.reward_weights))
+        return RewardOutput(per_function, total, all_none, list(self.names), list(self.reward_weights),
+                            extra_columns=reported.columns, logged_metrics=reported.metrics)
 
     def _note_duration(self, name: str, seconds: float, num_rows: int) -> None:
         if self.slow_call_seconds is None or seconds <= self.slow_call_seconds or name in self._reported_slow:
@@ -235,13 +263,16 @@ class RewardComputer:
         )
 
     @staticmethod
-    def _call_one(function: RewardFunction, name: str, num_rows: int, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _invoke(function: RewardFunction, name: str, kwargs: dict[str, Any]) -> Any:
         try:
-            returned = function(**kwargs)
+            return function(**kwargs)
         except RewardFunctionError:
             raise
         except Exception as error:  # a user function may raise anything; report it with its name
             raise RewardFunctionError(f"reward function '{name}' raised {type(error).__name__}: {error}") from error
+
+    @staticmethod
+    def _as_row_rewards(name: str, num_rows: int, returned: Any) -> torch.Tensor:
         if isinstance(returned, torch.Tensor):
             returned = returned.reshape(-1).tolist()
         elif hasattr(returned, "tolist") and not isinstance(returned, (list, tuple)):
@@ -271,3 +302,91 @@ class RewardComputer:
                 )
             values.append(number)
         return torch.tensor(values, dtype=torch.float32)
+
+
+class _ReportedValues:
+    """What the reward functions of one batch pass to ``log_extra`` and ``log_metric``."""
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+        self.columns: dict[str, list[Any]] = {}
+        self.metrics: dict[str, list[float]] = {}
+        self._lock = threading.Lock()  # async functions report from the event loop's thread
+
+    def extra_logger(self, function_name: str) -> Callable[[str, Sequence[Any]], None]:
+        def log_extra(column: str, values: Sequence[Any]) -> None:
+            values = values.tolist() if hasattr(values, "tolist") else list(values)
+            if not isinstance(column, str) or len(values) != self.num_rows:
+                raise RewardFunctionError(
+                    f"reward function '{function_name}' called log_extra({column!r:.40}, <{len(values)} values>); "
+                    f"expected a column name (str) and one value per completion ({self.num_rows})"
+                )
+            with self._lock:
+                if column in self.columns:
+                    raise RewardFunctionError(
+                        f"reward function '{function_name}' logged the extra column {column!r} a second time in one "
+                        "batch; each column takes one value per completion, once. Fix: give each column its own name"
+                    )
+                self.columns[column] = values
+
+        return log_extra
+
+    def metric_logger(self, function_name: str) -> Callable[[str, float], None]:
+        def log_metric(name: str, value: float) -> None:
+            number = _as_float(value)
+            if not isinstance(name, str) or value is None or number is None:
+                raise RewardFunctionError(
+                    f"reward function '{function_name}' called log_metric({name!r:.40}, {value!r:.40}); "
+                    "expected a metric name (str) and one number"
+                )
+            with self._lock:
+                self.metrics.setdefault(name, []).append(number)
+
+        return log_metric
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """The process's background event loop for async reward functions (started on first use, a daemon thread).
+
+    A loop of its own, rather than ``asyncio.run`` per batch: it works where the caller already runs a
+    loop (a notebook), and objects an async function created on an earlier call stay usable.
+    """
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="posttrain-async-rewards", daemon=True).start()
+        return _loop
+
+
+def _await_concurrently(pending: list[tuple[int, str, Awaitable]]) -> list[tuple[int, str, Any, float]]:
+    """Await every ``(column, name, awaitable)`` at once; ``(column, name, result, seconds)`` in the given order.
+
+    All of them run to the end before the first failure (in the given order) is raised, named.
+    """
+    if not pending:
+        return []
+
+    async def timed(awaitable: Awaitable) -> tuple[Any, BaseException | None, float]:
+        started = time.perf_counter()
+        try:
+            return await awaitable, None, time.perf_counter() - started
+        except Exception as error:  # a user function may raise anything; reported with its name below
+            return None, error, time.perf_counter() - started
+
+    async def gather() -> list[tuple[Any, BaseException | None, float]]:
+        return await asyncio.gather(*(timed(awaitable) for _, _, awaitable in pending))
+
+    outcomes = asyncio.run_coroutine_threadsafe(gather(), _event_loop()).result()
+    results = []
+    for (column, name, _), (returned, error, seconds) in zip(pending, outcomes):
+        if isinstance(error, RewardFunctionError):
+            raise error
+        if error is not None:
+            raise RewardFunctionError(f"reward function '{name}' raised {type(error).__name__}: {error}") from error
+        results.append((column, name, returned, seconds))
+    return results

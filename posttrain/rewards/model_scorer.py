@@ -17,12 +17,25 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
+def _tokenizer_saved_with(model: Any):
+    """The tokenizer saved beside a loaded model (its ``name_or_path``: a directory or a cached hub id), or None."""
+    from transformers import AutoTokenizer
+
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+
+
 class RewardModelScorer:
     """Scores prompt + completion with a reward model (``num_labels=1``); follows the reward-function protocol.
 
     Args:
         model_or_path: a loaded ``AutoModelForSequenceClassification`` or the directory (or hub id) of one.
-        tokenizer: its tokenizer; loaded from the same directory when a path is given.
+        tokenizer: its tokenizer; default: loaded from where the model was loaded from (its path or hub id).
         batch_size: rows per forward pass.
         max_length: longest input in tokens; longer inputs keep their *last* ``max_length`` tokens,
             so the completion, which the score is read at, is never cut.
@@ -68,9 +81,12 @@ class RewardModelScorer:
         else:
             model = model_or_path
             require_reward_model(model, field="reward_model")
+            if tokenizer is None:
+                tokenizer = _tokenizer_saved_with(model)
         if tokenizer is None:
             raise ConfigError(
-                "a reward model given as an object needs its tokenizer", field="reward_model", fix="pass tokenizer="
+                "a reward model given as an object needs its tokenizer, and none is saved where it was loaded from",
+                field="reward_model", fix="pass its tokenizer (reward_processing_classes=[...] in GRPO and RLOO)",
             )
         num_labels = getattr(model.config, "num_labels", 1)
         if num_labels != 1:

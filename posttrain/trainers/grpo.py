@@ -13,6 +13,7 @@ with RLOO (:mod:`posttrain.trainers.online`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,11 +28,14 @@ from posttrain.losses.policy import (
     cispo_policy_loss,
     clipped_policy_loss,
     sapo_policy_loss,
+    vespo_policy_loss,
 )
 from posttrain.ops.distributed import global_mean_std
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
 
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+logger = logging.getLogger("posttrain")
 
 
 @dataclass
@@ -43,7 +47,7 @@ class GRPOConfig(OnlineConfig):
         metadata={
             "help": "How token losses become one number: dapo (sum / tokens in the accumulated batch), grpo (mean of "
             "per-sequence means), bnpo (sum / tokens in the micro-batch), dr_grpo (sum / (B * max_completion_length)), "
-            "cispo, sapo, luspo."
+            "cispo, sapo, luspo, vespo (each with its own per-token objective)."
         },
     )
     scale_rewards: str = field(
@@ -65,6 +69,12 @@ class GRPOConfig(OnlineConfig):
     )
     sapo_temperature_pos: float = field(default=1.0, metadata={"help": "SAPO gate temperature where A > 0."})
     sapo_temperature_neg: float = field(default=1.05, metadata={"help": "SAPO gate temperature where A <= 0."})
+    vespo_k_pos: float = field(default=2.0, metadata={"help": "VESPO kernel power k where A >= 0 (weighs down w < 1)."})
+    vespo_lambda_pos: float = field(
+        default=3.0, metadata={"help": "VESPO kernel decay lambda where A >= 0 (weighs down w > 1)."}
+    )
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "VESPO kernel power k where A < 0."})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "VESPO kernel decay lambda where A < 0."})
 
     def __post_init__(self) -> None:
         # older configs and the CLI write scale_rewards as a boolean
@@ -78,6 +88,9 @@ class GRPOConfig(OnlineConfig):
         for name, value, allowed in choices:
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}", field=name, fix=f"use one of {', '.join(allowed)}")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            logger.warning("loss_type='vespo' weighs each sequence by its whole-sequence ratio itself; "
+                           "importance_sampling_level='%s' only changes the KL term's ratio", self.importance_sampling_level)
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -121,6 +134,11 @@ class GRPOTrainer(OnlineTrainer):
             per_token_loss, metrics = sapo_policy_loss(
                 logps, old_logps, inputs["advantages"], mask, temperature_pos=args.sapo_temperature_pos,
                 temperature_neg=args.sapo_temperature_neg, **kl_options,
+            )
+        elif args.loss_type == "vespo":
+            per_token_loss, metrics = vespo_policy_loss(
+                logps, old_logps, inputs["advantages"], mask, k_pos=args.vespo_k_pos, lambda_pos=args.vespo_lambda_pos,
+                k_neg=args.vespo_k_neg, lambda_neg=args.vespo_lambda_neg, **kl_options,
             )
         else:
             per_token_loss, metrics = clipped_policy_loss(

@@ -30,6 +30,7 @@ from torch.utils.data import Sampler
 from posttrain.errors import ConfigError
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
 from posttrain.trainers.online_batches import (  # noqa: F401  (re-exported for the trainers)
+    COMPLETION_ROW_KEYS,
     CompletionsLog,
     RepeatedBlockSampler,
     ScoredRollout,
@@ -59,14 +60,15 @@ class OnlineTrainer(PosttrainTrainer):
     Args:
         model: a model instance, or a local path / hub id loaded with ``AutoModelForCausalLM``.
         reward_funcs: one reward function or a list; each is a callable
-            ``f(prompts, completions, **kwargs) -> list[float | None]``, the name of a built-in
-            (``"accuracy"``, ``"format"``, ...), ``"module:function"``, ``"file.py:function"``, a reward
-            model directory, or a sequence-classification model instance.
+            ``f(prompts, completions, **kwargs) -> list[float | None]`` (or ``async def``), the name of a
+            built-in (``"accuracy"``, ``"format"``, ...), ``"module:function"``, ``"file.py:function"``, a
+            reward model directory or hub id, or a sequence-classification model instance.
         args: the method's config (``None``: defaults, output in ``<model name>-<method>``).
         train_dataset / eval_dataset: datasets with a ``prompt`` column (text or messages); every other
             column reaches the reward functions as a keyword argument.
         processing_class: the tokenizer (``tokenizer=`` is accepted as its older name).
-        reward_processing_classes: tokenizers of reward-model instances in ``reward_funcs``.
+        reward_processing_classes: one entry per reward function: a reward model's tokenizer (None: the one
+            saved with it); ignored for plain functions.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter instead of all weights.
     """
 
@@ -381,6 +383,7 @@ class OnlineTrainer(PosttrainTrainer):
             rewards_per_function=output.per_function.to(device).float(),
             rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
             reward_names=list(output.names), group_size=num_generations,
+            extra_columns=output.extra_columns, logged_metrics=output.logged_metrics,
         )
 
     def _rollout_engine(self):
@@ -460,26 +463,48 @@ class OnlineTrainer(PosttrainTrainer):
         metrics["completions/clipped_ratio"] = truncated.float().mean().item()
         if (~truncated).any():
             metrics["completions/mean_terminated_length"] = lengths[~truncated].mean().item()
-        self.record_metrics({**metrics, **extra})
+        self.record_metrics({**metrics, **extra, **self._reward_logged_metrics(scored.logged_metrics)})
         if mode == "train":
             tokens = self._gathered((rows["prompt_mask"].sum() + rows["completion_mask"].sum()).reshape(1)).sum()
             self._cumulative["num_tokens"] += float(tokens.item())
             if self.args.log_completions:
                 self._completions_log.replace(self.completion_rows(scored))
 
+    def _reward_logged_metrics(self, logged: dict[str, list[float]]) -> dict[str, float]:
+        """The mean of each metric the reward functions logged, over every call on every process."""
+        names = sorted(logged)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            # every process reduces the same names in the same order, including names only others logged
+            names = sorted(set(gather_object(names)))
+        if not names:
+            return {}
+        device = self.accelerator.device
+        totals = torch.tensor([[sum(logged.get(name, [])), len(logged.get(name, []))] for name in names],
+                              dtype=torch.float32, device=device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return {name: float(total / count) for name, (total, count) in zip(names, totals.tolist()) if count}
+
     @staticmethod
     def completion_rows(scored: ScoredRollout) -> list[dict[str, Any]]:
-        """One dict per completion: prompt and completion text, each reward, the total and the advantage."""
+        """One dict per completion: prompt and completion text, each reward, the total and the advantage, and
+        the columns reward functions added with ``log_extra`` (a name the table uses gets ``_extra`` appended)."""
         texts = [c[0]["content"] if isinstance(c, list) else c for c in scored.completions]
         per_function = scored.rewards_per_function.tolist()
         totals, advantage_values = scored.rewards.tolist(), scored.rows["advantages"].tolist()
+        extra = {(name + "_extra" if name in COMPLETION_ROW_KEYS else name): values
+                 for name, values in scored.extra_columns.items()}
         return [
             {
                 "prompt": prompt_text(prompt), "completion": text,
                 "rewards": {name: _nan_to_none(value) for name, value in zip(scored.reward_names, row_rewards)},
+                **{name: values[row] for name, values in extra.items()},
                 "reward": _nan_to_none(total), "advantage": advantage,
             }
-            for prompt, text, row_rewards, total, advantage in zip(scored.prompts, texts, per_function, totals, advantage_values)
+            for row, (prompt, text, row_rewards, total, advantage)
+            in enumerate(zip(scored.prompts, texts, per_function, totals, advantage_values))
         ]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -506,6 +531,28 @@ class OnlineTrainer(PosttrainTrainer):
         scored = self._generate_and_score(batch, mode="debug", num_generations=generations, record=False)
         self._debug_generations += 1
         return self.completion_rows(scored)
+
+    # ------------------------------------------------------------------ what TRL's callbacks read
+
+    @property
+    def reward_funcs(self) -> list[Any]:
+        """The reward functions as TRL holds them: each reward model as its ``nn.Module``, other functions as given."""
+        from posttrain.rewards import trl_reward_views
+
+        return trl_reward_views(self.reward_computer.reward_funcs)[0]
+
+    @property
+    def reward_processing_classes(self) -> list[Any]:
+        """One entry per reward function: a reward model's tokenizer, None for other functions (as TRL)."""
+        from posttrain.rewards import trl_reward_views
+
+        return trl_reward_views(self.reward_computer.reward_funcs)[1]
+
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The separate frozen reference network, or None: ``beta == 0``, or the reference is the policy with its
+        adapters disabled (PEFT), as in TRL."""
+        return self.reference.model if self.reference is not None else None
 
     def _move_reward_models_to_device(self) -> None:
         for function in self.reward_computer.reward_funcs:
@@ -540,34 +587,8 @@ def _nan_std(values: torch.Tensor) -> float:
 
 
 def build_reward_computer(reward_funcs: Any, reward_processing_classes: Any, args: OnlineConfig):
-    """A :class:`posttrain.rewards.RewardComputer` from what the user passed (functions, names, models)."""
-    from posttrain.rewards import RewardComputer, RewardModelScorer, describe_builtins, load_reward_funcs
+    """A :class:`posttrain.rewards.RewardComputer` from what the user passed (functions, names, models, hub ids),
+    with TRL's ``reward_processing_classes`` (see :func:`posttrain.rewards.resolve_reward_funcs`)."""
+    from posttrain.rewards import RewardComputer, resolve_reward_funcs
 
-    if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
-        raise ConfigError(
-            "no reward functions were given", field="reward_funcs",
-            fix=f"pass reward_funcs=[...] (callables, model directories or built-in names). {describe_builtins()}",
-        )
-    functions = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    tokenizers = reward_processing_classes
-    if not isinstance(tokenizers, (list, tuple)):
-        tokenizers = [tokenizers] * len(functions)
-    if len(tokenizers) != len(functions):
-        raise ConfigError(
-            f"{len(tokenizers)} reward_processing_classes for {len(functions)} reward functions",
-            field="reward_processing_classes", fix="pass one tokenizer per reward function (None for plain functions)",
-        )
-    resolved = []
-    for function, reward_tokenizer in zip(functions, tokenizers):
-        if isinstance(function, str):
-            resolved.extend(load_reward_funcs([function]))
-        elif isinstance(function, nn.Module):
-            resolved.append(RewardModelScorer(function, tokenizer=reward_tokenizer))
-        elif callable(function):
-            resolved.append(function)
-        else:
-            raise ConfigError(
-                f"a reward function must be callable, a name or a model; got {type(function).__name__}",
-                field="reward_funcs", fix=describe_builtins(),
-            )
-    return RewardComputer(resolved, reward_weights=args.reward_weights)
+    return RewardComputer(resolve_reward_funcs(reward_funcs, reward_processing_classes), reward_weights=args.reward_weights)

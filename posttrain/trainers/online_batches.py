@@ -127,6 +127,10 @@ def split_into_micro_batches(
 # ----------------------------------------------------------------------------- the completions table
 
 
+#: The keys of a completions-table row; any other key is a column a reward function added with ``log_extra``.
+COMPLETION_ROW_KEYS = ("step", "prompt", "completion", "rewards", "reward", "advantage")
+
+
 class CompletionsLog:
     """Keeps the rows of the latest generation; at each log, appends them to ``completions.jsonl`` and prints a table."""
 
@@ -158,7 +162,8 @@ def format_completions_table(rows: list[dict[str, Any]], *, title: str = "comple
     if not rows:
         return f"{title}: (none)"
     reward_names = list(rows[0].get("rewards", {}))
-    header = ["prompt", "completion", *reward_names, "reward", "advantage"]
+    extra_names = [name for name in rows[0] if name not in COMPLETION_ROW_KEYS]
+    header = ["prompt", "completion", *reward_names, *extra_names, "reward", "advantage"]
 
     def short(text: Any) -> str:
         text = str(text).replace("\n", "\\n")
@@ -168,7 +173,7 @@ def format_completions_table(rows: list[dict[str, Any]], *, title: str = "comple
         return "None" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
     lines = [[short(r["prompt"]), short(r["completion"]), *[number(r["rewards"][n]) for n in reward_names],
-              number(r.get("reward")), number(r.get("advantage"))] for r in rows]
+              *[short(r.get(n)) for n in extra_names], number(r.get("reward")), number(r.get("advantage"))] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     render = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     rule = "-+-".join("-" * w for w in widths)
@@ -182,8 +187,10 @@ def _log_wandb_table(rows: list[dict[str, Any]], step: int) -> None:
         return
     if wandb.run is None:
         return
-    columns = ["step", "prompt", "completion", *rows[0]["rewards"], "reward", "advantage"]
-    data = [[step, r["prompt"], r["completion"], *r["rewards"].values(), r["reward"], r["advantage"]] for r in rows]
+    extra_names = [name for name in rows[0] if name not in COMPLETION_ROW_KEYS]
+    columns = ["step", "prompt", "completion", *rows[0]["rewards"], *extra_names, "reward", "advantage"]
+    data = [[step, r["prompt"], r["completion"], *r["rewards"].values(), *[r.get(n) for n in extra_names], r["reward"],
+             r["advantage"]] for r in rows]
     wandb.log({"completions": wandb.Table(columns=columns, data=data)})
 
 
@@ -214,3 +221,5 @@ class ScoredRollout:
     rewards: torch.Tensor  # (N,) weighted total
     reward_names: list[str]
     group_size: int
+    extra_columns: dict[str, list[Any]] = field(default_factory=dict)  # reward functions' log_extra, one value per row
+    logged_metrics: dict[str, list[float]] = field(default_factory=dict)  # reward functions' log_metric, one per call

@@ -16,6 +16,7 @@ from posttrain.losses.policy import (
     clipped_value_loss,
     sapo_policy_loss,
     sequence_clipped_policy_loss,
+    vespo_policy_loss,
 )
 
 # log-ratios chosen to land inside, below and above the clip range [0.8, 1.28]
@@ -186,6 +187,35 @@ def test_sapo_soft_gate():
             assert loss[b, s].item() == pytest.approx(expected, abs=1e-12)
 
 
+def test_vespo_weights_each_sequence_by_its_gamma_kernel():
+    logps = new_logps()
+    loss, metrics = vespo_policy_loss(logps, t(OLD), t(ADVANTAGES), torch.tensor(MASK))
+    phis = []
+    for b in range(3):
+        # the whole-sequence ratio (summed, not averaged, log-ratio) through w^k exp(lambda (1 - w))
+        w = math.exp(sum(LOG_RATIO[b][s] for s in range(4) if MASK[b][s]))
+        k, lam = (2.0, 3.0) if ADVANTAGES[b] >= 0 else (3.0, 2.0)
+        phis.append(w**k * math.exp(lam * (1 - w)))
+    expected = [[-phis[b] * ADVANTAGES[b] * (OLD[b][s] + LOG_RATIO[b][s]) * MASK[b][s] for s in range(4)] for b in range(3)]
+    torch.testing.assert_close(loss, t(expected))
+    # the weight is a constant of the gradient: d loss / d logp = -phi * A
+    loss.sum().backward()
+    torch.testing.assert_close(logps.grad, t([[-phis[b] * ADVANTAGES[b] * MASK[b][s] for s in range(4)] for b in range(3)]))
+    valid_phis = [phis[b] for b in range(3) for s in range(4) if MASK[b][s]]
+    assert metrics["vespo/phi_seq_mean"] == pytest.approx(sum(valid_phis) / len(valid_phis))
+
+
+def test_vespo_on_policy_weight_is_one_and_far_off_policy_sequences_fade():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    old = t([[-1.0, -2.0, float("-inf")], [-1.0, -1.0, -1.0]])
+    logps = t([[-1.0, -2.0, 0.0], [29.0, 29.0, 29.0]]).requires_grad_()  # row 1: log-ratio 30 per token, clamped
+    loss, _ = vespo_policy_loss(logps, old, t([0.5, -1.0]), mask, k_pos=1.5, lambda_pos=2.5)
+    torch.testing.assert_close(loss[0], t([0.5, 1.0, 0.0]))  # phi(1) = 1: the plain policy gradient
+    assert loss[1].abs().max().item() == 0.0  # w = e^20: phi = exp(2 + 3*20 - 2 e^20) = 0
+    loss.sum().backward()
+    assert torch.isfinite(logps.grad).all()
+
+
 def test_sequence_clipped_policy_loss():
     logps = t([-10.0, -5.0, -7.0, -3.0]).requires_grad_()
     old = t([-10.5, -5.0, -6.0, -3.1])
@@ -202,6 +232,11 @@ def test_sequence_clipped_policy_loss():
 
 
 # ----- aggregation ------------------------------------------------------------------------------
+
+
+def test_vespo_aggregates_as_dapo():
+    per_token, mask = t([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[1, 1], [1, 0]])
+    assert aggregate_token_loss(per_token, mask, "vespo", num_items_in_batch=6).item() == pytest.approx(1.0)
 
 
 def test_aggregations():

@@ -49,3 +49,36 @@ def reward_model_dir(tmp_path_factory, tokenizer) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+
+class HubCache:
+    """A hub cache directory: :meth:`add` lays a saved model out as the cache holds a download of ``repo_id``
+    (``models--org--name/snapshots/<hash>/...`` and ``refs/main`` naming the hash)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def add(self, model_dir, repo_id: str) -> None:
+        import shutil
+        from pathlib import Path
+
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        repo = Path(self.path) / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(model_dir, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch) -> HubCache:
+    """An empty hub cache, offline, for this test (huggingface_hub reads its variables once, at import)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return HubCache(cache)

@@ -69,7 +69,9 @@ def test_functions_receive_ids_columns_state_and_conversational_rows():
     out = RewardComputer([spy, accuracy])(prompts, completions, [[5], [6]], columns=columns, trainer_state="STATE")
     assert received["prompts"] == prompts and received["completions"] == completions
     assert received["ids"] == [[5], [6]] and received["state"] == "STATE" and received["answer"] == ["2", "2"]
-    assert received["rest"] == {"level": [1, 2]}  # 'prompt' is redundant and 'completions' reserved
+    rest = dict(received["rest"])
+    assert callable(rest.pop("log_extra")) and callable(rest.pop("log_metric"))
+    assert rest == {"level": [1, 2]}  # 'prompt' is redundant and 'completions' reserved
     assert out.per_function[:, 1].tolist() == [1.0, 0.0]
 
 
@@ -171,3 +173,88 @@ def test_a_slow_function_is_named_once(caplog, monkeypatch):
         computer(PROMPTS, COMPLETIONS, IDS, columns={})
     slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
     assert len(slow) == 1 and "'slow_judge'" in slow[0] and "quick" not in slow[0]
+
+
+# ----------------------------------------------------------------------------- log_extra, log_metric, async
+
+
+def test_functions_log_extra_columns_and_metrics():
+    def judged(completions, log_extra, log_metric, **kwargs):
+        log_extra("verdict", [f"ok {c}" for c in completions])
+        log_metric("judge/agreement", 0.5)
+        log_metric("judge/agreement", torch.tensor(1.0))  # several calls of one batch are all kept
+        return [1.0] * len(completions)
+
+    def counted(completions, log_metric, **kwargs):
+        log_metric("length/mean", sum(len(c) for c in completions) / len(completions))
+        return [0.0] * len(completions)
+
+    out = RewardComputer([judged, counted])(PROMPTS, COMPLETIONS, IDS, columns={})
+    assert out.extra_columns == {"verdict": ["ok c0", "ok c1", "ok c2"]}
+    assert out.logged_metrics == {"judge/agreement": [0.5, 1.0], "length/mean": [2.0]}
+    assert out.metrics()["judge/agreement"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda log_extra, log_metric: log_extra("short", [1.0]), "one value per completion"),
+    (lambda log_extra, log_metric: log_metric("m", "high"), "one number"),
+    (lambda log_extra, log_metric: (log_extra("c", [1, 2, 3]), log_extra("c", [1, 2, 3])), "second time"),
+])
+def test_misused_loggers_name_the_function(call, match):
+    def reporting(completions, log_extra, log_metric, **kwargs):
+        call(log_extra, log_metric)
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError, match=f"'reporting'.*{match}"):
+        RewardComputer([reporting])(PROMPTS, COMPLETIONS, IDS, columns={})
+
+
+def test_dataset_columns_named_like_the_loggers_do_not_replace_them():
+    def reporting(completions, log_metric, **kwargs):
+        log_metric("seen", 1.0)
+        return [0.0] * len(completions)
+
+    out = RewardComputer([reporting])(PROMPTS, COMPLETIONS, IDS, columns={"log_metric": ["x"] * 3})
+    assert out.logged_metrics == {"seen": [1.0]}
+
+
+def test_async_functions_are_awaited_concurrently_with_the_sync_ones():
+    import asyncio
+
+    events = {}
+
+    async def waits_for(mine: str, other: str, value: float, completions):
+        # each function needs the other one running at the same time: sequential awaiting times out
+        events.setdefault(mine, asyncio.Event()).set()
+        await asyncio.wait_for(events.setdefault(other, asyncio.Event()).wait(), timeout=5)
+        return [value] * len(completions)
+
+    async def left(completions, **kwargs):
+        return await waits_for("left", "right", 1.0, completions)
+
+    async def right(completions, log_metric, **kwargs):
+        log_metric("from_async", 3.0)
+        return await waits_for("right", "left", 2.0, completions)
+
+    def plain(completions, **kwargs):
+        return [10.0] * len(completions)
+
+    computer = RewardComputer([left, plain, right])
+    out = computer(PROMPTS, COMPLETIONS, IDS, columns={})
+    assert out.per_function[0].tolist() == [1.0, 10.0, 2.0] and out.total.tolist() == [13.0] * 3
+    assert out.logged_metrics == {"from_async": [3.0]}
+    events.clear()
+    assert computer(PROMPTS, COMPLETIONS, IDS, columns={}).total.tolist() == [13.0] * 3  # the loop is reused
+
+
+def test_async_failures_and_bad_returns_are_named():
+    async def broken(completions, **kwargs):
+        raise KeyError("judge")
+
+    async def short(completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(RewardFunctionError, match="'broken' raised KeyError"):
+        RewardComputer([broken])(PROMPTS, COMPLETIONS, IDS, columns={})
+    with pytest.raises(RewardFunctionError, match="'short' returned 1 values for 3"):
+        RewardComputer([short])(PROMPTS, COMPLETIONS, IDS, columns={})

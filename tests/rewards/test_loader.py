@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from posttrain.errors import ConfigError
-from posttrain.rewards import BUILTIN_REWARDS, RewardModelScorer, load_reward_funcs
+from posttrain.rewards import BUILTIN_REWARDS, RewardModelScorer, load_reward_func, load_reward_funcs
 
 
 def test_builtin_names_and_settings():
@@ -109,3 +109,46 @@ def test_a_causal_lm_directory_is_refused_with_the_fix(tmp_path, tokenizer):
     assert info.value.field == "reward_funcs"
     with pytest.raises(ConfigError, match="not a reward model"):
         RewardModelScorer(str(path))
+
+
+# ----------------------------------------------------------------------------- hub ids
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model_dir(tmp_path_factory):
+    from posttrain.models.tiny import create_tiny_reward_model
+
+    return create_tiny_reward_model(tmp_path_factory.mktemp("tiny-rm"))
+
+
+def test_a_hub_id_loads_the_cached_reward_model(tiny_reward_model_dir, offline_hub_cache):
+    offline_hub_cache.add(tiny_reward_model_dir, "org/tiny-rm")
+    (by_id,) = load_reward_funcs("org/tiny-rm")
+    (by_directory,) = load_reward_funcs([tiny_reward_model_dir])
+    assert isinstance(by_id, RewardModelScorer) and by_id.__name__ == "tiny-rm"  # TRL names it by the id's last part
+    prompts, completions = ["2 + 2 =", "The sky is"], [" 4", " green"]
+    assert by_id(prompts, completions) == by_directory(prompts, completions)
+
+
+def test_an_uncached_hub_id_offline_names_the_id_and_the_fix(offline_hub_cache):
+    with pytest.raises(ConfigError) as info:
+        load_reward_funcs(["org/not-downloaded"])
+    message = str(info.value)
+    assert "'org/not-downloaded'" in message and "HF_HUB_OFFLINE" in message and "hf download org/not-downloaded" in message
+    assert info.value.field == "reward_funcs"
+
+
+def test_a_misspelt_builtin_is_neither_loaded_nor_looked_up_without_a_hint(offline_hub_cache):
+    with pytest.raises(ConfigError, match="did you mean 'accuracy'"):
+        load_reward_funcs(["acuracy"])
+    with pytest.raises(ConfigError, match="module or file function"):
+        load_reward_funcs(["not a spec at all!"])
+
+
+def test_a_tokenizer_given_for_a_reward_model_is_the_one_it_uses(tiny_reward_model_dir, offline_hub_cache):
+    from transformers import AutoTokenizer
+
+    offline_hub_cache.add(tiny_reward_model_dir, "org/tiny-rm")
+    given = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
+    assert load_reward_func("org/tiny-rm", tokenizer=given).tokenizer is given
+    assert load_reward_func(tiny_reward_model_dir, tokenizer=given).tokenizer is given

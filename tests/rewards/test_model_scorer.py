@@ -67,6 +67,9 @@ def test_conversational_rows_use_the_chat_template_and_long_inputs_keep_their_en
 
 def test_scorer_errors(tokenizer, reward_model_dir, tmp_path):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_model_dir)
+    # a loaded model without a tokenizer gets the one saved beside it, as TRL does
+    assert RewardModelScorer(model).tokenizer.get_vocab() == tokenizer.get_vocab()
+    model.config._name_or_path = ""  # built in memory: nowhere to load a tokenizer from
     with pytest.raises(ConfigError, match="needs its tokenizer"):
         RewardModelScorer(model)
     model.config.num_labels = 2
