@@ -247,18 +247,20 @@ def require_train_dataset(train_dataset, owner: str) -> None:
         )
 
 
-def router_aux_loss_requested(model: nn.Module) -> bool:
+def router_aux_loss_requested(model: nn.Module, *, adds_router_loss: bool) -> bool:
     """Whether the model's config asks a mixture-of-experts model for router logits (``output_router_logits``).
 
-    posttrain's losses do not add the router load-balancing loss; a config that asks for it is told so.
+    SFT and DPO then add ``router_aux_loss_coef * aux_loss`` (:func:`posttrain.models.lm_head.router_loss_term`);
+    a trainer whose loss does not (``adds_router_loss=False``) says so once.
     """
     config = getattr(unwrapped_pretrained(model), "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     requested = bool(getattr(text_config, "output_router_logits", False))
-    if requested:
+    if requested and not adds_router_loss:
         logger.warning(
-            "the model config sets output_router_logits=True: the MoE router load-balancing loss is not added to "
-            "the training loss (router_aux_loss_coef has no effect); set output_router_logits=False to silence this."
+            "the model config sets output_router_logits=True: this trainer does not add the MoE router "
+            "load-balancing loss to its loss (router_aux_loss_coef has no effect); set output_router_logits=False "
+            "to silence this."
         )
     return requested
 
@@ -398,6 +400,25 @@ class PosttrainTrainer(Trainer):
         bucket = self._metrics[mode]
         for name, value in values.items():
             bucket[name].append(float(value.item() if torch.is_tensor(value) else value))
+
+    def mean_logged_metrics(self, logged: dict[str, list[float]]) -> dict[str, float]:
+        """The mean of each metric reward functions logged (``log_metric``), over every call on every process.
+
+        A collective: every process calls it at the same step."""
+        names = sorted(logged)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            # every process reduces the same names in the same order, including names only others logged
+            names = sorted(set(gather_object(names)))
+        if not names:
+            return {}
+        device = self.accelerator.device
+        totals = torch.tensor([[sum(logged.get(name, [])), len(logged.get(name, []))] for name in names],
+                              dtype=torch.float32, device=device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return {name: float(total / count) for name, (total, count) in zip(names, totals.tolist()) if count}
 
     def gather_mean(self, value: torch.Tensor) -> float:
         """Mean of a tensor over all processes."""

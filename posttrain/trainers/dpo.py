@@ -233,7 +233,7 @@ class DPOTrainer(PosttrainTrainer):
         if args.disable_dropout:
             disable_dropout(model)
         self._init_metrics()
-        self.aux_loss_enabled = router_aux_loss_requested(model)
+        self.aux_loss_enabled = router_aux_loss_requested(model, adds_router_loss=True)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.reference = resolve_reference(
             model, ref_model, args, adapter_is_new=peft_config is not None, precompute=args.precompute_ref_log_probs

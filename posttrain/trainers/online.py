@@ -463,29 +463,12 @@ class OnlineTrainer(PosttrainTrainer):
         metrics["completions/clipped_ratio"] = truncated.float().mean().item()
         if (~truncated).any():
             metrics["completions/mean_terminated_length"] = lengths[~truncated].mean().item()
-        self.record_metrics({**metrics, **extra, **self._reward_logged_metrics(scored.logged_metrics)})
+        self.record_metrics({**metrics, **extra, **self.mean_logged_metrics(scored.logged_metrics)})
         if mode == "train":
             tokens = self._gathered((rows["prompt_mask"].sum() + rows["completion_mask"].sum()).reshape(1)).sum()
             self._cumulative["num_tokens"] += float(tokens.item())
             if self.args.log_completions:
                 self._completions_log.replace(self.completion_rows(scored))
-
-    def _reward_logged_metrics(self, logged: dict[str, list[float]]) -> dict[str, float]:
-        """The mean of each metric the reward functions logged, over every call on every process."""
-        names = sorted(logged)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            # every process reduces the same names in the same order, including names only others logged
-            names = sorted(set(gather_object(names)))
-        if not names:
-            return {}
-        device = self.accelerator.device
-        totals = torch.tensor([[sum(logged.get(name, [])), len(logged.get(name, []))] for name in names],
-                              dtype=torch.float32, device=device)
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        return {name: float(total / count) for name, (total, count) in zip(names, totals.tolist()) if count}
 
     @staticmethod
     def completion_rows(scored: ScoredRollout) -> list[dict[str, Any]]:

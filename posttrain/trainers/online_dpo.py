@@ -414,6 +414,11 @@ class OnlineDPOTrainer(PosttrainTrainer):
         if self.args.missing_eos_penalty is not None:
             scores = scores - self.args.missing_eos_penalty * generated.is_truncated.float()
         self._record_reward_function_metrics(output)
+        self.record_metrics(self.mean_logged_metrics(output.logged_metrics))
+        if output.extra_columns and not getattr(self, "_warned_extra_columns", False):
+            self._warned_extra_columns = True
+            logger.warning("online DPO keeps no completions table: the columns reward functions add with log_extra "
+                           "(%s) are not written anywhere; log_metric values are logged.", ", ".join(output.extra_columns))
         return scores[0::2] >= scores[1::2], scores
 
     def _record_reward_function_metrics(self, output) -> None:

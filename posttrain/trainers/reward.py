@@ -132,7 +132,7 @@ class RewardTrainer(PosttrainTrainer):
         if args.disable_dropout:
             disable_dropout(model)
         self._init_metrics()
-        self.aux_loss_enabled = router_aux_loss_requested(model)
+        self.aux_loss_enabled = router_aux_loss_requested(model, adds_router_loss=False)
 
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, args, "train dataset")

@@ -139,7 +139,7 @@ class SFTTrainer(PosttrainTrainer):
         processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
         self._init_metrics()
-        self.aux_loss_enabled = router_aux_loss_requested(model)
+        self.aux_loss_enabled = router_aux_loss_requested(model, adds_router_loss=True)
         self._formatting_func = formatting_func
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.eos_token is not None:

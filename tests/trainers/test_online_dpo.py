@@ -223,3 +223,23 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
         torch.testing.assert_close(other, param, rtol=0, atol=0, msg=name)
     losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e}  # noqa: E731
     assert losses(resumed) == losses(straight) and len(losses(straight)) == 4
+
+
+def test_reward_functions_log_metric_reaches_the_log_and_log_extra_is_announced(tiny_model_dir, tmp_path, caplog):
+    import json
+
+    def length_with_logging(prompts, completions, log_metric=None, log_extra=None, **kwargs):
+        lengths = [float(len(c)) for c in completions]
+        log_metric("mean_chars", sum(lengths) / len(lengths))
+        log_extra("chars", lengths)
+        return lengths
+
+    args = _config(tmp_path, max_steps=2, logging_steps=1)
+    trainer = OnlineDPOTrainer(model=tiny_model_dir, reward_funcs=length_with_logging, args=args, train_dataset=_prompts())
+    with caplog.at_level("WARNING", logger="posttrain"):
+        trainer.train()
+    logged = [r for r in trainer.state.log_history if "mean_chars" in r]
+    assert len(logged) == 2 and all(r["mean_chars"] >= 0 for r in logged)
+    with open(os.path.join(args.output_dir, "metrics.jsonl")) as handle:
+        assert sum("mean_chars" in json.loads(line) for line in handle) == 2
+    assert caplog.text.count("log_extra") == 1
