@@ -38,6 +38,7 @@ import numbers
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,13 +231,16 @@ class RewardComputer:
                 **{k: list(v) for k, v in extra.items()},
             )
             started = time.perf_counter()
-            returned = self._invoke(function, name, arguments)
+            with self._still_running_warning(name, num_rows):
+                returned = self._invoke(function, name, arguments)
             if inspect.isawaitable(returned):  # an async function: awaited below, with the others
                 pending.append((column, name, returned))
                 continue
             per_function[:, column] = self._as_row_rewards(name, num_rows, returned)
             self._note_duration(name, time.perf_counter() - started, num_rows)
-        for column, name, returned, seconds in _await_concurrently(pending):
+        with self._still_running_warning(", ".join(name for _, name, _ in pending), num_rows, active=bool(pending)):
+            finished = _await_concurrently(pending)
+        for column, name, returned, seconds in finished:
             per_function[:, column] = self._as_row_rewards(name, num_rows, returned)
             self._note_duration(name, seconds, num_rows)
         weights = torch.tensor(self.reward_weights, dtype=torch.float32)
@@ -252,6 +256,23 @@ class RewardComputer:
             )
         return RewardOutput(per_function, total, all_none, list(self.names), list(self.reward_weights),
                             extra_columns=reported.columns, logged_metrics=reported.metrics)
+
+    @contextmanager
+    def _still_running_warning(self, name: str, num_rows: int, active: bool = True):
+        """While the block runs, warn once it has taken ``slow_call_seconds``: a hung reward function is
+        reported while training waits for it, not only after it returns."""
+        if not active or self.slow_call_seconds is None:
+            yield
+            return
+        timer = threading.Timer(self.slow_call_seconds, logger.warning, args=(
+            "reward function '%s' has run for %.1f s on %d completions and has not returned; training waits for it",
+            name, self.slow_call_seconds, num_rows))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def _note_duration(self, name: str, seconds: float, num_rows: int) -> None:
         if self.slow_call_seconds is None or seconds <= self.slow_call_seconds or name in self._reported_slow:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
@@ -173,6 +175,33 @@ def test_a_slow_function_is_named_once(caplog, monkeypatch):
         computer(PROMPTS, COMPLETIONS, IDS, columns={})
     slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
     assert len(slow) == 1 and "'slow_judge'" in slow[0] and "quick" not in slow[0]
+
+
+def test_a_reward_function_that_does_not_return_is_reported_while_it_runs(caplog):
+    import threading
+
+    seen_while_running = threading.Event()
+
+    def hanging(prompts, completions, **kwargs):
+        # stands for a function stuck on a network call: it returns only once the warning is out
+        for _ in range(200):
+            if any("has not returned" in r.getMessage() for r in caplog.records):
+                seen_while_running.set()
+                break
+            time.sleep(0.01)
+        return [0.0] * len(completions)
+
+    async def hanging_async(prompts, completions, **kwargs):
+        await asyncio.sleep(0.3)
+        return [0.0] * len(completions)
+
+    with caplog.at_level("WARNING"):
+        RewardComputer([hanging], slow_call_seconds=0.05)(PROMPTS, COMPLETIONS, IDS, columns={})
+        assert seen_while_running.is_set()
+        caplog.clear()
+        RewardComputer([hanging_async], slow_call_seconds=0.05)(PROMPTS, COMPLETIONS, IDS, columns={})
+    waiting = [r.getMessage() for r in caplog.records if "has not returned" in r.getMessage()]
+    assert len(waiting) == 1 and "'hanging_async'" in waiting[0]
 
 
 # ----------------------------------------------------------------------------- log_extra, log_metric, async
