@@ -6,9 +6,10 @@ end-of-turn), so rendered text is later tokenized with ``add_special_tokens=Fals
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 
 Messages = list[dict[str, Any]]
 
@@ -132,3 +133,29 @@ def turn_suffix_text(tokenizer: Any) -> str:
         return ""
     after_answer = text[text.rfind(marker) + len(marker):] if marker in text else ""
     return after_answer[after_answer.find(eos) + len(eos):] if eos in after_answer else ""
+
+
+def load_chat_template(path: str, *, trust_remote_code: bool = False) -> str:
+    """The chat template at ``path``: a Jinja file's text, or the template of the tokenizer saved in a
+    directory (or named by a hub id).
+
+    Raises:
+        ConfigError: the file or tokenizer cannot be read, or the tokenizer has no template.
+    """
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            template = handle.read()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            template = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).chat_template
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"could not read a chat template from {path!r}: {str(error).splitlines()[0]}",
+                field="chat_template_path", fix="pass a Jinja template file or a tokenizer directory",
+            ) from None
+    if not template or not str(template).strip():
+        raise ConfigError(f"{path!r} holds no chat template", field="chat_template_path",
+                          fix="pass a Jinja template file or the directory of a tokenizer that has a template")
+    return template

@@ -189,6 +189,7 @@ def tokenize_sft(
     *,
     max_length: int | None = 1024,
     truncation: bool = True,
+    truncation_mode: str = "keep_start",
     completion_only_loss: bool | None = None,
     assistant_only_loss: bool = False,
     text_field: str = "text",
@@ -200,14 +201,16 @@ def tokenize_sft(
     Returns a dataset with exactly two columns: ``input_ids`` and ``completion_mask``.
 
     Args:
-        max_length: keep at most this many tokens per row (the first ones); ``None``: no limit.
+        max_length: keep at most this many tokens per row; ``None``: no limit.
         truncation: if False, a row longer than ``max_length`` is a :class:`DataError`.
+        truncation_mode: which tokens a longer row keeps: ``keep_start`` the first, ``keep_end`` the last.
         completion_only_loss: for prompt-completion rows, mark only completion tokens (``None``:
             yes); ``False`` marks every token.
         assistant_only_loss: for conversations, mark only the assistant turns' tokens (each turn's
             end-of-turn token and the template's text after it included); default: every token.
         text_field: the text column of language-modeling data.
     """
+    _check_truncation_mode(truncation_mode)
     source = source or describe_source(dataset)
     info = resolve_format(dataset, SFT_FORMATS, text_field=text_field, source=source)
     if assistant_only_loss and not info.conversational:
@@ -233,8 +236,9 @@ def tokenize_sft(
         if not truncation:
             _check_lengths(ids_rows, indices, max_length, source)
         elif max_length is not None:
-            ids_rows = [ids[:max_length] for ids in ids_rows]
-            masks = [mask[:max_length] for mask in masks]
+            kept = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+            ids_rows = [ids[kept] for ids in ids_rows]
+            masks = [mask[kept] for mask in masks]
         return {"input_ids": ids_rows, "completion_mask": masks}
 
     def _prompt_completion_rows(batch, indices):

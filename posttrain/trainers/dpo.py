@@ -227,7 +227,7 @@ class DPOTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, DPOConfig, self.method_name)
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
         if args.disable_dropout:
             disable_dropout(model)

@@ -119,7 +119,7 @@ class RewardTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, RewardConfig, self.method_name)
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         model = load_pretrained(model, args, auto_class=AutoModelForSequenceClassification,
                                 extra_kwargs={"num_labels": 1} if isinstance(model, str) else None)

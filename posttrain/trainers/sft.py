@@ -19,11 +19,12 @@ from posttrain.data.collate import PaddingCollator, PaddingFreeCollator
 from posttrain.data.formats import DataFormat, validate_dataset
 from posttrain.data.load import describe_source
 from posttrain.data.packing import pack_dataset
-from posttrain.data.tokenize import tokenize_sft
+from posttrain.data.tokenize import TRUNCATION_MODES, tokenize_sft
 from posttrain.errors import ConfigError
-from posttrain.losses.sft import nll_token_weights
+from posttrain.losses.sft import SFT_LOSSES, nll_token_weights
 from posttrain.models.lm_head import forward_hidden_states, output_head, target_positions
-from posttrain.ops.logprobs import fused_linear_nll, naive_token_logps
+from posttrain.models.moe import RouterAuxLoss
+from posttrain.ops.logprobs import chunked_token_logps, fused_linear_nll, naive_token_logps
 from posttrain.trainers.base import (
     PosttrainTrainer,
     apply_peft,
@@ -31,7 +32,12 @@ from posttrain.trainers.base import (
     resolve_args,
     resolve_processing_class,
 )
-from posttrain.trainers.config import PosttrainConfig
+from posttrain.trainers.config import (
+    PosttrainConfig,
+    note_alias_once,
+    parse_json_field,
+    parse_pad_to_multiple_of,
+)
 
 SFT_FORMATS = (DataFormat.LANGUAGE_MODELING, DataFormat.PROMPT_COMPLETION, DataFormat.CONVERSATIONAL)
 
@@ -75,19 +81,72 @@ class SFTConfig(PosttrainConfig):
     eos_token: str | None = field(
         default=None, metadata={"help": "Token appended after each completion (default: the tokenizer's EOS)."}
     )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch's length to a multiple of this (helps some kernels)."}
+    pad_to_multiple_of: int | str | None = field(
+        default=None,
+        metadata={"help": "Pad each batch's length to a multiple of this (helps some kernels); 'auto': none."},
     )
     skip_prepare_dataset: bool = field(
         default=False,
         metadata={"help": "The dataset is already tokenized (input_ids, completion_mask): use it as is."},
     )
+    dataset_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Options of the dataset preparation; the one key is skip_prepare_dataset, "
+                  "e.g. '{\"skip_prepare_dataset\": true}'."},
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Which tokens of a row longer than max_length stay: keep_start (the first) or keep_end "
+                  "(the last)."},
+    )
+    shuffle_dataset: bool = field(
+        default=False,
+        metadata={"help": "Shuffle the tokenized rows once (seeded by `seed`) before packing, so packs mix rows "
+                  "from all over the dataset; the train sampler shuffles batches in any case."},
+    )
+    eval_packing: bool | None = field(
+        default=None, metadata={"help": "Pack the eval dataset (default: as `packing`)."}
+    )
+    loss_type: str = field(
+        default="nll",
+        metadata={"help": "Per-token loss: 'nll' (negative log-likelihood) or 'dft' (Dynamic Fine-Tuning: NLL "
+                  "weighted by the token's detached probability); 'chunked_nll' is an older name of 'nll'."},
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of a Mixture-of-Experts model's load-balancing loss, added to the loss "
+                  "(default: the model config's own; 0 turns it off). An error for a dense model."},
+    )
     max_seq_length: int | None = field(default=None, metadata={"help": "Older name of max_length."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.pad_to_multiple_of = parse_pad_to_multiple_of(self.pad_to_multiple_of)
+        self.dataset_kwargs = parse_json_field(self.dataset_kwargs, "dataset_kwargs")
+        if self.dataset_kwargs:
+            unknown = sorted(set(self.dataset_kwargs) - {"skip_prepare_dataset"})
+            if unknown:
+                raise ConfigError(f"unknown dataset_kwargs key(s) {unknown}", field="dataset_kwargs",
+                                  fix="the one key is skip_prepare_dataset (for an already tokenized dataset)")
+            self.skip_prepare_dataset = bool(self.dataset_kwargs.get("skip_prepare_dataset", self.skip_prepare_dataset))
+        if self.loss_type == "chunked_nll":
+            note_alias_once("loss_type='chunked_nll'", "loss_type='nll'", type(self).__name__)
+        self.loss_type = SFT_LOSSES.canonical(self.loss_type)
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ConfigError(f"unknown truncation_mode {self.truncation_mode!r}", field="truncation_mode",
+                              fix="use 'keep_start' (the first max_length tokens) or 'keep_end' (the last)")
         if self.packing and self.max_length is None:
             raise ConfigError("packing needs a max_length", field="packing", fix="set --max_length, e.g. 1024")
+        if self.eval_packing and self.max_length is None:
+            raise ConfigError("eval_packing needs a max_length", field="eval_packing", fix="set --max_length, e.g. 1024")
+        if self.padding_free and not self.packing and self.max_length is not None:
+            # as in TRL: a padding-free batch is one row of all its sequences, so max_length would not bound it
+            raise ConfigError(
+                "padding_free without packing does not bound a batch's length by max_length",
+                field="padding_free",
+                fix="also pass packing=True (rows of max_length tokens), or max_length=None with data that is "
+                "already short enough",
+            )
         if self.packing_strategy not in ("bfd", "wrapped"):
             raise ConfigError(
                 f"unknown packing_strategy {self.packing_strategy!r}", field="packing_strategy", fix="use 'bfd' or 'wrapped'"
@@ -127,8 +186,9 @@ class SFTTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, SFTConfig, self.method_name)
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
+        self.router_aux_loss = RouterAuxLoss(model, args.router_aux_loss_coef)
         self._init_metrics()
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.eos_token is not None:
@@ -143,7 +203,7 @@ class SFTTrainer(PosttrainTrainer):
                 eval_dataset = self._prepare_dataset(eval_dataset, args, formatting_func, "eval")
 
         if data_collator is None:
-            if args.padding_free or args.packing:
+            if args.padding_free or args.packing or args.eval_packing:
                 data_collator = PaddingFreeCollator()
             else:
                 data_collator = PaddingCollator(self._tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
@@ -166,10 +226,11 @@ class SFTTrainer(PosttrainTrainer):
     # -- data
 
     def _prepare_dataset(self, dataset, args: SFTConfig, formatting_func, split: str):
+        packing = args.packing if split == "train" or args.eval_packing is None else args.eval_packing
         if args.skip_prepare_dataset or "input_ids" in getattr(dataset, "column_names", []):
             if "completion_mask" not in dataset.column_names:
                 dataset = dataset.map(lambda row: {"completion_mask": [1] * len(row["input_ids"])})
-            return pack_dataset(dataset, args.max_length, strategy=args.packing_strategy) if args.packing else dataset
+            return self._shuffle_and_pack(dataset, args, packing)
         source = describe_source(dataset, fallback=f"{split} dataset")
         if formatting_func is not None:
             dataset = dataset.map(
@@ -181,15 +242,20 @@ class SFTTrainer(PosttrainTrainer):
             self._tokenizer,
             max_length=args.max_length,
             truncation=args.truncation and args.max_length is not None,
+            truncation_mode=args.truncation_mode,
             completion_only_loss=args.completion_only_loss,
             assistant_only_loss=args.assistant_only_loss,
             text_field=args.dataset_text_field,
             num_proc=args.dataset_num_proc,
             source=source,
         )
-        if args.packing:
-            dataset = pack_dataset(dataset, args.max_length, strategy=args.packing_strategy)
-        return dataset
+        return self._shuffle_and_pack(dataset, args, packing)
+
+    @staticmethod
+    def _shuffle_and_pack(dataset, args: SFTConfig, packing: bool):
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed).flatten_indices()
+        return pack_dataset(dataset, args.max_length, strategy=args.packing_strategy) if packing else dataset
 
     # -- loss
 
@@ -208,16 +274,29 @@ class SFTTrainer(PosttrainTrainer):
         token_weights = nll_token_weights(targets.shape[0], normaliser, device=hidden.device)
 
         head = output_head(model)
-        if head is not None:
+        if head is not None and self.args.loss_type == "nll":
             loss, argmax_match, _ = fused_linear_nll(
                 selected_hidden, head.weight, targets, token_weights,
                 bias=head.bias, head=head.transform, chunk_size=self.args.logits_chunk_size,
             )
-        else:  # e.g. an adapter on lm_head: use the module itself
-            logits = model.get_output_embeddings()(selected_hidden)
-            loss = -(naive_token_logps(logits, targets) * token_weights).sum()
-            argmax_match = logits.argmax(-1) == targets
+        else:
+            if head is not None:
+                target_logps, _, argmax_match = chunked_token_logps(
+                    selected_hidden, head.weight, targets,
+                    bias=head.bias, head=head.transform, chunk_size=self.args.logits_chunk_size,
+                )
+            else:  # e.g. an adapter on lm_head: use the module itself
+                logits = model.get_output_embeddings()(selected_hidden)
+                target_logps = naive_token_logps(logits, targets)
+                argmax_match = logits.argmax(-1) == targets
+            loss = SFT_LOSSES.get(self.args.loss_type)(target_logps, token_weights)
         loss = self.scale_for_devices(loss, num_items_in_batch)
+        aux_loss = self.router_aux_loss.pop()
+        if aux_loss is not None:
+            # a mean over the micro-batch: averaged over the accumulated micro-batches, like the NLL
+            steps = self.args.gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss.coef * aux_loss.to(loss.dtype) / steps
+            self.record_metrics({"aux_loss": aux_loss.detach()})
 
         self._record_sft_metrics(inputs, argmax_match, num_targets)
         return (loss, {"loss": loss}) if return_outputs else loss
