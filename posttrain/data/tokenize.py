@@ -19,6 +19,7 @@ All functions return a new ``datasets.Dataset`` built with ``Dataset.map(batched
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +29,8 @@ from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, resol
 from posttrain.data.load import describe_source
 from posttrain.data.templates import apply_chat_template_text, render_prompt_completion, require_chat_template
 from posttrain.errors import ConfigError, DataError
+
+logger = logging.getLogger("posttrain")
 
 SFT_FORMATS = (DataFormat.LANGUAGE_MODELING, DataFormat.PROMPT_COMPLETION, DataFormat.CONVERSATIONAL)
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -469,6 +472,37 @@ def tokenize_preference(
         max_completion_length=max_completion_length, truncation_mode=truncation_mode,
         num_proc=num_proc, source=source,
     )
+
+
+def drop_empty_completions(
+    dataset: Dataset, source: str | None = None, columns: tuple[str, ...] = ("chosen_input_ids", "rejected_input_ids")
+) -> Dataset:
+    """Drop the rows in which truncation left a completion with no token (nothing to compare), with
+    one warning counting them.
+
+    Raises:
+        DataError: every row would be dropped.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    empty = np.zeros(len(dataset), dtype=bool)
+    for column in columns:
+        lengths = dataset.with_format("arrow")[column]
+        empty |= np.asarray(pc.fill_null(pc.list_value_length(lengths), 0)) == 0
+    dropped = int(empty.sum())
+    if not dropped:
+        return dataset
+    source = source or describe_source(dataset)
+    if dropped == len(dataset):
+        raise DataError(
+            "truncation leaves every row with an empty chosen or rejected completion", source=source,
+            expected="completions that keep at least one token", found=f"{dropped} of {dropped} rows empty",
+            fix="raise max_length (or lower max_prompt_length so that the prompt leaves room)",
+        )
+    logger.warning("%s: dropped %d of %d rows whose chosen or rejected completion is empty after truncation "
+                   "(raise max_length to keep them).", source, dropped, len(dataset))
+    return dataset.select(np.flatnonzero(~empty))
 
 
 def tokenize_unpaired_preference(

@@ -39,7 +39,7 @@ from posttrain.trainers.base import (
     resolve_processing_class,
     unwrapped_pretrained,
 )
-from posttrain.trainers.config import PosttrainConfig
+from posttrain.trainers.config import PosttrainConfig, parse_pad_to_multiple_of
 from posttrain.trainers.reference import disable_dropout, require_map_style
 
 logger = logging.getLogger("posttrain")
@@ -68,12 +68,16 @@ class RewardConfig(PosttrainConfig):
         metadata={"help": "Weight of mean (r_chosen + r_rejected)^2, pulling rewards toward zero mean (e.g. 0.01)."},
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the model."})
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch's length to a multiple of this."}
+    pad_to_multiple_of: int | str | None = field(
+        default=None, metadata={"help": "Pad each batch's length to a multiple of this ('auto': no padding)."}
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "Token that ends each completion (default: the tokenizer's EOS)."}
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.pad_to_multiple_of = parse_pad_to_multiple_of(self.pad_to_multiple_of)
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ConfigError(f"unknown overlong_policy {self.overlong_policy!r}", field="overlong_policy",
                               fix=f"use one of {', '.join(OVERLONG_POLICIES)}")
@@ -121,6 +125,8 @@ class RewardTrainer(PosttrainTrainer):
         args = resolve_args(args, model, RewardConfig, self.method_name)
         processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if args.eos_token is not None:
+            self._tokenizer.eos_token = args.eos_token
         model = load_pretrained(model, args, auto_class=AutoModelForSequenceClassification,
                                 extra_kwargs={"num_labels": 1} if isinstance(model, str) else None)
         _check_single_score(model)

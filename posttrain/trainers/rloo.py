@@ -26,6 +26,7 @@ from posttrain.losses.policy import sequence_clipped_policy_loss
 from posttrain.ops.distributed import global_mean_std
 from posttrain.ops.masked import masked_mean, masked_sum
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
+from posttrain.trainers.config import parse_pad_to_multiple_of
 
 
 @dataclass
@@ -49,9 +50,21 @@ class RLOOConfig(OnlineConfig):
     reward_clip_range: list[float] | None = field(
         default=None, metadata={"help": "Clip the total reward to [min, max] before the baseline, e.g. -1 1."}
     )
+    pad_to_multiple_of: int | str | None = field(
+        default=None,
+        metadata={"help": "Only None or 'auto' (no extra padding; TRL pads only on AWS Neuron): batches are cut "
+                  "to their longest prompt and completion."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.pad_to_multiple_of = parse_pad_to_multiple_of(self.pad_to_multiple_of)
+        if self.pad_to_multiple_of is not None:
+            raise ConfigError(
+                f"pad_to_multiple_of={self.pad_to_multiple_of} is not supported by RLOO: each micro-batch is cut to "
+                "its longest prompt and completion, with no rounding of the length",
+                field="pad_to_multiple_of", fix="leave pad_to_multiple_of unset (or 'auto')",
+            )
         if self.kl_estimator is None:
             self.kl_estimator = "k1" if self.kl_in_reward else "k3"
         KL_ESTIMATORS.canonical(self.kl_estimator)  # ConfigError listing the known names
