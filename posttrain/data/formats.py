@@ -79,6 +79,52 @@ class FormatInfo:
     columns: list[str] = field(default_factory=list)
 
 
+# ----------------------------------------------------------------------------- ShareGPT rows
+
+# ShareGPT spells a message {"from": ..., "value": ...} with its own role names
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool"}
+_CONVERSATION_COLUMNS = ("conversations", "messages", "prompt", "completion", "chosen", "rejected")
+
+
+def _holds_sharegpt_messages(dataset, column: str) -> bool:
+    feature = dataset.features.get(column) if getattr(dataset, "features", None) else None
+    inner = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
+    if isinstance(inner, dict):
+        return "from" in inner and "value" in inner
+    first = next(iter(dataset.select_columns([column]).take(1)), {}).get(column)
+    return isinstance(first, list) and any(isinstance(m, dict) and "from" in m and "value" in m for m in first)
+
+
+def _sharegpt_message(message: Any) -> Any:
+    if not isinstance(message, dict) or "from" not in message:
+        return message
+    role = message.get("from")
+    return {"role": SHAREGPT_ROLES.get(role, role), "content": message.get("value")}
+
+
+def convert_sharegpt(dataset):
+    """ShareGPT rows as posttrain's conversations, or ``dataset`` itself when it holds none.
+
+    A ``conversations`` column becomes ``messages`` (unless there is one already), and every message
+    ``{"from", "value"}`` of a conversation column becomes ``{"role", "content"}`` with the roles
+    ``human`` -> ``user`` and ``gpt`` -> ``assistant`` (``system`` stays); other roles are kept, and
+    validation names any it does not know. Works on map-style and streaming datasets.
+    """
+    names = list(getattr(dataset, "column_names", None) or [])
+    columns = [c for c in _CONVERSATION_COLUMNS if c in names and _holds_sharegpt_messages(dataset, c)]
+    rename = "conversations" in names and "messages" not in names
+    if not columns and not rename:
+        return dataset
+    if columns:
+        dataset = dataset.map(
+            lambda batch: {c: [[_sharegpt_message(m) for m in row] if isinstance(row, list) else row
+                               for row in batch[c]] for c in columns},
+            batched=True,
+        )
+    return dataset.rename_column("conversations", "messages") if rename else dataset
+
+
 # ----------------------------------------------------------------------------- detection
 
 

@@ -49,12 +49,15 @@ def apply_chat_template_text(
     *,
     add_generation_prompt: bool = False,
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """The text the chat template renders for ``messages``.
 
     Args:
         add_generation_prompt: append the header of an assistant turn (for prompts to complete).
         tools: tool (function) schemas, for templates that render them.
+        template_kwargs: extra variables for the template (a row's ``chat_template_kwargs``, e.g.
+            ``{"enable_thinking": False}``); keys whose value is None are left out (see :func:`clean_messages`).
 
     Raises:
         DataError: no chat template, or the template rejected the conversation (e.g. it requires
@@ -67,6 +70,7 @@ def apply_chat_template_text(
             tools=tools,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **{key: value for key, value in (template_kwargs or {}).items() if value is not None},
         )
     except Exception as error:  # noqa: BLE001 - templates raise jinja2 errors of many kinds
         raise DataError(
@@ -86,6 +90,7 @@ def render_prompt_completion(
     completion: Messages,
     *,
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, str]:
     """Render a conversational prompt and its completion as two pieces of text.
 
@@ -97,8 +102,12 @@ def render_prompt_completion(
         DataError: the template does not render the prompt as the beginning of the whole
             conversation (so no prompt/completion boundary exists in the text).
     """
-    prompt_text = apply_chat_template_text(tokenizer, prompt, add_generation_prompt=True, tools=tools)
-    full_text = apply_chat_template_text(tokenizer, list(prompt) + list(completion), tools=tools)
+    prompt_text = apply_chat_template_text(
+        tokenizer, prompt, add_generation_prompt=True, tools=tools, template_kwargs=template_kwargs
+    )
+    full_text = apply_chat_template_text(
+        tokenizer, list(prompt) + list(completion), tools=tools, template_kwargs=template_kwargs
+    )
     if not full_text.startswith(prompt_text):
         diverge = next(
             (i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b), min(len(prompt_text), len(full_text))

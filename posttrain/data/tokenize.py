@@ -34,6 +34,8 @@ logger = logging.getLogger("posttrain")
 
 SFT_FORMATS = (DataFormat.LANGUAGE_MODELING, DataFormat.PROMPT_COMPLETION, DataFormat.CONVERSATIONAL)
 TRUNCATION_MODES = ("keep_end", "keep_start")
+# a per-row dict of extra chat-template variables (e.g. {"enable_thinking": False}), as TRL reads it
+CHAT_TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"
 # columns a preference row may carry that trainers use as they are
 PREFERENCE_EXTRA_COLUMNS = ("margin", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -130,7 +132,9 @@ def _map(
 # ----------------------------------------------------------------------------- SFT
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
+def _assistant_spans(
+    tokenizer: Any, messages: list[dict], full_text: str, template_kwargs: dict | None = None
+) -> list[tuple[int, int]]:
     """Character spans of ``full_text`` holding each assistant turn (its end-of-turn token and what the
     template writes after it included: the same boundaries as a preference completion).
 
@@ -142,8 +146,10 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str) -> li
     for index, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        before = apply_chat_template_text(tokenizer, messages[:index], add_generation_prompt=True)
-        through = apply_chat_template_text(tokenizer, messages[: index + 1])
+        before = apply_chat_template_text(
+            tokenizer, messages[:index], add_generation_prompt=True, template_kwargs=template_kwargs
+        )
+        through = apply_chat_template_text(tokenizer, messages[: index + 1], template_kwargs=template_kwargs)
         if not (full_text.startswith(before) and full_text.startswith(through) and len(through) >= len(before)):
             raise DataError(
                 f"assistant_only_loss: the chat template does not render message {index} as a continuation "
@@ -229,13 +235,15 @@ def tokenize_sft(
     completion_only = completion_only_loss is not False
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        # a row's own template variables (TRL's per-row `chat_template_kwargs` column)
+        template_kwargs = batch.get(CHAT_TEMPLATE_KWARGS_COLUMN) or [None] * len(indices)
         if info.format is DataFormat.LANGUAGE_MODELING:
             ids_rows = [specials.with_eos(specials.with_bos(ids)) for ids in encode(tokenizer, batch[text_field])]
             masks = [[1] * len(ids) for ids in ids_rows]
         elif info.format is DataFormat.PROMPT_COMPLETION:
-            ids_rows, masks = _prompt_completion_rows(batch, indices)
+            ids_rows, masks = _prompt_completion_rows(batch, indices, template_kwargs)
         else:
-            ids_rows, masks = _conversation_rows(batch["messages"], indices)
+            ids_rows, masks = _conversation_rows(batch["messages"], indices, template_kwargs)
         if not truncation:
             _check_lengths(ids_rows, indices, max_length, source)
         elif max_length is not None:
@@ -244,11 +252,12 @@ def tokenize_sft(
             masks = [mask[kept] for mask in masks]
         return {"input_ids": ids_rows, "completion_mask": masks}
 
-    def _prompt_completion_rows(batch, indices):
+    def _prompt_completion_rows(batch, indices, template_kwargs):
         if info.conversational:
             pairs = _per_row(
-                lambda pair: render_prompt_completion(tokenizer, pair[0], pair[1]),
-                list(zip(batch["prompt"], batch["completion"])), indices, source=source, column="completion",
+                lambda row: render_prompt_completion(tokenizer, row[0], row[1], template_kwargs=row[2]),
+                list(zip(batch["prompt"], batch["completion"], template_kwargs)), indices, source=source,
+                column="completion",
             )
             prompts = encode(tokenizer, [p for p, _ in pairs])
             completions = [specials.turn_with_eos(ids) for ids in encode(tokenizer, [c for _, c in pairs])]
@@ -261,18 +270,18 @@ def tokenize_sft(
             masks.append([0 if completion_only else 1] * len(prompt_ids) + [1] * len(completion_ids))
         return ids_rows, masks
 
-    def _conversation_rows(conversations, indices):
+    def _conversation_rows(conversations, indices, template_kwargs):
         texts = _per_row(
-            lambda messages: apply_chat_template_text(tokenizer, messages),
-            conversations, indices, source=source, column="messages",
+            lambda row: apply_chat_template_text(tokenizer, row[0], template_kwargs=row[1]),
+            list(zip(conversations, template_kwargs)), indices, source=source, column="messages",
         )
         if not assistant_only_loss:
             ids_rows = encode(tokenizer, texts)
             masks = [[1] * len(ids) for ids in ids_rows]
         else:
             all_spans = _per_row(
-                lambda item: _assistant_spans(tokenizer, item[0], item[1]),
-                list(zip(conversations, texts)), indices, source=source, column="messages",
+                lambda item: _assistant_spans(tokenizer, item[0], item[1], item[2]),
+                list(zip(conversations, texts, template_kwargs)), indices, source=source, column="messages",
             )
             try:
                 encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from posttrain.data.collate import PreferenceCollator
-from posttrain.data.formats import DataFormat, validate_dataset
+from posttrain.data.formats import DataFormat, convert_sharegpt, validate_dataset
 from posttrain.data.load import describe_source
 from posttrain.data.tokenize import TRUNCATION_MODES, drop_empty_completions, tokenize_preference
 from posttrain.errors import ConfigError
@@ -296,6 +296,7 @@ class DPOTrainer(PosttrainTrainer):
         source = describe_source(dataset, fallback=name)
         if all(c in columns for c in _TOKENIZED_COLUMNS):
             return drop_empty_completions(dataset, source)
+        dataset = convert_sharegpt(dataset)
         validate_dataset(dataset, (DataFormat.PREFERENCE,), source=source)
         dataset = tokenize_preference(
             dataset, self._tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from posttrain.data.collate import PreferenceCollator
-from posttrain.data.formats import DataFormat, validate_dataset
+from posttrain.data.formats import DataFormat, convert_sharegpt, validate_dataset
 from posttrain.data.load import describe_source
 from posttrain.data.tokenize import tokenize_preference, truncate_pair
 from posttrain.errors import ConfigError, DataError
@@ -172,6 +172,7 @@ class RewardTrainer(PosttrainTrainer):
             columns = dataset.column_names
         source = describe_source(dataset, fallback=name)
         if not ("chosen_input_ids" in columns and "rejected_input_ids" in columns):
+            dataset = convert_sharegpt(dataset)
             validate_dataset(dataset, (DataFormat.PREFERENCE,), source=source)
             truncating = args.overlong_policy == "truncate"
             dataset = tokenize_preference(

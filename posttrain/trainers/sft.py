@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from posttrain.data.collate import PaddingCollator, PaddingFreeCollator
-from posttrain.data.formats import DataFormat, validate_dataset
+from posttrain.data.formats import DataFormat, convert_sharegpt, validate_dataset
 from posttrain.data.load import describe_source
 from posttrain.data.packing import pack_dataset
 from posttrain.data.tokenize import TRUNCATION_MODES, tokenize_sft
@@ -236,6 +236,7 @@ class SFTTrainer(PosttrainTrainer):
             dataset = dataset.map(
                 lambda row: {args.dataset_text_field: formatting_func(row)}, remove_columns=dataset.column_names
             )
+        dataset = convert_sharegpt(dataset)
         validate_dataset(dataset, SFT_FORMATS, text_field=args.dataset_text_field, source=source)
         dataset = tokenize_sft(
             dataset,
