@@ -79,6 +79,36 @@ class FormatInfo:
     columns: list[str] = field(default_factory=list)
 
 
+# ----------------------------------------------------------------------------- streaming datasets
+
+# rows of a streaming dataset read ahead to detect its format and check its rows before training
+STREAM_SAMPLE_ROWS = 256
+
+
+def is_streaming(dataset) -> bool:
+    """True for a ``datasets.IterableDataset`` (``load_dataset(..., streaming=True)``): no length, read in order."""
+    from datasets import IterableDataset
+
+    return isinstance(dataset, IterableDataset)
+
+
+def streamed_sample(dataset, rows: int = STREAM_SAMPLE_ROWS):
+    """The first ``rows`` rows of a streaming dataset as a ``datasets.Dataset`` (the dataset itself otherwise)."""
+    if not is_streaming(dataset):
+        return dataset
+    from datasets import Dataset
+
+    return Dataset.from_list(list(dataset.take(rows)))
+
+
+def column_names_of(dataset) -> list[str]:
+    """Column names, also of a streaming dataset whose features are unknown until read."""
+    names = getattr(dataset, "column_names", None)
+    if names is None and is_streaming(dataset):
+        names = streamed_sample(dataset, 1).column_names
+    return list(names or [])
+
+
 # ----------------------------------------------------------------------------- ShareGPT rows
 
 # ShareGPT spells a message {"from": ..., "value": ...} with its own role names
@@ -89,10 +119,14 @@ _CONVERSATION_COLUMNS = ("conversations", "messages", "prompt", "completion", "c
 
 def _holds_sharegpt_messages(dataset, column: str) -> bool:
     feature = dataset.features.get(column) if getattr(dataset, "features", None) else None
+    if feature is None:
+        sample = streamed_sample(dataset, 1)
+        first = sample[0][column] if len(sample) else None
+        return isinstance(first, list) and any(isinstance(m, dict) and "from" in m and "value" in m for m in first)
     inner = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
     if isinstance(inner, dict):
         return "from" in inner and "value" in inner
-    first = next(iter(dataset.select_columns([column]).take(1)), {}).get(column)
+    first = dataset[0][column] if len(dataset) else None
     return isinstance(first, list) and any(isinstance(m, dict) and "from" in m and "value" in m for m in first)
 
 
@@ -111,7 +145,7 @@ def convert_sharegpt(dataset):
     ``human`` -> ``user`` and ``gpt`` -> ``assistant`` (``system`` stays); other roles are kept, and
     validation names any it does not know. Works on map-style and streaming datasets.
     """
-    names = list(getattr(dataset, "column_names", None) or [])
+    names = column_names_of(dataset)
     columns = [c for c in _CONVERSATION_COLUMNS if c in names and _holds_sharegpt_messages(dataset, c)]
     rename = "conversations" in names and "messages" not in names
     if not columns and not rename:
@@ -563,6 +597,9 @@ def validate_dataset(
     """
     accepted = [DataFormat(f) for f in accepted]
     source = source or describe_source(dataset)
+    if is_streaming(dataset):  # its first rows; later ones are checked as they are tokenized
+        source = f"{source} (first {STREAM_SAMPLE_ROWS} rows of the stream)"
+        dataset = streamed_sample(dataset)
     dataset = dataset.with_format(None)  # plain Python values, whatever format the caller set
     if len(dataset) == 0:
         raise DataError("the dataset is empty", source=source, expected="at least one row",

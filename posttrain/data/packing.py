@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-from posttrain.data.formats import column_array
+from posttrain.data.formats import column_array, column_names_of
 from posttrain.data.load import mark_source, source_name
 from posttrain.errors import ConfigError, DataError
 
@@ -175,3 +175,13 @@ def pack_dataset(dataset: Dataset, max_length: int, *, strategy: str = "bfd") ->
     packed = Dataset(table, fingerprint=fingerprint)
     source = source_name(dataset)
     return mark_source(packed, source) if source else packed
+
+
+def pack_stream(dataset, max_length: int, *, strategy: str = "bfd", buffer_rows: int = 1000):
+    """:func:`pack_dataset` on the fly for a streaming dataset: each run of ``buffer_rows`` tokenized
+    rows is packed on its own as training reads it (a sequence is never packed with rows of another run)."""
+
+    def pack_buffer(batch: dict[str, list]) -> dict[str, list]:
+        return pack_dataset(Dataset.from_dict(batch), max_length, strategy=strategy).to_dict()
+
+    return dataset.map(pack_buffer, batched=True, batch_size=buffer_rows, remove_columns=column_names_of(dataset))

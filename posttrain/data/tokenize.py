@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from datasets import Dataset, Features, Sequence, Value
 
-from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, resolve_format
+from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, is_streaming, resolve_format, streamed_sample
 from posttrain.data.load import describe_source
 from posttrain.data.templates import apply_chat_template_text, render_prompt_completion, require_chat_template
 from posttrain.errors import ConfigError, DataError
@@ -115,7 +115,10 @@ def _map(
     dataset: Dataset, function: Callable, new_columns: dict[str, str], *, num_proc: int | None, remove: list[str], desc: str
 ) -> Dataset:
     """``dataset.map`` in batches, storing each new column as a list of ``new_columns[name]``
-    integers (int32 ids and int8 masks: a quarter of the default int64's memory)."""
+    integers (int32 ids and int8 masks: a quarter of the default int64's memory). A streaming
+    dataset is mapped lazily: its rows are tokenized as training reads them."""
+    if is_streaming(dataset):
+        return dataset.map(function, batched=True, with_indices=True, remove_columns=remove or None)
     features = Features({name: feature for name, feature in dataset.features.items() if name not in remove})
     features.update({name: Sequence(Value(dtype)) for name, dtype in new_columns.items()})
     return dataset.map(
@@ -221,7 +224,8 @@ def tokenize_sft(
     """
     _check_truncation_mode(truncation_mode)
     source = source or describe_source(dataset)
-    info = resolve_format(dataset, SFT_FORMATS, text_field=text_field, source=source)
+    probe = streamed_sample(dataset)  # a streaming dataset's format is read from its first rows
+    info = resolve_format(probe, SFT_FORMATS, text_field=text_field, source=source)
     if assistant_only_loss and not info.conversational:
         raise ConfigError(
             "assistant_only_loss needs conversational data (a 'messages' column, or conversational "
@@ -303,7 +307,7 @@ def tokenize_sft(
 
     return _map(
         dataset, tokenize_batch, {"input_ids": "int32", "completion_mask": "int8"},
-        num_proc=num_proc, remove=dataset.column_names, desc="Tokenizing (SFT)",
+        num_proc=num_proc, remove=probe.column_names, desc="Tokenizing (SFT)",
     )
 
 

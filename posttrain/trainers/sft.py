@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from posttrain.data.collate import PaddingCollator, PaddingFreeCollator
-from posttrain.data.formats import DataFormat, convert_sharegpt, validate_dataset
+from posttrain.data.formats import DataFormat, column_names_of, convert_sharegpt, is_streaming, validate_dataset
 from posttrain.data.load import describe_source
-from posttrain.data.packing import pack_dataset
+from posttrain.data.packing import pack_dataset, pack_stream
 from posttrain.data.tokenize import TRUNCATION_MODES, tokenize_sft
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import SFT_LOSSES, nll_token_weights
@@ -195,6 +195,15 @@ class SFTTrainer(PosttrainTrainer):
             self._tokenizer.eos_token = args.eos_token
 
         if train_dataset is not None:
+            if is_streaming(train_dataset) and args.max_steps <= 0:
+                raise ConfigError(
+                    "a streaming (iterable) train dataset has no length, so the number of steps cannot be derived "
+                    "from num_train_epochs", field="max_steps", fix="pass max_steps=N (optimizer steps to train)",
+                )
+            if is_streaming(train_dataset) and args.accelerator_config.dispatch_batches is not False:
+                # every process reads the stream and keeps its share: batches of different lengths are
+                # not concatenated by a dispatching main process
+                args.accelerator_config.dispatch_batches = False
             train_dataset = self._prepare_dataset(train_dataset, args, formatting_func, "train")
         if eval_dataset is not None:
             if isinstance(eval_dataset, dict):
@@ -227,14 +236,15 @@ class SFTTrainer(PosttrainTrainer):
 
     def _prepare_dataset(self, dataset, args: SFTConfig, formatting_func, split: str):
         packing = args.packing if split == "train" or args.eval_packing is None else args.eval_packing
-        if args.skip_prepare_dataset or "input_ids" in getattr(dataset, "column_names", []):
-            if "completion_mask" not in dataset.column_names:
+        columns = column_names_of(dataset)
+        if args.skip_prepare_dataset or "input_ids" in columns:
+            if "completion_mask" not in columns:
                 dataset = dataset.map(lambda row: {"completion_mask": [1] * len(row["input_ids"])})
             return self._shuffle_and_pack(dataset, args, packing)
         source = describe_source(dataset, fallback=f"{split} dataset")
         if formatting_func is not None:
             dataset = dataset.map(
-                lambda row: {args.dataset_text_field: formatting_func(row)}, remove_columns=dataset.column_names
+                lambda row: {args.dataset_text_field: formatting_func(row)}, remove_columns=columns
             )
         dataset = convert_sharegpt(dataset)
         validate_dataset(dataset, SFT_FORMATS, text_field=args.dataset_text_field, source=source)
@@ -254,9 +264,13 @@ class SFTTrainer(PosttrainTrainer):
 
     @staticmethod
     def _shuffle_and_pack(dataset, args: SFTConfig, packing: bool):
-        if args.shuffle_dataset:
-            dataset = dataset.shuffle(seed=args.seed).flatten_indices()
-        return pack_dataset(dataset, args.max_length, strategy=args.packing_strategy) if packing else dataset
+        streaming = is_streaming(dataset)
+        if args.shuffle_dataset:  # a stream is shuffled within a buffer of rows as it is read
+            dataset = dataset.shuffle(seed=args.seed) if streaming else dataset.shuffle(seed=args.seed).flatten_indices()
+        if not packing:
+            return dataset
+        pack = pack_stream if streaming else pack_dataset
+        return pack(dataset, args.max_length, strategy=args.packing_strategy)
 
     # -- loss
 
