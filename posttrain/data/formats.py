@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from posttrain.data.load import describe_source
+from posttrain.data.streaming import STREAM_SAMPLE_ROWS, is_streaming, streamed_sample
 from posttrain.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -77,86 +78,6 @@ class FormatInfo:
     conversational: bool
     explicit_prompt: bool
     columns: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- streaming datasets
-
-# rows of a streaming dataset read ahead to detect its format and check its rows before training
-STREAM_SAMPLE_ROWS = 256
-
-
-def is_streaming(dataset) -> bool:
-    """True for a ``datasets.IterableDataset`` (``load_dataset(..., streaming=True)``): no length, read in order."""
-    from datasets import IterableDataset
-
-    return isinstance(dataset, IterableDataset)
-
-
-def streamed_sample(dataset, rows: int = STREAM_SAMPLE_ROWS):
-    """The first ``rows`` rows of a streaming dataset as a ``datasets.Dataset`` (the dataset itself otherwise)."""
-    if not is_streaming(dataset):
-        return dataset
-    from datasets import Dataset
-
-    return Dataset.from_list(list(dataset.take(rows)))
-
-
-def column_names_of(dataset) -> list[str]:
-    """Column names, also of a streaming dataset whose features are unknown until read."""
-    names = getattr(dataset, "column_names", None)
-    if names is None and is_streaming(dataset):
-        names = streamed_sample(dataset, 1).column_names
-    return list(names or [])
-
-
-# ----------------------------------------------------------------------------- ShareGPT rows
-
-# ShareGPT spells a message {"from": ..., "value": ...} with its own role names
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
-                  "tool": "tool"}
-_CONVERSATION_COLUMNS = ("conversations", "messages", "prompt", "completion", "chosen", "rejected")
-
-
-def _holds_sharegpt_messages(dataset, column: str) -> bool:
-    feature = dataset.features.get(column) if getattr(dataset, "features", None) else None
-    if feature is None:
-        sample = streamed_sample(dataset, 1)
-        first = sample[0][column] if len(sample) else None
-        return isinstance(first, list) and any(isinstance(m, dict) and "from" in m and "value" in m for m in first)
-    inner = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
-    if isinstance(inner, dict):
-        return "from" in inner and "value" in inner
-    first = dataset[0][column] if len(dataset) else None
-    return isinstance(first, list) and any(isinstance(m, dict) and "from" in m and "value" in m for m in first)
-
-
-def _sharegpt_message(message: Any) -> Any:
-    if not isinstance(message, dict) or "from" not in message:
-        return message
-    role = message.get("from")
-    return {"role": SHAREGPT_ROLES.get(role, role), "content": message.get("value")}
-
-
-def convert_sharegpt(dataset):
-    """ShareGPT rows as posttrain's conversations, or ``dataset`` itself when it holds none.
-
-    A ``conversations`` column becomes ``messages`` (unless there is one already), and every message
-    ``{"from", "value"}`` of a conversation column becomes ``{"role", "content"}`` with the roles
-    ``human`` -> ``user`` and ``gpt`` -> ``assistant`` (``system`` stays); other roles are kept, and
-    validation names any it does not know. Works on map-style and streaming datasets.
-    """
-    names = column_names_of(dataset)
-    columns = [c for c in _CONVERSATION_COLUMNS if c in names and _holds_sharegpt_messages(dataset, c)]
-    rename = "conversations" in names and "messages" not in names
-    if not columns and not rename:
-        return dataset
-    if columns:
-        dataset = dataset.map(
-            lambda batch: {c: [[_sharegpt_message(m) for m in row] if isinstance(row, list) else row
-                               for row in batch[c]] for c in columns},
-            batched=True,
-        )
-    return dataset.rename_column("conversations", "messages") if rename else dataset
 
 
 # ----------------------------------------------------------------------------- detection

@@ -19,8 +19,9 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-from posttrain.data.formats import column_array, column_names_of
+from posttrain.data.formats import column_array
 from posttrain.data.load import mark_source, source_name
+from posttrain.data.streaming import column_names_of
 from posttrain.errors import ConfigError, DataError
 
 PACKING_STRATEGIES = ("bfd", "wrapped")

@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 from datasets import Dataset, Features, Sequence, Value
 
-from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, is_streaming, resolve_format, streamed_sample
+from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, resolve_format
 from posttrain.data.load import describe_source
+from posttrain.data.streaming import is_streaming, streamed_sample
 from posttrain.data.templates import apply_chat_template_text, render_prompt_completion, require_chat_template
 from posttrain.errors import ConfigError, DataError
 

@@ -27,8 +27,9 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from posttrain.data.collate import PreferenceCollator
-from posttrain.data.formats import DataFormat, convert_sharegpt, validate_dataset
+from posttrain.data.formats import DataFormat, validate_dataset
 from posttrain.data.load import describe_source
+from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.tokenize import TRUNCATION_MODES, drop_empty_completions, tokenize_preference
 from posttrain.errors import ConfigError
 from posttrain.losses.preference import (

@@ -25,8 +25,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from posttrain.data.collate import PreferenceCollator
-from posttrain.data.formats import DataFormat, convert_sharegpt, validate_dataset
+from posttrain.data.formats import DataFormat, validate_dataset
 from posttrain.data.load import describe_source
+from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.tokenize import tokenize_preference, truncate_pair
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss, center_rewards_penalty, reward_metrics

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from posttrain.data.collate import PaddingCollator, PaddingFreeCollator
-from posttrain.data.formats import DataFormat, column_names_of, convert_sharegpt, is_streaming, validate_dataset
+from posttrain.data.formats import DataFormat, validate_dataset
 from posttrain.data.load import describe_source
 from posttrain.data.packing import pack_dataset, pack_stream
+from posttrain.data.sharegpt import convert_sharegpt
+from posttrain.data.streaming import column_names_of, is_streaming
 from posttrain.data.tokenize import TRUNCATION_MODES, tokenize_sft
 from posttrain.errors import ConfigError
 from posttrain.losses.sft import SFT_LOSSES, nll_token_weights

@@ -5,7 +5,8 @@ import copy
 import pytest
 from datasets import Dataset
 
-from posttrain.data.formats import DataFormat, convert_sharegpt, validate_dataset
+from posttrain.data.formats import DataFormat, validate_dataset
+from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.tokenize import tokenize_preference, tokenize_sft
 
 SHAREGPT = [
