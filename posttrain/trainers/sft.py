@@ -18,7 +18,7 @@ from torch import nn
 from posttrain.data.collate import PaddingCollator, PaddingFreeCollator
 from posttrain.data.formats import DataFormat, validate_dataset
 from posttrain.data.load import describe_source
-from posttrain.data.packing import pack_dataset, pack_stream
+from posttrain.data.packing import PACKING_STRATEGIES, pack_dataset, pack_stream
 from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.streaming import column_names_of, is_streaming
 from posttrain.data.tokenize import TRUNCATION_MODES, tokenize_sft
@@ -64,7 +64,9 @@ class SFTConfig(PosttrainConfig):
         metadata={"help": "Pack several sequences into each row of max_length tokens (best-fit decreasing)."},
     )
     packing_strategy: str = field(
-        default="bfd", metadata={"help": "How to pack: 'bfd' (whole sequences) or 'wrapped' (concatenate and cut)."}
+        default="bfd",
+        metadata={"help": "How to pack: 'bfd' (whole sequences, longer ones truncated), 'bfd_split' (longer ones "
+                  "split into pieces of max_length) or 'wrapped' (concatenate and cut)."},
     )
     padding_free: bool = field(
         default=False,
@@ -149,9 +151,13 @@ class SFTConfig(PosttrainConfig):
                 fix="also pass packing=True (rows of max_length tokens), or max_length=None with data that is "
                 "already short enough",
             )
-        if self.packing_strategy not in ("bfd", "wrapped"):
+        if self.packing_strategy == "bfd-requeue":  # TRL's older name
+            note_alias_once("packing_strategy='bfd-requeue'", "packing_strategy='bfd_split'", type(self).__name__)
+            self.packing_strategy = "bfd_split"
+        if self.packing_strategy not in PACKING_STRATEGIES:
             raise ConfigError(
-                f"unknown packing_strategy {self.packing_strategy!r}", field="packing_strategy", fix="use 'bfd' or 'wrapped'"
+                f"unknown packing_strategy {self.packing_strategy!r}", field="packing_strategy",
+                fix="use 'bfd', 'bfd_split' or 'wrapped'",
             )
 
 
@@ -250,11 +256,13 @@ class SFTTrainer(PosttrainTrainer):
             )
         dataset = convert_sharegpt(dataset)
         validate_dataset(dataset, SFT_FORMATS, text_field=args.dataset_text_field, source=source)
+        # packing cuts long rows itself ('bfd': their start; 'bfd_split' and 'wrapped' keep every token)
+        truncated_here = args.truncation and not packing
         dataset = tokenize_sft(
             dataset,
             self._tokenizer,
-            max_length=args.max_length,
-            truncation=args.truncation and args.max_length is not None,
+            max_length=args.max_length if truncated_here or not args.truncation else None,
+            truncation=truncated_here and args.max_length is not None,
             truncation_mode=args.truncation_mode,
             completion_only_loss=args.completion_only_loss,
             assistant_only_loss=args.assistant_only_loss,

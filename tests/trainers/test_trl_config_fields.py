@@ -317,3 +317,12 @@ def test_sft_streaming_rows_are_checked_before_training(tiny_model_dir, tmp_path
 
     with pytest.raises(DataError, match="row 1.*unknown role"):
         SFTTrainer(model=tiny_model_dir, args=_sft_args(tmp_path), train_dataset=IterableDataset.from_generator(rows))
+
+
+def test_sft_packing_strategy_bfd_split_and_its_older_name(tiny_model_dir, tmp_path):
+    assert _sft_args(tmp_path, packing=True, packing_strategy="bfd-requeue").packing_strategy == "bfd_split"
+    data = _texts(6)
+    split = SFTTrainer(model=tiny_model_dir, args=_sft_args(tmp_path, packing=True, max_length=8,
+                                                            packing_strategy="bfd_split"), train_dataset=data)
+    full = SFTTrainer(model=tiny_model_dir, args=_sft_args(tmp_path, max_length=None), train_dataset=data)
+    assert sum(map(len, split.train_dataset["input_ids"])) == sum(map(len, full.train_dataset["input_ids"]))
