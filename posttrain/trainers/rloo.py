@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from posttrain.data.collate import pad_rollout_to_multiple
 from posttrain.errors import ConfigError
 from posttrain.losses.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_scores
 from posttrain.losses.kl import KL_ESTIMATORS, kl_divergence
@@ -52,19 +53,13 @@ class RLOOConfig(OnlineConfig):
     )
     pad_to_multiple_of: int | str | None = field(
         default=None,
-        metadata={"help": "Only None or 'auto' (no extra padding; TRL pads only on AWS Neuron): batches are cut "
-                  "to their longest prompt and completion."},
+        metadata={"help": "Pad each training micro-batch's prompt and completion lengths to multiples of this "
+                  "('auto': no padding, as TRL off AWS Neuron)."},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.pad_to_multiple_of = parse_pad_to_multiple_of(self.pad_to_multiple_of)
-        if self.pad_to_multiple_of is not None:
-            raise ConfigError(
-                f"pad_to_multiple_of={self.pad_to_multiple_of} is not supported by RLOO: each micro-batch is cut to "
-                "its longest prompt and completion, with no rounding of the length",
-                field="pad_to_multiple_of", fix="leave pad_to_multiple_of unset (or 'auto')",
-            )
         if self.kl_estimator is None:
             self.kl_estimator = "k1" if self.kl_in_reward else "k3"
         KL_ESTIMATORS.canonical(self.kl_estimator)  # ConfigError listing the known names
@@ -85,6 +80,12 @@ class RLOOTrainer(OnlineTrainer):
 
     method_name: ClassVar[str] = "RLOO"
     config_class: ClassVar[type] = RLOOConfig
+
+    def _prepare_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        rows = super()._prepare_inputs(batch)
+        if self.args.pad_to_multiple_of:
+            rows = pad_rollout_to_multiple(rows, self.args.pad_to_multiple_of, self._tokenizer.pad_token_id)
+        return rows
 
     def needs_generation_logps(self, mode: str) -> bool:
         # the KL in the reward is measured at sampling time, so the sampling policy's log-probs are needed

@@ -138,10 +138,26 @@ def test_pad_to_multiple_of_accepts_trl_spellings(config_class, tmp_path):
         make("eight")
 
 
-def test_rloo_pad_to_multiple_of(tmp_path):
+def test_rloo_pad_to_multiple_of_pads_micro_batches_and_keeps_the_loss(tiny_model_dir, tmp_path):
+    from posttrain import RLOOTrainer
+    from posttrain.data.collate import pad_rollout_to_multiple
+
     assert RLOOConfig(output_dir=str(tmp_path), pad_to_multiple_of="auto").pad_to_multiple_of is None
-    with pytest.raises(ConfigError, match="pad_to_multiple_of"):
-        RLOOConfig(output_dir=str(tmp_path), pad_to_multiple_of=8)
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}]} for i in range(4)])
+    args = RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=5, disable_tqdm=True, save_strategy="no", beta=0.1, pad_to_multiple_of=8)
+    trainer = RLOOTrainer(tiny_model_dir, reward_funcs=lambda completions, **kw: [float(len(c[0]["content"])) for c in completions],
+                          args=args, train_dataset=prompts)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    rows = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert rows["prompt_ids"].shape[1] % 8 == 0 and rows["completion_ids"].shape[1] % 8 == 0
+    assert rows["old_logps"].shape == rows["completion_mask"].shape
+    # the same rows widened further: masked positions change no loss
+    wider = pad_rollout_to_multiple(rows, 24, trainer.processing_class.pad_token_id)
+    assert wider["completion_ids"].shape[1] == 24
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(trainer.model, wider), trainer.compute_loss(trainer.model, rows))
 
 
 # ----------------------------------------------------------------------------- tokenizer and loading fields
