@@ -61,6 +61,17 @@ def test_sft_loss_type_dft_matches_the_formula_on_the_models_logits(tiny_model_d
     assert got.item() != pytest.approx(-logps.mean().item(), rel=1e-2)  # not the NLL
 
 
+def test_sft_dft_micro_batches_add_up_to_the_whole_batch(tiny_model_dir, tmp_path):
+    trainer = SFTTrainer(model=tiny_model_dir, args=_sft_args(tmp_path, loss_type="dft"), train_dataset=_messages())
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    whole = trainer.data_collator(rows)
+    parts = [trainer.data_collator(rows[:2]), trainer.data_collator(rows[2:])]
+    total = sum(trainer.count_loss_items(part) for part in parts)
+    with torch.no_grad():
+        accumulated = sum(trainer.compute_loss(trainer.model, part, num_items_in_batch=total) for part in parts)
+        torch.testing.assert_close(accumulated, trainer.compute_loss(trainer.model, whole), rtol=1e-5, atol=1e-6)
+
+
 def test_sft_loss_type_chunked_nll_is_the_nll(tiny_model_dir, tmp_path):
     trainer = SFTTrainer(model=tiny_model_dir, args=_sft_args(tmp_path, loss_type="chunked_nll"), train_dataset=_messages())
     assert trainer.args.loss_type == "nll"
