@@ -118,10 +118,18 @@ def _map(
     """``dataset.map`` in batches, storing each new column as a list of ``new_columns[name]``
     integers (int32 ids and int8 masks: a quarter of the default int64's memory). A streaming
     dataset is mapped lazily: its rows are tokenized as training reads them."""
+    new_features = {name: Sequence(Value(dtype)) for name, dtype in new_columns.items()}
     if is_streaming(dataset):
-        return dataset.map(function, batched=True, with_indices=True, remove_columns=remove or None)
+        # declared features make the result's columns known without reading it; a stream whose features
+        # are unknown gets them only when every column is removed (all tokenize_sft keeps is declared)
+        features = None
+        if dataset.features is not None:
+            features = Features({**{n: f for n, f in dataset.features.items() if n not in remove}, **new_features})
+        elif remove:
+            features = Features(new_features)
+        return dataset.map(function, batched=True, with_indices=True, remove_columns=remove or None, features=features)
     features = Features({name: feature for name, feature in dataset.features.items() if name not in remove})
-    features.update({name: Sequence(Value(dtype)) for name, dtype in new_columns.items()})
+    features.update(new_features)
     return dataset.map(
         function,
         batched=True,

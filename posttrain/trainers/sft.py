@@ -276,7 +276,7 @@ class SFTTrainer(PosttrainTrainer):
     def _shuffle_and_pack(dataset, args: SFTConfig, packing: bool):
         streaming = is_streaming(dataset)
         if args.shuffle_dataset:  # a stream is shuffled within a buffer of rows as it is read
-            dataset = dataset.shuffle(seed=args.seed) if streaming else dataset.shuffle(seed=args.seed).flatten_indices()
+            dataset = dataset.shuffle(seed=args.seed)
         if not packing:
             return dataset
         pack = pack_stream if streaming else pack_dataset
