@@ -38,7 +38,6 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2 (GPU only)."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the hub."})
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
@@ -61,8 +60,6 @@ class ModelArguments:
             kwargs["attn_implementation"] = self.attn_implementation
         if self.model_revision is not None:
             kwargs["revision"] = self.model_revision
-        if self.trust_remote_code:
-            kwargs["trust_remote_code"] = True
         if self.load_in_4bit or self.load_in_8bit:
             import torch
 

@@ -22,7 +22,8 @@ from posttrain.data.formats import (
     validate_dataset,
 )
 from posttrain.data.load import describe_source, load_data, load_mixture, mark_source, source_name
-from posttrain.data.packing import pack_dataset
+from posttrain.data.packing import pack_dataset, pack_stream
+from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.templates import (
     apply_chat_template_text,
     has_chat_template,
@@ -46,6 +47,7 @@ __all__ = [
     "PromptCollator",
     "UnpairedPreferenceCollator",
     "apply_chat_template_text",
+    "convert_sharegpt",
     "describe_source",
     "detect_format",
     "extract_prompt",
@@ -54,6 +56,7 @@ __all__ = [
     "load_mixture",
     "mark_source",
     "pack_dataset",
+    "pack_stream",
     "render_prompt_completion",
     "require_chat_template",
     "resolve_format",

@@ -224,3 +224,30 @@ class PromptCollator:
             if column != "prompt_input_ids":
                 batch[column] = [r.get(column) for r in rows]
         return batch
+
+
+def pad_rollout_to_multiple(rows: dict[str, Any], multiple: int, pad_token_id: int) -> dict[str, Any]:
+    """Widen a rollout micro-batch so that its prompt and completion lengths are multiples of ``multiple``.
+
+    ``prompt_ids``/``prompt_mask`` ``(B, P)`` are left-padded (prompts end where completions start);
+    every ``(B, C)`` tensor aligned with ``completion_mask`` is right-padded: ids with ``pad_token_id``,
+    anything else (masks, log-probs) with 0. The new positions are masked out, so every loss is
+    unchanged; only the shapes become steadier (fewer recompilations on shape-specialising backends).
+    """
+    prompt_width = rows["prompt_ids"].shape[1]
+    completion_width = rows["completion_mask"].shape[1]
+    extra_prompt = _padded_length([prompt_width], multiple) - prompt_width
+    extra_completion = _padded_length([completion_width], multiple) - completion_width
+    padded = {}
+    for name, value in rows.items():
+        if not torch.is_tensor(value) or value.dim() != 2:
+            padded[name] = value
+        elif name in ("prompt_ids", "prompt_mask") and extra_prompt:
+            fill = pad_token_id if name == "prompt_ids" else 0
+            padded[name] = torch.nn.functional.pad(value, (extra_prompt, 0), value=fill)
+        elif name not in ("prompt_ids", "prompt_mask") and value.shape[1] == completion_width and extra_completion:
+            fill = pad_token_id if name == "completion_ids" else 0
+            padded[name] = torch.nn.functional.pad(value, (0, extra_completion), value=fill)
+        else:
+            padded[name] = value
+    return padded

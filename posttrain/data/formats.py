@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from posttrain.data.load import describe_source
+from posttrain.data.streaming import STREAM_SAMPLE_ROWS, is_streaming, streamed_sample
 from posttrain.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -543,6 +544,9 @@ def validate_dataset(
     """
     accepted = [DataFormat(f) for f in accepted]
     source = source or describe_source(dataset)
+    if is_streaming(dataset):  # its first rows; later ones are checked as they are tokenized
+        source = f"{source} (first {STREAM_SAMPLE_ROWS} rows of the stream)"
+        dataset = streamed_sample(dataset)
     dataset = dataset.with_format(None)  # plain Python values, whatever format the caller set
     if len(dataset) == 0:
         raise DataError("the dataset is empty", source=source, expected="at least one row",

@@ -21,9 +21,10 @@ from datasets.fingerprint import Hasher
 
 from posttrain.data.formats import column_array
 from posttrain.data.load import mark_source, source_name
+from posttrain.data.streaming import column_names_of
 from posttrain.errors import ConfigError, DataError
 
-PACKING_STRATEGIES = ("bfd", "wrapped")
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -90,6 +91,21 @@ def _positions(piece_lengths: np.ndarray) -> np.ndarray:
     return positions
 
 
+def _split_long_sequences(ids: pa.Array, mask: pa.Array | None, lengths: np.ndarray, max_length: int):
+    """Every sequence cut into consecutive pieces of at most ``max_length`` tokens, as list arrays of
+    pieces (the token stream is unchanged: only the boundaries are added), and the pieces' lengths."""
+    pieces_per_sequence = -(-lengths // max_length)
+    sequence_of_piece = np.repeat(np.arange(len(lengths)), pieces_per_sequence)
+    first_piece = np.cumsum(pieces_per_sequence) - pieces_per_sequence
+    index_in_sequence = np.arange(len(sequence_of_piece)) - np.repeat(first_piece, pieces_per_sequence)
+    sequence_starts = np.cumsum(lengths) - lengths
+    piece_starts = sequence_starts[sequence_of_piece] + index_in_sequence * max_length
+    piece_lengths = np.minimum(max_length, lengths[sequence_of_piece] - index_in_sequence * max_length)
+    offsets = np.append(piece_starts, lengths.sum())
+    split_mask = _list_array(offsets, _flat_values(mask)) if mask is not None else None
+    return _list_array(offsets, _flat_values(ids)), split_mask, piece_lengths.astype(np.int64)
+
+
 def pack_dataset(dataset: Dataset, max_length: int, *, strategy: str = "bfd") -> Dataset:
     """Pack tokenized rows (``input_ids`` and, if present, ``completion_mask``) into rows of at
     most ``max_length`` tokens.
@@ -97,6 +113,9 @@ def pack_dataset(dataset: Dataset, max_length: int, *, strategy: str = "bfd") ->
     Strategies:
         ``"bfd"``: best-fit decreasing over whole sequences; a sequence longer than ``max_length``
             is first truncated to its first ``max_length`` tokens.
+        ``"bfd_split"``: the same, but a longer sequence is first split into pieces of
+            ``max_length`` tokens (the last one shorter), packed as sequences of their own: no token
+            is lost, and each piece starts at position 0.
         ``"wrapped"``: all sequences concatenated in order and cut every ``max_length`` tokens; a
             sequence may continue on the next row (its piece there starts at position 0).
 
@@ -106,7 +125,8 @@ def pack_dataset(dataset: Dataset, max_length: int, *, strategy: str = "bfd") ->
         columns are dropped.
     """
     if strategy not in PACKING_STRATEGIES:
-        raise ConfigError(f"unknown packing strategy {strategy!r}", field="packing_strategy", fix="use 'bfd' or 'wrapped'")
+        raise ConfigError(f"unknown packing strategy {strategy!r}", field="packing_strategy",
+                          fix="use 'bfd', 'bfd_split' or 'wrapped'")
     if not isinstance(max_length, int) or max_length < 1:
         raise ConfigError(f"packing needs a positive max_length, got {max_length!r}", field="max_length", fix="e.g. 1024")
     if "input_ids" not in dataset.column_names:
@@ -132,7 +152,9 @@ def pack_dataset(dataset: Dataset, max_length: int, *, strategy: str = "bfd") ->
     else:
         mask = None
 
-    if strategy == "bfd":
+    if strategy == "bfd_split" and lengths.max(initial=0) > max_length:
+        ids, mask, lengths = _split_long_sequences(ids, mask, lengths, max_length)
+    if strategy in ("bfd", "bfd_split"):
         if lengths.max(initial=0) > max_length:
             ids = pc.list_slice(ids, 0, max_length)
             mask = pc.list_slice(mask, 0, max_length) if mask is not None else None
@@ -175,3 +197,13 @@ def pack_dataset(dataset: Dataset, max_length: int, *, strategy: str = "bfd") ->
     packed = Dataset(table, fingerprint=fingerprint)
     source = source_name(dataset)
     return mark_source(packed, source) if source else packed
+
+
+def pack_stream(dataset, max_length: int, *, strategy: str = "bfd", buffer_rows: int = 1000):
+    """:func:`pack_dataset` on the fly for a streaming dataset: each run of ``buffer_rows`` tokenized
+    rows is packed on its own as training reads it (a sequence is never packed with rows of another run)."""
+
+    def pack_buffer(batch: dict[str, list]) -> dict[str, list]:
+        return pack_dataset(Dataset.from_dict(batch), max_length, strategy=strategy).to_dict()
+
+    return dataset.map(pack_buffer, batched=True, batch_size=buffer_rows, remove_columns=column_names_of(dataset))

@@ -6,9 +6,10 @@ end-of-turn), so rendered text is later tokenized with ``add_special_tokens=Fals
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 
 Messages = list[dict[str, Any]]
 
@@ -48,12 +49,15 @@ def apply_chat_template_text(
     *,
     add_generation_prompt: bool = False,
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """The text the chat template renders for ``messages``.
 
     Args:
         add_generation_prompt: append the header of an assistant turn (for prompts to complete).
         tools: tool (function) schemas, for templates that render them.
+        template_kwargs: extra variables for the template (a row's ``chat_template_kwargs``, e.g.
+            ``{"enable_thinking": False}``); keys whose value is None are left out (see :func:`clean_messages`).
 
     Raises:
         DataError: no chat template, or the template rejected the conversation (e.g. it requires
@@ -66,6 +70,7 @@ def apply_chat_template_text(
             tools=tools,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **{key: value for key, value in (template_kwargs or {}).items() if value is not None},
         )
     except Exception as error:  # noqa: BLE001 - templates raise jinja2 errors of many kinds
         raise DataError(
@@ -85,6 +90,7 @@ def render_prompt_completion(
     completion: Messages,
     *,
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, str]:
     """Render a conversational prompt and its completion as two pieces of text.
 
@@ -96,8 +102,12 @@ def render_prompt_completion(
         DataError: the template does not render the prompt as the beginning of the whole
             conversation (so no prompt/completion boundary exists in the text).
     """
-    prompt_text = apply_chat_template_text(tokenizer, prompt, add_generation_prompt=True, tools=tools)
-    full_text = apply_chat_template_text(tokenizer, list(prompt) + list(completion), tools=tools)
+    prompt_text = apply_chat_template_text(
+        tokenizer, prompt, add_generation_prompt=True, tools=tools, template_kwargs=template_kwargs
+    )
+    full_text = apply_chat_template_text(
+        tokenizer, list(prompt) + list(completion), tools=tools, template_kwargs=template_kwargs
+    )
     if not full_text.startswith(prompt_text):
         diverge = next(
             (i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b), min(len(prompt_text), len(full_text))
@@ -132,3 +142,29 @@ def turn_suffix_text(tokenizer: Any) -> str:
         return ""
     after_answer = text[text.rfind(marker) + len(marker):] if marker in text else ""
     return after_answer[after_answer.find(eos) + len(eos):] if eos in after_answer else ""
+
+
+def load_chat_template(path: str, *, trust_remote_code: bool = False) -> str:
+    """The chat template at ``path``: a Jinja file's text, or the template of the tokenizer saved in a
+    directory (or named by a hub id).
+
+    Raises:
+        ConfigError: the file or tokenizer cannot be read, or the tokenizer has no template.
+    """
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            template = handle.read()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            template = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).chat_template
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"could not read a chat template from {path!r}: {str(error).splitlines()[0]}",
+                field="chat_template_path", fix="pass a Jinja template file or a tokenizer directory",
+            ) from None
+    if not template or not str(template).strip():
+        raise ConfigError(f"{path!r} holds no chat template", field="chat_template_path",
+                          fix="pass a Jinja template file or the directory of a tokenizer that has a template")
+    return template

@@ -19,6 +19,7 @@ All functions return a new ``datasets.Dataset`` built with ``Dataset.map(batched
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,11 +27,16 @@ from datasets import Dataset, Features, Sequence, Value
 
 from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, resolve_format
 from posttrain.data.load import describe_source
+from posttrain.data.streaming import is_streaming, streamed_sample
 from posttrain.data.templates import apply_chat_template_text, render_prompt_completion, require_chat_template
 from posttrain.errors import ConfigError, DataError
 
+logger = logging.getLogger("posttrain")
+
 SFT_FORMATS = (DataFormat.LANGUAGE_MODELING, DataFormat.PROMPT_COMPLETION, DataFormat.CONVERSATIONAL)
 TRUNCATION_MODES = ("keep_end", "keep_start")
+# a per-row dict of extra chat-template variables (e.g. {"enable_thinking": False}), as TRL reads it
+CHAT_TEMPLATE_KWARGS_COLUMN = "chat_template_kwargs"
 # columns a preference row may carry that trainers use as they are
 PREFERENCE_EXTRA_COLUMNS = ("margin", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -110,9 +116,20 @@ def _map(
     dataset: Dataset, function: Callable, new_columns: dict[str, str], *, num_proc: int | None, remove: list[str], desc: str
 ) -> Dataset:
     """``dataset.map`` in batches, storing each new column as a list of ``new_columns[name]``
-    integers (int32 ids and int8 masks: a quarter of the default int64's memory)."""
+    integers (int32 ids and int8 masks: a quarter of the default int64's memory). A streaming
+    dataset is mapped lazily: its rows are tokenized as training reads them."""
+    new_features = {name: Sequence(Value(dtype)) for name, dtype in new_columns.items()}
+    if is_streaming(dataset):
+        # declared features make the result's columns known without reading it; a stream whose features
+        # are unknown gets them only when every column is removed (all tokenize_sft keeps is declared)
+        features = None
+        if dataset.features is not None:
+            features = Features({**{n: f for n, f in dataset.features.items() if n not in remove}, **new_features})
+        elif remove:
+            features = Features(new_features)
+        return dataset.map(function, batched=True, with_indices=True, remove_columns=remove or None, features=features)
     features = Features({name: feature for name, feature in dataset.features.items() if name not in remove})
-    features.update({name: Sequence(Value(dtype)) for name, dtype in new_columns.items()})
+    features.update(new_features)
     return dataset.map(
         function,
         batched=True,
@@ -127,7 +144,9 @@ def _map(
 # ----------------------------------------------------------------------------- SFT
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
+def _assistant_spans(
+    tokenizer: Any, messages: list[dict], full_text: str, template_kwargs: dict | None = None
+) -> list[tuple[int, int]]:
     """Character spans of ``full_text`` holding each assistant turn (its end-of-turn token and what the
     template writes after it included: the same boundaries as a preference completion).
 
@@ -139,8 +158,10 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], full_text: str) -> li
     for index, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        before = apply_chat_template_text(tokenizer, messages[:index], add_generation_prompt=True)
-        through = apply_chat_template_text(tokenizer, messages[: index + 1])
+        before = apply_chat_template_text(
+            tokenizer, messages[:index], add_generation_prompt=True, template_kwargs=template_kwargs
+        )
+        through = apply_chat_template_text(tokenizer, messages[: index + 1], template_kwargs=template_kwargs)
         if not (full_text.startswith(before) and full_text.startswith(through) and len(through) >= len(before)):
             raise DataError(
                 f"assistant_only_loss: the chat template does not render message {index} as a continuation "
@@ -189,6 +210,7 @@ def tokenize_sft(
     *,
     max_length: int | None = 1024,
     truncation: bool = True,
+    truncation_mode: str = "keep_start",
     completion_only_loss: bool | None = None,
     assistant_only_loss: bool = False,
     text_field: str = "text",
@@ -200,16 +222,19 @@ def tokenize_sft(
     Returns a dataset with exactly two columns: ``input_ids`` and ``completion_mask``.
 
     Args:
-        max_length: keep at most this many tokens per row (the first ones); ``None``: no limit.
+        max_length: keep at most this many tokens per row; ``None``: no limit.
         truncation: if False, a row longer than ``max_length`` is a :class:`DataError`.
+        truncation_mode: which tokens a longer row keeps: ``keep_start`` the first, ``keep_end`` the last.
         completion_only_loss: for prompt-completion rows, mark only completion tokens (``None``:
             yes); ``False`` marks every token.
         assistant_only_loss: for conversations, mark only the assistant turns' tokens (each turn's
             end-of-turn token and the template's text after it included); default: every token.
         text_field: the text column of language-modeling data.
     """
+    _check_truncation_mode(truncation_mode)
     source = source or describe_source(dataset)
-    info = resolve_format(dataset, SFT_FORMATS, text_field=text_field, source=source)
+    probe = streamed_sample(dataset)  # a streaming dataset's format is read from its first rows
+    info = resolve_format(probe, SFT_FORMATS, text_field=text_field, source=source)
     if assistant_only_loss and not info.conversational:
         raise ConfigError(
             "assistant_only_loss needs conversational data (a 'messages' column, or conversational "
@@ -223,25 +248,29 @@ def tokenize_sft(
     completion_only = completion_only_loss is not False
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        # a row's own template variables (TRL's per-row `chat_template_kwargs` column)
+        template_kwargs = batch.get(CHAT_TEMPLATE_KWARGS_COLUMN) or [None] * len(indices)
         if info.format is DataFormat.LANGUAGE_MODELING:
             ids_rows = [specials.with_eos(specials.with_bos(ids)) for ids in encode(tokenizer, batch[text_field])]
             masks = [[1] * len(ids) for ids in ids_rows]
         elif info.format is DataFormat.PROMPT_COMPLETION:
-            ids_rows, masks = _prompt_completion_rows(batch, indices)
+            ids_rows, masks = _prompt_completion_rows(batch, indices, template_kwargs)
         else:
-            ids_rows, masks = _conversation_rows(batch["messages"], indices)
+            ids_rows, masks = _conversation_rows(batch["messages"], indices, template_kwargs)
         if not truncation:
             _check_lengths(ids_rows, indices, max_length, source)
         elif max_length is not None:
-            ids_rows = [ids[:max_length] for ids in ids_rows]
-            masks = [mask[:max_length] for mask in masks]
+            kept = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+            ids_rows = [ids[kept] for ids in ids_rows]
+            masks = [mask[kept] for mask in masks]
         return {"input_ids": ids_rows, "completion_mask": masks}
 
-    def _prompt_completion_rows(batch, indices):
+    def _prompt_completion_rows(batch, indices, template_kwargs):
         if info.conversational:
             pairs = _per_row(
-                lambda pair: render_prompt_completion(tokenizer, pair[0], pair[1]),
-                list(zip(batch["prompt"], batch["completion"])), indices, source=source, column="completion",
+                lambda row: render_prompt_completion(tokenizer, row[0], row[1], template_kwargs=row[2]),
+                list(zip(batch["prompt"], batch["completion"], template_kwargs)), indices, source=source,
+                column="completion",
             )
             prompts = encode(tokenizer, [p for p, _ in pairs])
             completions = [specials.turn_with_eos(ids) for ids in encode(tokenizer, [c for _, c in pairs])]
@@ -254,18 +283,18 @@ def tokenize_sft(
             masks.append([0 if completion_only else 1] * len(prompt_ids) + [1] * len(completion_ids))
         return ids_rows, masks
 
-    def _conversation_rows(conversations, indices):
+    def _conversation_rows(conversations, indices, template_kwargs):
         texts = _per_row(
-            lambda messages: apply_chat_template_text(tokenizer, messages),
-            conversations, indices, source=source, column="messages",
+            lambda row: apply_chat_template_text(tokenizer, row[0], template_kwargs=row[1]),
+            list(zip(conversations, template_kwargs)), indices, source=source, column="messages",
         )
         if not assistant_only_loss:
             ids_rows = encode(tokenizer, texts)
             masks = [[1] * len(ids) for ids in ids_rows]
         else:
             all_spans = _per_row(
-                lambda item: _assistant_spans(tokenizer, item[0], item[1]),
-                list(zip(conversations, texts)), indices, source=source, column="messages",
+                lambda item: _assistant_spans(tokenizer, item[0], item[1], item[2]),
+                list(zip(conversations, texts, template_kwargs)), indices, source=source, column="messages",
             )
             try:
                 encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -287,7 +316,7 @@ def tokenize_sft(
 
     return _map(
         dataset, tokenize_batch, {"input_ids": "int32", "completion_mask": "int8"},
-        num_proc=num_proc, remove=dataset.column_names, desc="Tokenizing (SFT)",
+        num_proc=num_proc, remove=probe.column_names, desc="Tokenizing (SFT)",
     )
 
 
@@ -465,6 +494,37 @@ def tokenize_preference(
         max_completion_length=max_completion_length, truncation_mode=truncation_mode,
         num_proc=num_proc, source=source,
     )
+
+
+def drop_empty_completions(
+    dataset: Dataset, source: str | None = None, columns: tuple[str, ...] = ("chosen_input_ids", "rejected_input_ids")
+) -> Dataset:
+    """Drop the rows in which truncation left a completion with no token (nothing to compare), with
+    one warning counting them.
+
+    Raises:
+        DataError: every row would be dropped.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    empty = np.zeros(len(dataset), dtype=bool)
+    for column in columns:
+        lengths = dataset.with_format("arrow")[column]
+        empty |= np.asarray(pc.fill_null(pc.list_value_length(lengths), 0)) == 0
+    dropped = int(empty.sum())
+    if not dropped:
+        return dataset
+    source = source or describe_source(dataset)
+    if dropped == len(dataset):
+        raise DataError(
+            "truncation leaves every row with an empty chosen or rejected completion", source=source,
+            expected="completions that keep at least one token", found=f"{dropped} of {dropped} rows empty",
+            fix="raise max_length (or lower max_prompt_length so that the prompt leaves room)",
+        )
+    logger.warning("%s: dropped %d of %d rows whose chosen or rejected completion is empty after truncation "
+                   "(raise max_length to keep them).", source, dropped, len(dataset))
+    return dataset.select(np.flatnonzero(~empty))
 
 
 def tokenize_unpaired_preference(

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from posttrain.errors import ConfigError
-from posttrain.trainers.config import PosttrainConfig, note_alias_once
+from posttrain.trainers.config import PosttrainConfig, configure_tokenizer, note_alias_once
 
 logger = logging.getLogger("posttrain")
 
@@ -96,6 +96,8 @@ def load_pretrained(
     if isinstance(kwargs["dtype"], str) and kwargs["dtype"] not in ("auto",):
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     kwargs.update(extra_kwargs or {})
+    if getattr(args, "trust_remote_code", False):
+        kwargs.setdefault("trust_remote_code", True)
     _check_gpu_only_requests(kwargs)
     check_model_directory(model)
     from safetensors import SafetensorError
@@ -179,8 +181,9 @@ def _check_gpu_only_requests(kwargs: dict[str, Any]) -> None:
             )
 
 
-def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module, owner: str):
-    """The tokenizer to use: ``processing_class``, its older name ``tokenizer``, or the model's own."""
+def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module, owner: str, args=None):
+    """The tokenizer to use: ``processing_class``, its older name ``tokenizer``, or the model's own;
+    ``args`` (a config) brings ``trust_remote_code``, ``pad_token`` and ``chat_template_path``."""
     if tokenizer is not None:
         if processing_class is not None and processing_class is not tokenizer:
             raise ConfigError(
@@ -202,7 +205,8 @@ def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module
                 "or pass processing_class=AutoTokenizer.from_pretrained(...)",
             )
         try:
-            processing_class = AutoTokenizer.from_pretrained(source)
+            trust = {"trust_remote_code": True} if getattr(args, "trust_remote_code", False) else {}
+            processing_class = AutoTokenizer.from_pretrained(source, **trust)
         except (OSError, ValueError) as err:
             raise ConfigError(
                 f"could not load a tokenizer for '{source}': {_first_line(err)}",
@@ -211,6 +215,8 @@ def resolve_processing_class(processing_class, tokenizer, model: str | nn.Module
                 "or processing_class=AutoTokenizer.from_pretrained(...)",
             ) from None
     tok = getattr(processing_class, "tokenizer", processing_class)
+    if args is not None:
+        configure_tokenizer(tok, args)
     if getattr(tok, "pad_token", None) is None:
         if getattr(tok, "eos_token", None) is None:
             raise ConfigError(

@@ -90,6 +90,25 @@ class PosttrainConfig(TrainingArguments):
                   "optimizer state unchanged) and counted as `nonfinite_steps`; after this many skipped steps "
                   "in a row the run stops with an error naming the step. 0 turns the guard off."},
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models and tokenizers that ship their own Python code (hub); passed to both loaders."},
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Set the tokenizer's pad token to this token, which must be in its vocabulary "
+                  "(default: its own pad token, else EOS)."},
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={"help": "Chat template for the tokenizer: a Jinja file, or a tokenizer directory / hub id whose "
+                  "template is copied (special tokens it names must already be in the vocabulary)."},
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={"help": "Offload activations to the CPU. Not implemented yet: True is an error (use "
+                  "gradient_checkpointing=True to save activation memory)."},
+    )
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Older name: warm up for this fraction of all steps (sets warmup_steps)."}
     )
@@ -108,6 +127,12 @@ class PosttrainConfig(TrainingArguments):
             raise ConfigError(
                 f"max_consecutive_nonfinite_steps must be >= 0, got {self.max_consecutive_nonfinite_steps}",
                 field="max_consecutive_nonfinite_steps", fix="pass a small count such as 3, or 0 to turn the guard off",
+            )
+        if self.activation_offloading:
+            raise ConfigError(
+                "activation_offloading is not implemented yet", field="activation_offloading",
+                fix="use gradient_checkpointing=True (recomputes activations instead of keeping them), "
+                "and drop activation_offloading",
             )
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
@@ -228,8 +253,8 @@ def check_common_values(config: TrainingArguments) -> None:
         if not hasattr(config, name):
             continue
         value = getattr(config, name)
-        if value is None and none_ok:
-            continue
+        if (value is None and none_ok) or (name == "pad_to_multiple_of" and isinstance(value, str)):
+            continue  # TRL's spellings ("auto", "none") are read by parse_pad_to_multiple_of
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
             raise ConfigError(f"{name} must be {wanted}, got {value!r}", field=name,
@@ -277,3 +302,45 @@ def _parse_json_field(text: str, name: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"expected a JSON object, got {text!r}", field=name, fix='pass e.g. \'{"dtype": "bfloat16"}\'')
     return value
+
+
+def parse_pad_to_multiple_of(value: int | str | None) -> int | None:
+    """TRL's spellings of ``pad_to_multiple_of``: an int, ``None``/``"none"``, a number as text, or
+    ``"auto"`` (TRL: 128 on AWS Neuron, which compiles once per shape; no padding elsewhere, and
+    posttrain runs on no Neuron device)."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        result = value
+    elif isinstance(value, str) and value.strip().lower() in ("auto", "none", "null", ""):
+        result = None
+    else:
+        try:
+            result = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"pad_to_multiple_of must be a whole number, 'auto' or None, got {value!r}",
+                              field="pad_to_multiple_of", fix="pass e.g. 8, or leave it unset") from None
+    if result is not None and result < 1:
+        raise ConfigError(f"pad_to_multiple_of must be at least 1, got {result}", field="pad_to_multiple_of",
+                          fix="pass e.g. 8, or leave it unset")
+    return result
+
+
+def parse_json_field(value: dict | str | None, name: str) -> dict | None:
+    """A dict field given as a dict, as JSON text (the command line), or ``None``."""
+    return _parse_json_field(value, name) if isinstance(value, str) else value
+
+
+def configure_tokenizer(tokenizer: Any, args: Any) -> None:
+    """Apply the config's ``chat_template_path`` and ``pad_token`` to ``tokenizer`` (in place)."""
+    from posttrain.data.templates import load_chat_template
+
+    path = getattr(args, "chat_template_path", None)
+    if path:
+        tokenizer.chat_template = load_chat_template(path, trust_remote_code=getattr(args, "trust_remote_code", False))
+    pad_token = getattr(args, "pad_token", None)
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise ConfigError(
+                f"pad_token {pad_token!r} is not in the tokenizer's vocabulary", field="pad_token",
+                fix="name a token the tokenizer has (e.g. its EOS token), or add it to the tokenizer first",
+            )
+        tokenizer.pad_token = pad_token

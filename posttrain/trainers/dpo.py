@@ -29,7 +29,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from posttrain.data.collate import PreferenceCollator
 from posttrain.data.formats import DataFormat, validate_dataset
 from posttrain.data.load import describe_source
-from posttrain.data.tokenize import TRUNCATION_MODES, tokenize_preference
+from posttrain.data.sharegpt import convert_sharegpt
+from posttrain.data.tokenize import TRUNCATION_MODES, drop_empty_completions, tokenize_preference
 from posttrain.errors import ConfigError
 from posttrain.losses.preference import (
     PreferenceLogps,
@@ -46,6 +47,7 @@ from posttrain.models.lm_head import (
     target_positions,
     token_logps,
 )
+from posttrain.models.moe import configure_router_aux_loss
 from posttrain.ops.distributed import all_reduce_sum
 from posttrain.trainers.base import (
     PosttrainTrainer,
@@ -56,7 +58,7 @@ from posttrain.trainers.base import (
     resolve_processing_class,
     router_aux_loss_requested,
 )
-from posttrain.trainers.config import PosttrainConfig
+from posttrain.trainers.config import PosttrainConfig, parse_pad_to_multiple_of
 from posttrain.trainers.reference import (
     ReferenceSyncCallback,
     add_precomputed_columns,
@@ -139,8 +141,13 @@ class DPOConfig(PosttrainConfig):
     padding_free: bool = field(
         default=False, metadata={"help": "Run each batch as one row of concatenated sequences: no padding tokens."}
     )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch's length to a multiple of this."}
+    pad_to_multiple_of: int | str | None = field(
+        default=None, metadata={"help": "Pad each batch's length to a multiple of this ('auto': no padding)."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of a Mixture-of-Experts policy's load-balancing loss, added to the loss "
+                  "(default: the model config's own; 0 turns it off). An error for a dense model."},
     )
 
     # -- the reference
@@ -170,6 +177,7 @@ class DPOConfig(PosttrainConfig):
         if isinstance(self.loss_weights, (int, float)):
             self.loss_weights = [float(self.loss_weights)]
         super().__post_init__()
+        self.pad_to_multiple_of = parse_pad_to_multiple_of(self.pad_to_multiple_of)
         self.loss_type = validate_preference_config(
             self.loss_type, self.loss_weights, beta=self.beta, f_divergence_type=self.f_divergence_type,
             weighted_pairs=self.use_weighting,
@@ -228,7 +236,7 @@ class DPOTrainer(PosttrainTrainer):
     ) -> None:
         args = resolve_args(args, model, DPOConfig, self.method_name)
         require_train_dataset(train_dataset, type(self).__name__)
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
         if args.disable_dropout:
             disable_dropout(model)
@@ -240,6 +248,8 @@ class DPOTrainer(PosttrainTrainer):
         )
         if args.disable_dropout and self.reference.model is not None:
             disable_dropout(self.reference.model)
+        # after the reference: a frozen copy must not carry the policy's hook
+        configure_router_aux_loss(model, args.router_aux_loss_coef)
         logger.info("DPO: %s", reference_description(self.reference, ref_model))
         self.bco_running_mean = RunningMean()
 
@@ -299,15 +309,17 @@ class DPOTrainer(PosttrainTrainer):
         if renames:
             dataset = dataset.rename_columns(renames)
             columns = dataset.column_names
-        if all(c in columns for c in _TOKENIZED_COLUMNS):
-            return dataset
         source = describe_source(dataset, fallback=name)
+        if all(c in columns for c in _TOKENIZED_COLUMNS):
+            return drop_empty_completions(dataset, source)
+        dataset = convert_sharegpt(dataset)
         validate_dataset(dataset, (DataFormat.PREFERENCE,), source=source)
-        return tokenize_preference(
+        dataset = tokenize_preference(
             dataset, self._tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, truncation_mode=args.truncation_mode,
             num_proc=args.dataset_num_proc, source=source,
         )
+        return drop_empty_completions(dataset, source)
 
     # -- the reference
 

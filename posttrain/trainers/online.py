@@ -93,7 +93,7 @@ class OnlineTrainer(PosttrainTrainer):
         from posttrain.trainers.reference import ReferenceSyncCallback, disable_dropout, resolve_reference
 
         args = resolve_args(args, model, self.config_class, self.method_name)
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self._init_metrics()
         self.reward_computer = build_reward_computer(reward_funcs, reward_processing_classes, args)

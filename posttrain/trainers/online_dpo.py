@@ -222,7 +222,7 @@ class OnlineDPOTrainer(PosttrainTrainer):
         tokenizer=None,
     ) -> None:
         args = resolve_args(args, model, OnlineDPOConfig, self.method_name)
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self._init_metrics()
         policy = apply_peft(load_pretrained(model, args), peft_config, args)

@@ -118,7 +118,7 @@ class PPOTrainer(PosttrainTrainer):
         if model is None:
             raise ConfigError("no policy model given", field="sft_model_path",
                               fix="pass model=... (or --model_name_or_path / --sft_model_path DIR)")
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self._init_metrics()
 

@@ -27,6 +27,7 @@ from transformers import AutoModelForSequenceClassification
 from posttrain.data.collate import PreferenceCollator
 from posttrain.data.formats import DataFormat, validate_dataset
 from posttrain.data.load import describe_source
+from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.tokenize import tokenize_preference, truncate_pair
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss, center_rewards_penalty, reward_metrics
@@ -41,7 +42,7 @@ from posttrain.trainers.base import (
     router_aux_loss_requested,
     unwrapped_pretrained,
 )
-from posttrain.trainers.config import PosttrainConfig
+from posttrain.trainers.config import PosttrainConfig, parse_pad_to_multiple_of
 from posttrain.trainers.reference import disable_dropout, require_map_style
 
 logger = logging.getLogger("posttrain")
@@ -70,12 +71,16 @@ class RewardConfig(PosttrainConfig):
         metadata={"help": "Weight of mean (r_chosen + r_rejected)^2, pulling rewards toward zero mean (e.g. 0.01)."},
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the model."})
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch's length to a multiple of this."}
+    pad_to_multiple_of: int | str | None = field(
+        default=None, metadata={"help": "Pad each batch's length to a multiple of this ('auto': no padding)."}
+    )
+    eos_token: str | None = field(
+        default=None, metadata={"help": "Token that ends each completion (default: the tokenizer's EOS)."}
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.pad_to_multiple_of = parse_pad_to_multiple_of(self.pad_to_multiple_of)
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ConfigError(f"unknown overlong_policy {self.overlong_policy!r}", field="overlong_policy",
                               fix=f"use one of {', '.join(OVERLONG_POLICIES)}")
@@ -122,8 +127,10 @@ class RewardTrainer(PosttrainTrainer):
     ) -> None:
         args = resolve_args(args, model, RewardConfig, self.method_name)
         require_train_dataset(train_dataset, type(self).__name__)
-        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__)
+        processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if args.eos_token is not None:
+            self._tokenizer.eos_token = args.eos_token
         model = load_pretrained(model, args, auto_class=AutoModelForSequenceClassification,
                                 extra_kwargs={"num_labels": 1} if isinstance(model, str) else None)
         _check_single_score(model)
@@ -173,6 +180,7 @@ class RewardTrainer(PosttrainTrainer):
             columns = dataset.column_names
         source = describe_source(dataset, fallback=name)
         if not ("chosen_input_ids" in columns and "rejected_input_ids" in columns):
+            dataset = convert_sharegpt(dataset)
             validate_dataset(dataset, (DataFormat.PREFERENCE,), source=source)
             truncating = args.overlong_policy == "truncate"
             dataset = tokenize_preference(

@@ -69,6 +69,17 @@ def test_bfd_truncates_long_sequences_first():
     assert max(len(r) for r in packed["input_ids"]) == 8
 
 
+def test_bfd_split_cuts_long_sequences_into_pieces_and_loses_no_token():
+    rows = make_rows([19, 3, 8, 4])
+    packed = pack_dataset(Dataset.from_list(rows), 8, strategy="bfd_split")
+    pieces = sorted(piece for row in packed for piece in split_sequences(row))
+    long_ids, long_mask = rows[0]["input_ids"], rows[0]["completion_mask"]
+    expected = [(long_ids[a:a + 8], long_mask[a:a + 8]) for a in (0, 8, 16)]
+    expected += [(r["input_ids"], r["completion_mask"]) for r in rows[1:]]
+    assert pieces == sorted(expected)  # 19 = 8 + 8 + 3, each piece its own sequence from position 0
+    assert max(len(r) for r in packed["input_ids"]) == 8 and sum(map(len, packed["input_ids"])) == 34
+
+
 def test_rows_without_completion_mask_train_on_everything():
     packed = pack_dataset(Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]]}), 8)
     assert packed[0]["completion_mask"] == [1] * 5 and packed[0]["position_ids"] == [0, 1, 2, 0, 1]

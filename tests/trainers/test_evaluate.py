@@ -135,7 +135,7 @@ def test_sft_preprocess_logits_sees_one_batch_of_logits(tiny_model_dir, tmp_path
     assert metrics["eval_scored"] == reference["eval_scored"]
 
 
-@pytest.mark.parametrize("layout", [dict(padding_free=True), dict(packing=True, max_length=24)])
+@pytest.mark.parametrize("layout", [dict(padding_free=True, max_length=None), dict(packing=True, max_length=24)])
 def test_sft_metrics_do_not_depend_on_the_batch_layout(tiny_model_dir, tmp_path, layout):
     def build(**fields):
         args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_eval_batch_size=8, **fields, **COMMON)

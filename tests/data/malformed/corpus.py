@@ -135,8 +135,8 @@ CASES: list[Case] = [
     Case("unreachable_hub_id", dataset="someone/no-such-dataset", expect=["someone/no-such-dataset", "could not load"]),
     # -- columns fit no format this method accepts
     _data_case("csv_wrong_header", "question,answer\n2+2?,4\n", "found columns ['answer', 'question']", suffix=".csv"),
-    _data_case("sharegpt_columns", _jsonl({"conversations": [{"from": "human", "value": "hi"}]}),
-               "rename it to 'messages'"),
+    _data_case("sharegpt_unknown_role", _jsonl({"conversations": [{"from": "narrator", "value": "hi"}]}),
+               "narrator"),
     _data_case("text_field_absent", _jsonl(*TEXT), "'body'", config={"dataset_text_field": "body"}),
     _data_case("sft_only_labels", _jsonl({"label": True}, {"label": False}), "found columns ['label']"),
     _data_case("reward_without_rejected", _jsonl({"chosen": "a", "other": "b"}), "found columns ['chosen', 'other']",
