@@ -23,6 +23,7 @@ from posttrain.data.formats import (
 )
 from posttrain.data.load import describe_source, load_data, load_mixture, mark_source, source_name
 from posttrain.data.packing import pack_dataset
+from posttrain.data.prompts import RepeatedBlockSampler, prepare_prompt_dataset
 from posttrain.data.templates import (
     apply_chat_template_text,
     has_chat_template,
@@ -44,6 +45,7 @@ __all__ = [
     "PaddingFreeCollator",
     "PreferenceCollator",
     "PromptCollator",
+    "RepeatedBlockSampler",
     "UnpairedPreferenceCollator",
     "apply_chat_template_text",
     "describe_source",
@@ -54,6 +56,7 @@ __all__ = [
     "load_mixture",
     "mark_source",
     "pack_dataset",
+    "prepare_prompt_dataset",
     "render_prompt_completion",
     "require_chat_template",
     "resolve_format",
