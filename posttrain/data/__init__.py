@@ -23,6 +23,7 @@ from posttrain.data.formats import (
 )
 from posttrain.data.load import describe_source, load_data, load_mixture, mark_source, source_name
 from posttrain.data.packing import pack_dataset, pack_stream
+from posttrain.data.prompts import RepeatedBlockSampler, prepare_prompt_dataset
 from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.templates import (
     apply_chat_template_text,
@@ -45,6 +46,7 @@ __all__ = [
     "PaddingFreeCollator",
     "PreferenceCollator",
     "PromptCollator",
+    "RepeatedBlockSampler",
     "UnpairedPreferenceCollator",
     "apply_chat_template_text",
     "convert_sharegpt",
@@ -57,6 +59,7 @@ __all__ = [
     "mark_source",
     "pack_dataset",
     "pack_stream",
+    "prepare_prompt_dataset",
     "render_prompt_completion",
     "require_chat_template",
     "resolve_format",

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
 from posttrain.models.reward_scoring import sequence_scores
+from posttrain.models.wrappers import is_peft_model
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_PREFIX = "v_head."
@@ -221,8 +222,6 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     @property
     def is_peft_model(self) -> bool:
-        from posttrain.trainers.base import is_peft_model
-
         return is_peft_model(self.pretrained_model)
 
     def get_output_embeddings(self):

@@ -2,6 +2,7 @@
 
     engine = make_rollout_engine("hf", model, tokenizer)
     batch = engine.generate(prompt_ids, num_generations=8, sampling=SamplingParams(max_completion_length=128))
+    rows = RolloutSequences.from_batch(batch)  # the layout trainers hand from stage to stage
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from posttrain.rollout.sampling import (
     sampling_key,
     sampling_keys,
 )
+from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
 from posttrain.rollout.vllm_engine import VLLMRolloutEngine
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "HFRolloutEngine",
     "RolloutBatch",
     "RolloutEngine",
+    "RolloutSequences",
     "SamplingParams",
     "VLLMRolloutEngine",
     "apply_min_p",
@@ -37,6 +40,7 @@ __all__ = [
     "apply_top_k",
     "apply_top_p",
     "choose_next_tokens",
+    "completion_token_logps",
     "keyed_uniform",
     "left_pad",
     "make_rollout_engine",

@@ -15,10 +15,16 @@ ENGINE_KINDS = ("hf", "vllm")
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What a trainer needs from an engine: token-id prompts in, a :class:`RolloutBatch` out."""
+    """What a trainer needs from an engine: token-id prompts in, a :class:`RolloutBatch` out.
+
+    Every attribute and method a trainer (or the evaluation suite) uses on an engine is listed here;
+    ``tests/rollout/test_engine_protocol.py`` checks that each engine class implements them with these
+    parameters, so a trainer can switch engines by name (``make_rollout_engine``).
+    """
 
     pad_token_id: int
     eos_token_ids: list[int]
+    device: torch.device  # where the returned tensors live
 
     def generate(
         self,
@@ -29,7 +35,18 @@ class RolloutEngine(Protocol):
         generator: torch.Generator | None = None,
         prompt_mask: torch.Tensor | None = None,
         prompt_keys: torch.Tensor | None = None,
-    ) -> RolloutBatch: ...
+    ) -> RolloutBatch:
+        """``num_generations`` completions per prompt, prompt-major.
+
+        ``prompt_mask`` ``(B, P)`` marks real tokens of a left-padded ``(B, P)`` tensor of prompts;
+        ``prompt_keys`` ``(B,)`` int64 (:func:`~posttrain.rollout.sampling.sampling_keys`) fix each
+        prompt's draws independently of the batch (then no ``generator``).
+        """
+        ...
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Sample with ``model``'s current weights from now on (trainers call it after optimizer steps)."""
+        ...
 
 
 def make_rollout_engine(kind: str, model: Any, tokenizer=None, **kwargs: Any) -> RolloutEngine:

@@ -145,6 +145,14 @@ class HFRolloutEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Sample with ``model``'s current weights. The engine runs the module it was given, so when that is
+        ``model`` (what trainers pass: the policy they train) there is nothing to copy; another module's weights
+        are copied in, and must have the same names and shapes."""
+        if model is self.model:
+            return
+        self.model.load_state_dict(model.state_dict())
+
     def generate(
         self,
         prompt_ids: list[list[int]] | torch.Tensor,

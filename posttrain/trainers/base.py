@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from posttrain.errors import ConfigError
+from posttrain.models.wrappers import is_peft_model
 from posttrain.trainers.config import PosttrainConfig, configure_tokenizer, note_alias_once
 
 logger = logging.getLogger("posttrain")
@@ -269,14 +270,6 @@ def router_aux_loss_requested(model: nn.Module, *, adds_router_loss: bool) -> bo
             "to silence this."
         )
     return requested
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

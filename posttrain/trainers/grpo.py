@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +31,7 @@ from posttrain.losses.policy import (
     vespo_policy_loss,
 )
 from posttrain.ops.distributed import global_mean_std
+from posttrain.rollout.sequences import RolloutSequences
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
 
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -103,7 +104,7 @@ class GRPOTrainer(OnlineTrainer):
     method_name: ClassVar[str] = "GRPO"
     config_class: ClassVar[type] = GRPOConfig
 
-    def compute_advantages(self, scored: ScoredRollout, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_advantages(self, scored: ScoredRollout, rows: RolloutSequences) -> tuple[torch.Tensor, dict[str, float]]:
         if self.args.multi_objective_aggregation == "normalize_then_sum":
             weights = torch.tensor(self.args.reward_weights or [1.0] * len(scored.reward_names),
                                    dtype=torch.float32, device=scored.rewards.device)
@@ -114,39 +115,39 @@ class GRPOTrainer(OnlineTrainer):
                                                           batch_mean_std=global_mean_std)
         return advantages, {"frac_reward_zero_std": stats.frac_zero_std}
 
-    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs: RolloutSequences, return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
             raise ConfigError("GRPOTrainer.compute_loss returns no model outputs", field="return_outputs",
                               fix="call it with return_outputs=False")
         args = self.args
         logps, entropy = self.policy_logps(model, inputs)
-        mask = inputs["loss_mask"]
+        mask = inputs.loss_mask
         # on-policy (the batch is used before any optimizer step) the old policy is the current one
-        old_logps = inputs["old_logps"] if "old_logps" in inputs else logps.detach()
-        kl_options = dict(ref_logps=inputs.get("ref_logps"), kl_coef=args.beta, kl_estimator="k3",
+        old_logps = inputs.old_logps if inputs.old_logps is not None else logps.detach()
+        kl_options = dict(ref_logps=inputs.ref_logps, kl_coef=args.beta, kl_estimator="k3",
                           use_bias_correction_kl=args.use_bias_correction_kl,
                           importance_sampling_level=args.importance_sampling_level)
         loss_type = POLICY_LOSS_AGGREGATIONS.canonical(args.loss_type)
         if args.loss_type == "cispo":
-            per_token_loss, metrics = cispo_policy_loss(logps, old_logps, inputs["advantages"], mask,
+            per_token_loss, metrics = cispo_policy_loss(logps, old_logps, inputs.advantages, mask,
                                                         epsilon_high=args.epsilon_high, **kl_options)
         elif args.loss_type == "sapo":
             per_token_loss, metrics = sapo_policy_loss(
-                logps, old_logps, inputs["advantages"], mask, temperature_pos=args.sapo_temperature_pos,
+                logps, old_logps, inputs.advantages, mask, temperature_pos=args.sapo_temperature_pos,
                 temperature_neg=args.sapo_temperature_neg, **kl_options,
             )
         elif args.loss_type == "vespo":
             per_token_loss, metrics = vespo_policy_loss(
-                logps, old_logps, inputs["advantages"], mask, k_pos=args.vespo_k_pos, lambda_pos=args.vespo_lambda_pos,
+                logps, old_logps, inputs.advantages, mask, k_pos=args.vespo_k_pos, lambda_pos=args.vespo_lambda_pos,
                 k_neg=args.vespo_k_neg, lambda_neg=args.vespo_lambda_neg, **kl_options,
             )
         else:
             per_token_loss, metrics = clipped_policy_loss(
-                logps, old_logps, inputs["advantages"], mask, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+                logps, old_logps, inputs.advantages, mask, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
                 delta=args.delta, **kl_options,
             )
         loss = aggregate_token_loss(per_token_loss, mask, loss_type, max_completion_length=args.max_completion_length,
-                                    num_items_in_batch=inputs["num_items_in_batch"])
+                                    num_items_in_batch=inputs.num_items_in_batch)
         if loss_type == "dapo":
             if self.model.training:  # normalised by the window's tokens on all processes: undo DDP's averaging
                 loss = loss * self.accelerator.num_processes

@@ -13,39 +13,45 @@ unset, ``steps_per_generation`` is ``gradient_accumulation_steps`` raised to the
 that makes the generation batch a multiple of ``num_generations``: batch 1, accumulation 4 and
 8 generations generate 8 completions of one prompt and spend them on two optimizer steps.
 
-Pieces a method with a different update (PPO, online DPO) can reuse on their own:
-:class:`RepeatedBlockSampler`, :func:`resolve_generation_schedule`, :func:`completion_token_logps`,
-:func:`prompt_completion_inputs`, :func:`split_into_micro_batches`, :class:`CompletionsLog`.
+The rows of a generation travel as :class:`~posttrain.rollout.sequences.RolloutSequences` (sampled
+tokens, loss mask, old/reference log-probs, advantages), the layout every online method shares;
+the prompt order comes from :class:`~posttrain.data.prompts.RepeatedBlockSampler` and the
+completions table from :mod:`posttrain.report.completions`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import Sampler
 
+from posttrain.data.prompts import RepeatedBlockSampler, prepare_prompt_dataset
 from posttrain.errors import ConfigError
+from posttrain.report.completions import COMPLETION_ROW_KEYS, CompletionsLog, nan_to_none, prompt_text
+from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
-from posttrain.trainers.online_batches import (  # noqa: F401  (re-exported for the trainers)
-    COMPLETION_ROW_KEYS,
-    CompletionsLog,
-    RepeatedBlockSampler,
-    ScoredRollout,
-    _log_wandb_table,
-    _nan_to_none,
-    completion_token_logps,
-    format_completions_table,
-    prompt_completion_inputs,
-    prompt_text,
-    split_into_micro_batches,
-    trim_padding,
-)
 from posttrain.trainers.online_config import OnlineConfig, resolve_generation_schedule  # noqa: F401
 
 PROMPT_COLUMNS = ("prompt", "prompt_input_ids", "prompt_attention_mask")
+
+
+@dataclass
+class ScoredRollout:
+    """Completions of one generation batch with their rewards; rows prompt-major, ``group_size`` per prompt."""
+
+    rows: RolloutSequences
+    prompts: list[Any]
+    completions: list[Any]
+    rewards_per_function: torch.Tensor  # (N, F), NaN where a function returned None
+    rewards: torch.Tensor  # (N,) weighted total
+    reward_names: list[str]
+    group_size: int
+    extra_columns: dict[str, list[Any]] = field(default_factory=dict)  # reward functions' log_extra, one value per row
+    logged_metrics: dict[str, list[float]] = field(default_factory=dict)  # reward functions' log_metric, one per call
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -129,7 +135,7 @@ class OnlineTrainer(PosttrainTrainer):
         self._move_reward_models_to_device()
         self._check_dataset_holds_a_generation(train_dataset)
         self._micro_step = 0
-        self._buffer: list[dict[str, torch.Tensor]] | None = None
+        self._buffer: list[RolloutSequences] | None = None
         self._engine = None
         self._engine_synced_step = -1
         self._eval_batches = 0  # generation batches of the evaluation under way (keys its prompts)
@@ -140,7 +146,7 @@ class OnlineTrainer(PosttrainTrainer):
 
     # ------------------------------------------------------------------ hooks for subclasses
 
-    def compute_advantages(self, scored: ScoredRollout, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_advantages(self, scored: ScoredRollout, rows: RolloutSequences) -> tuple[torch.Tensor, dict[str, float]]:
         """``(advantages (N,), metrics)`` for one generation batch; ``rows`` may hold ``old_logps``/``ref_logps``."""
         raise NotImplementedError
 
@@ -156,23 +162,8 @@ class OnlineTrainer(PosttrainTrainer):
     # ------------------------------------------------------------------ data
 
     def _prepare_dataset(self, dataset, split: str, args: OnlineConfig):
-        from posttrain.data.formats import DataFormat, validate_dataset
-        from posttrain.data.load import describe_source
-        from posttrain.data.tokenize import tokenize_prompts
-
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "column_names"):
-            raise ConfigError(
-                f"the {split} dataset must be a map-style datasets.Dataset, got {type(dataset).__name__}",
-                field="train_dataset", fix="load it without streaming, or build it with Dataset.from_list(...)",
-            )
-        if "prompt_input_ids" in dataset.column_names:
-            return dataset
-        source = describe_source(dataset, fallback=f"{split} dataset")
-        validate_dataset(dataset, [DataFormat.PROMPT_ONLY], source=source)  # any dataset with a `prompt` column
-        return tokenize_prompts(
-            dataset, self._tokenizer, max_prompt_length=args.max_prompt_length, num_proc=args.dataset_num_proc,
-            source=source,
-        )
+        return prepare_prompt_dataset(dataset, self._tokenizer, args.max_prompt_length, args.dataset_num_proc, split,
+                                      prompt_column_only=True)
 
     def prepare_eval_dataset(self, dataset, name: str):
         return self._prepare_dataset(dataset, "eval", self.args)
@@ -271,12 +262,12 @@ class OnlineTrainer(PosttrainTrainer):
         """How many training generations came before the current one (the same on every process)."""
         return self._micro_step // (self.args.steps_per_generation * self.args.num_iterations)
 
-    def _prepare_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _prepare_inputs(self, batch: dict[str, Any]) -> RolloutSequences:
         if not self.model.training:
             rows = self._generate_and_score(batch, mode="eval").rows
             self._eval_batches += 1
-            rows["num_items_in_batch"] = rows["loss_mask"].sum().float()
-            return trim_padding(rows)
+            rows.num_items_in_batch = rows.loss_mask.sum().float()
+            return rows.trim_padding()
         args = self.args
         if self._buffer is None:  # first step (a resumed run restores its buffer and micro-step with the checkpoint)
             self._micro_step = self.state.global_step * args.gradient_accumulation_steps
@@ -284,15 +275,15 @@ class OnlineTrainer(PosttrainTrainer):
             self._buffer = self._micro_batches(self._generate_and_score(batch, mode="train").rows)
         return self._buffer[self._micro_step % args.steps_per_generation]
 
-    def _micro_batches(self, rows: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self, rows: RolloutSequences) -> list[RolloutSequences]:
         """Cut a generation into micro-batches, each carrying the loss-token count of its accumulation window."""
         from posttrain.rollout.sampling import sampling_key
 
         steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
         # a generator per round, not one carried along: nothing to save for an exact resume
         shuffle = torch.Generator().manual_seed(sampling_key(self.args.seed, "shuffle", self._generation_round))
-        parts = split_into_micro_batches(rows, steps, shuffle)
-        counts = torch.stack([part["loss_mask"].sum() for part in parts]).float()
+        parts = rows.split(steps, shuffle)
+        counts = torch.stack([part.loss_mask.sum() for part in parts]).float()
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         if steps % accumulation == 0:
@@ -300,7 +291,7 @@ class OnlineTrainer(PosttrainTrainer):
         else:  # a window spans several generations: use the average tokens per window
             windows = (counts.sum() * accumulation / steps).expand(steps)
         for part, count in zip(parts, windows):
-            part["num_items_in_batch"] = count
+            part.num_items_in_batch = count
         return parts
 
     def _generate_and_score(
@@ -313,15 +304,14 @@ class OnlineTrainer(PosttrainTrainer):
                 num_generations = self.args.num_generations_eval or num_generations
         scored = self.sample_and_score(batch, num_generations, prompt_keys=self._prompt_keys(mode, len(batch["prompt"])))
         rows = scored.rows
-        rows["loss_mask"] = rows["completion_mask"].clone()
         if self.args.mask_truncated_completions:
-            rows["loss_mask"][rows["is_truncated"]] = 0
+            rows.loss_mask[rows.is_truncated] = 0
         with torch.no_grad():
             if self.needs_generation_logps(mode):
-                rows["old_logps"] = self._batched_logps(self.model, rows)
+                rows.old_logps = self._batched_logps(self.model, rows)
             if self.reference is not None:
-                rows["ref_logps"] = self._batched_logps(self.model, rows, logps_fn=self._reference_logps)
-        rows["advantages"], metrics = self.compute_advantages(scored, rows)
+                rows.ref_logps = self._batched_logps(self.model, rows, logps_fn=self._reference_logps)
+        rows.advantages, metrics = self.compute_advantages(scored, rows)
         if record:
             self._record_generation(scored, metrics, mode)
         return scored
@@ -372,13 +362,8 @@ class OnlineTrainer(PosttrainTrainer):
         output = self.reward_computer(
             prompts, completions, rollout.completion_token_lists(), columns, trainer_state=self.state
         )
-        rows = {
-            "prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-            "completion_ids": rollout.completion_ids, "completion_mask": rollout.completion_mask,
-            "is_truncated": rollout.is_truncated,
-        }
         return ScoredRollout(
-            rows=rows, prompts=prompts, completions=completions,
+            rows=RolloutSequences.from_batch(rollout), prompts=prompts, completions=completions,
             # a row no function scored is NaN: left out of its group's statistics, advantage 0
             rewards_per_function=output.per_function.to(device).float(),
             rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
@@ -406,14 +391,13 @@ class OnlineTrainer(PosttrainTrainer):
     def _reference_logps(self, model, *args, **kwargs):
         return self.reference.token_logps(model, *args, **kwargs)
 
-    def _batched_logps(self, model: nn.Module, rows: dict[str, torch.Tensor], logps_fn: Callable | None = None) -> torch.Tensor:
+    def _batched_logps(self, model: nn.Module, rows: RolloutSequences, logps_fn: Callable | None = None) -> torch.Tensor:
         """``(N, C)`` completion log-probs without gradient, in slices of ``per_device_train_batch_size`` rows."""
-        names = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-        width = rows["completion_ids"].shape[1]
+        width = rows.completion_ids.shape[1]
         step = max(1, self.args.per_device_train_batch_size)
         pieces = []
-        for start in range(0, rows["completion_ids"].shape[0], step):
-            part = trim_padding({name: rows[name][start : start + step] for name in names})
+        for start in range(0, rows.num_rows, step):
+            part = rows.slice(start, start + step).trim_padding()
             logps, _ = completion_token_logps(
                 model, part, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, logps_fn=logps_fn,
                 share_prompt=self.args.share_prompt_forward,
@@ -421,7 +405,7 @@ class OnlineTrainer(PosttrainTrainer):
             pieces.append(nn.functional.pad(logps, (0, width - logps.shape[1])))
         return torch.cat(pieces).detach()
 
-    def policy_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def policy_logps(self, model: nn.Module, inputs: RolloutSequences) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps, entropy)``, each ``(B, C)``, of a micro-batch's completions under the policy (with gradient)."""
         return completion_token_logps(
             model, inputs, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, with_entropy=True,
@@ -449,8 +433,8 @@ class OnlineTrainer(PosttrainTrainer):
         rows = scored.rows
         per_function = self._gathered(scored.rewards_per_function)
         rewards = self._gathered(scored.rewards)
-        lengths = self._gathered(rows["completion_mask"].sum(dim=1)).float()
-        truncated = self._gathered(rows["is_truncated"].long()).bool()
+        lengths = self._gathered(rows.completion_mask.sum(dim=1)).float()
+        truncated = self._gathered(rows.is_truncated.long()).bool()
         metrics: dict[str, float] = {}
         for index, name in enumerate(scored.reward_names):
             metrics[f"rewards/{name}/mean"] = _nan_mean(per_function[:, index])
@@ -465,7 +449,7 @@ class OnlineTrainer(PosttrainTrainer):
             metrics["completions/mean_terminated_length"] = lengths[~truncated].mean().item()
         self.record_metrics({**metrics, **extra, **self.mean_logged_metrics(scored.logged_metrics)})
         if mode == "train":
-            tokens = self._gathered((rows["prompt_mask"].sum() + rows["completion_mask"].sum()).reshape(1)).sum()
+            tokens = self._gathered((rows.prompt_mask.sum() + rows.completion_mask.sum()).reshape(1)).sum()
             self._cumulative["num_tokens"] += float(tokens.item())
             if self.args.log_completions:
                 self._completions_log.replace(self.completion_rows(scored))
@@ -476,15 +460,15 @@ class OnlineTrainer(PosttrainTrainer):
         the columns reward functions added with ``log_extra`` (a name the table uses gets ``_extra`` appended)."""
         texts = [c[0]["content"] if isinstance(c, list) else c for c in scored.completions]
         per_function = scored.rewards_per_function.tolist()
-        totals, advantage_values = scored.rewards.tolist(), scored.rows["advantages"].tolist()
+        totals, advantage_values = scored.rewards.tolist(), scored.rows.advantages.tolist()
         extra = {(name + "_extra" if name in COMPLETION_ROW_KEYS else name): values
                  for name, values in scored.extra_columns.items()}
         return [
             {
                 "prompt": prompt_text(prompt), "completion": text,
-                "rewards": {name: _nan_to_none(value) for name, value in zip(scored.reward_names, row_rewards)},
+                "rewards": {name: nan_to_none(value) for name, value in zip(scored.reward_names, row_rewards)},
                 **{name: values[row] for name, values in extra.items()},
-                "reward": _nan_to_none(total), "advantage": advantage,
+                "reward": nan_to_none(total), "advantage": advantage,
             }
             for row, (prompt, text, row_rewards, total, advantage)
             in enumerate(zip(scored.prompts, texts, per_function, totals, advantage_values))

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from posttrain.rollout.sequences import RolloutSequences
 
 # running counts a RewardComputer keeps between calls
 REWARD_COUNTERS = ("num_all_none_rows",)
@@ -50,14 +51,17 @@ def save_online_state(
     cumulative: Mapping[str, float],
     pending_metrics: Mapping[str, list[float]],
     micro_step: int = 0,
-    buffer: list[dict[str, torch.Tensor]] | None = None,
+    buffer: list[RolloutSequences] | None = None,
     reward_computer=None,
 ) -> None:
-    """Write this process's online-loop state into ``checkpoint`` (tensors moved to the CPU)."""
+    """Write this process's online-loop state into ``checkpoint`` (tensors moved to the CPU; each buffered
+    micro-batch as a dict of its fields, :meth:`RolloutSequences.as_dict`)."""
     os.makedirs(checkpoint, exist_ok=True)
     state = {
         "micro_step": int(micro_step),
-        "buffer": None if buffer is None else [{name: value.detach().cpu() for name, value in part.items()} for part in buffer],
+        "buffer": None if buffer is None else [
+            {name: value.detach().cpu() for name, value in part.as_dict().items()} for part in buffer
+        ],
         "cumulative": {name: float(value) for name, value in cumulative.items()},
         "pending_metrics": {name: [float(v) for v in values] for name, values in pending_metrics.items()},
         "reward_counters": reward_counters(reward_computer),
@@ -73,5 +77,5 @@ def load_online_state(checkpoint: str, args, device: torch.device) -> dict[str, 
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["buffer"] is not None:
-        state["buffer"] = [{name: value.to(device) for name, value in part.items()} for part in state["buffer"]]
+        state["buffer"] = [RolloutSequences.from_dict(part).to(device) for part in state["buffer"]]
     return state

@@ -4,11 +4,9 @@ Guo et al., "Direct Language Model Alignment from Online AI Feedback", arXiv:240
 step the policy samples two completions per prompt; a reward model (or several reward functions)
 or a pairwise judge says which is better; the DPO loss (sigmoid or IPO) is taken on that fresh
 pair against the frozen reference. The data is always on-policy, so there is no offline
-preference dataset to collect, only prompts.
-
-Also here, shared with PPO: :func:`prepare_prompt_dataset` (any dataset with prompts -> tokenized
-``prompt_input_ids``) and :class:`RolloutSequences` (a rollout laid out as prompt + completion
-rows ready for a log-prob forward).
+preference dataset to collect, only prompts (:func:`posttrain.data.prompts.prepare_prompt_dataset`).
+Each pair travels as :class:`~posttrain.rollout.sequences.RolloutSequences`, the layout every online
+method shares.
 """
 
 from __future__ import annotations
@@ -20,8 +18,11 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from posttrain.data.prompts import prepare_prompt_dataset
 from posttrain.errors import ConfigError, RewardFunctionError
 from posttrain.models.lm_head import token_logps
+from posttrain.models.wrappers import unwrap_model_keep_peft
+from posttrain.rollout.sequences import RolloutSequences
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
 from posttrain.trainers.config import PosttrainConfig, note_alias_once
 from posttrain.trainers.reference import disable_dropout, reference_description, resolve_reference
@@ -29,89 +30,6 @@ from posttrain.trainers.reference import disable_dropout, reference_description,
 logger = logging.getLogger("posttrain")
 
 ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo")
-
-
-# ----------------------------------------------------------------------------- shared with PPO
-
-
-def prepare_prompt_dataset(dataset, tokenizer, max_prompt_length: int | None, num_proc: int | None, split: str):
-    """Tokenize the prompts of ``dataset`` into ``prompt_input_ids``, keeping every other column.
-
-    Accepted: any dataset with a ``prompt`` column (prompt-only, prompt-completion, preference...),
-    conversations in ``messages`` (the prompt is everything before the last assistant turn), or
-    already tokenized ``prompt_input_ids`` / ``input_ids``.
-    """
-    from posttrain.data.formats import DataFormat, validate_dataset
-    from posttrain.data.load import describe_source
-
-    columns = dataset.column_names
-    if "prompt_input_ids" in columns:
-        return dataset
-    if "input_ids" in columns and "prompt" not in columns:
-        dataset = dataset.rename_column("input_ids", "prompt_input_ids")
-        return dataset.remove_columns([c for c in ("attention_mask",) if c in dataset.column_names])
-    source = describe_source(dataset, fallback=split)
-    if "messages" in columns and "prompt" not in columns:
-        validate_dataset(dataset, [DataFormat.CONVERSATIONAL], source=source)
-        dataset = dataset.map(lambda row: {"prompt": _conversation_prompt(row["messages"])},
-                              remove_columns=["messages"])
-    validate_dataset(dataset, [DataFormat.PROMPT_ONLY], source=source)
-    from posttrain.data.tokenize import tokenize_prompts
-
-    return tokenize_prompts(dataset, tokenizer, max_prompt_length=max_prompt_length, num_proc=num_proc, source=source)
-
-
-def _conversation_prompt(messages: list[dict]) -> list[dict]:
-    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
-    return messages[:last_assistant]
-
-
-@dataclass
-class RolloutSequences:
-    """Prompt + completion rows of a rollout, laid out for a log-prob forward pass.
-
-    ``input_ids``, ``attention_mask``, ``position_ids``, ``target_mask``: ``(N, P + C)``; the prompt
-    is left-padded, the completion right-padded, positions count real tokens only, and
-    ``target_mask`` is 1 on completion tokens. ``completion_ids`` / ``completion_mask``: ``(N, C)``.
-    Log-probs of completion token ``t`` sit at column ``P - 1 + t`` of a ``(N, P + C - 1)`` result.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    target_mask: torch.Tensor
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    prompt_width: int
-
-    def select(self, index: torch.Tensor | slice) -> RolloutSequences:
-        return RolloutSequences(
-            self.input_ids[index], self.attention_mask[index], self.position_ids[index], self.target_mask[index],
-            self.completion_ids[index], self.completion_mask[index], self.prompt_width,
-        )
-
-    def slice(self, start: int, stop: int) -> RolloutSequences:
-        return self.select(slice(start, stop))
-
-    def completion_values(self, value_model: nn.Module) -> torch.Tensor:
-        """``(N, C)``: the value of the state before each completion token (positions ``P-1 .. P+C-2``)."""
-        from posttrain.models.value_head import token_values
-
-        values = token_values(value_model, self.input_ids, self.attention_mask, self.position_ids)
-        return values[:, self.prompt_width - 1:-1]
-
-    def prompt_token_lists(self) -> list[list[int]]:
-        prompt_ids, prompt_mask = self.input_ids[:, :self.prompt_width], self.attention_mask[:, :self.prompt_width]
-        return [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]
-
-
-def rollout_sequences(batch) -> RolloutSequences:
-    """Lay out a :class:`~posttrain.rollout.RolloutBatch` as :class:`RolloutSequences`."""
-    attention_mask = batch.prompt_completion_mask
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    target_mask = torch.cat([torch.zeros_like(batch.prompt_mask), batch.completion_mask], dim=1)
-    return RolloutSequences(batch.prompt_completion_ids, attention_mask, position_ids, target_mask,
-                            batch.completion_ids, batch.completion_mask, batch.prompt_ids.shape[1])
 
 
 # ----------------------------------------------------------------------------- online DPO
@@ -235,10 +153,10 @@ class OnlineDPOTrainer(PosttrainTrainer):
                                                      reward_processing_classes, reward_processing_class)
         if train_dataset is not None:
             train_dataset = prepare_prompt_dataset(train_dataset, self._tokenizer, args.max_prompt_length,
-                                                   args.dataset_num_proc, "train dataset")
+                                                   args.dataset_num_proc, "train")
         if eval_dataset is not None:
             eval_dataset = prepare_prompt_dataset(eval_dataset, self._tokenizer, args.max_prompt_length,
-                                                  args.dataset_num_proc, "eval dataset")
+                                                  args.dataset_num_proc, "eval")
         if data_collator is None:
             from posttrain.data.collate import PromptCollator
 
@@ -283,9 +201,9 @@ class OnlineDPOTrainer(PosttrainTrainer):
                               field="reward_processing_classes", fix="pass one tokenizer per reward function (None for plain functions)")
         processing_classes = [tok if tok is not None or not isinstance(func, nn.Module) else self._reward_tokenizer(func)
                                for func, tok in zip(funcs, processing_classes)]
-        from posttrain.trainers.online import build_reward_computer
+        from posttrain.rewards import RewardComputer, resolve_reward_funcs
 
-        return build_reward_computer(funcs, processing_classes, args)
+        return RewardComputer(resolve_reward_funcs(funcs, processing_classes), reward_weights=args.reward_weights)
 
     def _reward_tokenizer(self, reward_model: nn.Module):
         """The tokenizer saved beside a reward model instance, else the policy's (the usual shared base)."""
@@ -438,7 +356,7 @@ class OnlineDPOTrainer(PosttrainTrainer):
         from posttrain.losses.preference import PreferenceLogps, combined_preference_loss
 
         generated = self._generate(model, inputs)
-        seq = rollout_sequences(generated)
+        seq = RolloutSequences.from_batch(generated)
         first_wins, scores = self._rank(inputs, generated)
         num_prompts = generated.num_prompts
         pairs = torch.arange(num_prompts, device=first_wins.device) * 2
@@ -480,14 +398,3 @@ class OnlineDPOTrainer(PosttrainTrainer):
             values["objective/scores_margin"] = self.gather_mean(scores[chosen] - scores[rejected])
             values["objective/rlhf_reward"] = self.gather_mean(scores - self.beta * kl)
         self.record_metrics(values)
-
-
-def unwrap_model_keep_peft(model: nn.Module) -> nn.Module:
-    """Strip DDP / compile wrappers but keep a PEFT wrapper (so adapters save and switch as adapters)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "peft_config"):
-            model = model.module
-        else:
-            return model

@@ -39,13 +39,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, TrainerState
 
+from posttrain.data.prompts import prepare_prompt_dataset
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
 from posttrain.models.reward_scoring import append_after_eos, require_reward_model, sequence_scores
 from posttrain.models.value_head import PolicyAndValueModel
+from posttrain.models.wrappers import unwrap_model_keep_peft
+from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_processing_class
 from posttrain.trainers.config import note_alias_once
-from posttrain.trainers.online_dpo import prepare_prompt_dataset, rollout_sequences, unwrap_model_keep_peft
 from posttrain.trainers.ppo_checkpoint import (
     TRAINER_STATE_FILE,
     VALUE_MODEL_DIR,
@@ -142,11 +144,11 @@ class PPOTrainer(PosttrainTrainer):
             raise ConfigError("PPOTrainer needs a train_dataset of prompts", field="train_dataset",
                               fix="pass a dataset with a 'prompt' column")
         train_dataset = prepare_prompt_dataset(train_dataset, self._tokenizer, args.max_prompt_length,
-                                               args.dataset_num_proc, "train dataset")
+                                               args.dataset_num_proc, "train")
         self._turn_suffix_ids, self._eos_ids = self._scoring_suffix(train_dataset)
         if eval_dataset is not None:
             eval_dataset = prepare_prompt_dataset(eval_dataset, self._tokenizer, args.max_prompt_length,
-                                                  args.dataset_num_proc, "eval dataset")
+                                                  args.dataset_num_proc, "eval")
         if data_collator is None:
             from posttrain.data.collate import PromptCollator
 
@@ -261,13 +263,13 @@ class PPOTrainer(PosttrainTrainer):
             self._optimise(rollout)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
-            episode += rollout["num_rows"] * args.world_size
+            episode += rollout.num_rows * args.world_size
             self.state.global_step = update
             self.state.epoch = episode / max(1, len(self.train_dataset))
             self._cumulative["episode"] = float(episode)
             self.record_metrics({"eps": (episode - first_episode) / max(time.time() - start, 1e-9)})
             if samples_every and update % samples_every == 0:
-                self._write_samples(rollout, update)
+                self._write_samples(rollout, batch.get("prompt"), update)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             if self.control.should_log or update == num_updates:
                 self.log({"lr": self._get_learning_rate()})
@@ -333,8 +335,9 @@ class PPOTrainer(PosttrainTrainer):
                 base.enable_input_require_grads()
 
     @torch.no_grad()
-    def _rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Sample completions for a batch of prompts and compute everything PPO needs from them."""
+    def _rollout(self, batch: dict[str, Any]) -> RolloutSequences:
+        """Sample completions for a batch of prompts and compute everything PPO needs from them: the rows
+        with their log-probs (``old_logps``), reference log-probs, values, scores, advantages and returns."""
         from posttrain.losses.advantages import gae, token_level_kl_rewards
         from posttrain.losses.kl import kl_divergence
         from posttrain.ops.distributed import global_mean_std
@@ -351,23 +354,20 @@ class PPOTrainer(PosttrainTrainer):
             keys = sampling_keys(args.seed, "train", self.state.global_step, positions=range(start, start + len(prompt_ids)))
             generated = self._engine().generate(prompt_ids, prompt_mask=prompt_mask, num_generations=1,
                                                 sampling=self._sampling(), prompt_keys=keys)
-        seq = rollout_sequences(generated)
+        seq = RolloutSequences.from_batch(generated)
         logps, ref_logps, values, scores = [], [], [], []
         step = args.local_rollout_forward_batch_size
         self.policy.eval(), self.value_model.eval()
-        for lo in range(0, seq.input_ids.shape[0], step):
+        for lo in range(0, seq.num_rows, step):
             part = seq.slice(lo, lo + step)
             logps.append(self._policy_logps(self.policy, part))
-            ref_logps.append(self.reference.token_logps(
-                self.policy, part.input_ids, part.target_mask, part.attention_mask, part.position_ids,
-                temperature=args.temperature, chunk_size=args.logits_chunk_size,
-            ).logps[:, part.prompt_width - 1:])
+            ref_logps.append(self._policy_logps(self.policy, part, logps_fn=self.reference.token_logps))
             values.append(part.completion_values(self.value_model))
             scores.append(self.reward_scores(part))
         self.policy.train(), self.value_model.train()
         logps, ref_logps = torch.cat(logps), torch.cat(ref_logps)
         values, scores = torch.cat(values), torch.cat(scores)
-        mask = seq.completion_mask.float()
+        mask = seq.loss_mask.float()
 
         ended = ~generated.is_truncated
         if args.missing_eos_penalty is not None:
@@ -387,10 +387,10 @@ class PPOTrainer(PosttrainTrainer):
             "objective/rlhf_reward": self.gather_mean(scores + non_score),
             "objective/scores": self.gather_mean(scores),
             "val/num_eos_tokens": self.gather_mean(ended.float()) * ended.numel(),
-            "completions/mean_length": self.gather_mean(mask.sum(-1)),
+            "completions/mean_length": self.gather_mean(seq.completion_mask.float().sum(-1)),
         })
-        return {"seq": seq, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
-                "mask": mask, "scores": scores, "num_rows": seq.input_ids.shape[0], "prompts": batch.get("prompt")}
+        return seq.replace(old_logps=logps, ref_logps=ref_logps, values=values, advantages=advantages,
+                           returns=returns, scores=scores)
 
     def _scoring_suffix(self, prompts) -> tuple[list[int], list[int]]:
         """For chat prompts: the token ids the template writes after a turn's EOS, and the EOS ids."""
@@ -417,23 +417,22 @@ class PPOTrainer(PosttrainTrainer):
             ids, mask, positions = append_after_eos(ids, mask, positions, self._turn_suffix_ids, self._eos_ids)
         return sequence_scores(self.reward_model, ids, mask, positions)
 
-    def _policy_logps(self, network: nn.Module, part) -> torch.Tensor:
-        from posttrain.models.lm_head import token_logps
+    def _policy_logps(self, network: nn.Module, part: RolloutSequences, logps_fn: Callable | None = None) -> torch.Tensor:
+        """``(n, C)`` completion log-probs of ``part`` under ``network`` (or the reference, with its ``logps_fn``)."""
+        logps, _ = completion_token_logps(network, part, temperature=self.args.temperature,
+                                          chunk_size=self.args.logits_chunk_size, logps_fn=logps_fn, share_prompt=False)
+        return logps
 
-        out = token_logps(network, part.input_ids, part.target_mask, part.attention_mask, part.position_ids,
-                          temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size)
-        return out.logps[:, part.prompt_width - 1:]
-
-    def _optimise(self, rollout: dict[str, Any]) -> None:
+    def _optimise(self, rollout: RolloutSequences) -> None:
         """``num_ppo_epochs`` shuffled passes over the rollouts; one optimizer step per mini-batch."""
         from posttrain.losses.policy import clipped_policy_loss, clipped_value_loss
         from posttrain.ops.masked import masked_mean
 
         args, accelerator, model = self.args, self.accelerator, self.model_wrapped
-        rows = rollout["num_rows"]
+        rows = rollout.num_rows
         mini = rows // args.num_mini_batches
         micro = max(1, mini // args.gradient_accumulation_steps)
-        seq, mask = rollout["seq"], rollout["mask"]
+        mask = rollout.loss_mask.float()
         model.train()
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(rows, generator=self._sample_generator, device=self._sample_generator.device)
@@ -443,7 +442,7 @@ class PPOTrainer(PosttrainTrainer):
                 starts = list(range(0, len(mini_rows), micro))
                 for i, micro_start in enumerate(starts):
                     idx = mini_rows[micro_start:micro_start + micro]
-                    part = seq.select(idx)
+                    part = rollout.select(idx)
                     sync = nullcontext() if i == len(starts) - 1 else accelerator.no_sync(model)
                     with sync:
                         logps, entropy, values = model(part.input_ids, part.attention_mask, part.position_ids,
@@ -453,16 +452,16 @@ class PPOTrainer(PosttrainTrainer):
                         logps, entropy, values = logps[:, width - 1:], entropy[:, width - 1:], values[:, width - 1:-1]
                         token_mask = mask[idx]
                         per_token, policy_metrics = clipped_policy_loss(
-                            logps, rollout["logps"][idx], rollout["advantages"][idx], token_mask,
+                            logps, part.old_logps, part.advantages, token_mask,
                             epsilon_low=args.cliprange, epsilon_high=args.cliprange,
                         )
                         policy_loss = masked_mean(per_token, token_mask)
                         value_loss, value_metrics = clipped_value_loss(
-                            values, rollout["values"][idx], rollout["returns"][idx], token_mask, args.cliprange_value
+                            values, part.values, part.returns, token_mask, args.cliprange_value
                         )
                         loss = policy_loss + args.vf_coef * value_loss
                         accelerator.backward(loss / len(starts))
-                    self._record_update_metrics(logps, rollout["logps"][idx], entropy, token_mask,
+                    self._record_update_metrics(logps, part.old_logps, entropy, token_mask,
                                                 policy_loss, value_loss, policy_metrics, value_metrics)
                 if args.max_grad_norm is not None and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -514,7 +513,7 @@ class PPOTrainer(PosttrainTrainer):
         if dataset is None:
             raise ConfigError("evaluate() needs an eval_dataset", field="eval_dataset", fix="pass eval_dataset=...")
         if eval_dataset is not None and "prompt_input_ids" not in dataset.column_names:
-            dataset = prepare_prompt_dataset(dataset, self._tokenizer, self.args.max_prompt_length, None, "eval dataset")
+            dataset = prepare_prompt_dataset(dataset, self._tokenizer, self.args.max_prompt_length, None, "eval")
         loader = self.get_eval_dataloader(dataset)
         scores, ended = [], []
         for batch in loader:
@@ -522,8 +521,7 @@ class PPOTrainer(PosttrainTrainer):
                 generated = self._engine().generate(batch["prompt_input_ids"],
                                                     prompt_mask=batch["prompt_attention_mask"],
                                                     sampling=self._sampling(greedy=True))
-            seq = rollout_sequences(generated)
-            scores.append(self.reward_scores(seq))
+            scores.append(self.reward_scores(RolloutSequences.from_batch(generated)))
             ended.append((~generated.is_truncated).float())
         metrics = {f"{metric_key_prefix}_objective/scores": self.gather_mean(torch.cat(scores)),
                    f"{metric_key_prefix}_val/contain_eos_token": self.gather_mean(torch.cat(ended))}
@@ -531,22 +529,20 @@ class PPOTrainer(PosttrainTrainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
 
-    def _write_samples(self, rollout: dict[str, Any], update: int, rows: int = 4) -> None:
+    def _write_samples(self, rollout: RolloutSequences, prompts: list | None, update: int, rows: int = 4) -> None:
         if not self.is_world_process_zero():
             return
-        import json
+        from posttrain.report.completions import append_completion_rows
 
-        seq = rollout["seq"]
         completions = self._tokenizer.batch_decode(
-            [ids[m.bool()].tolist() for ids, m in zip(seq.completion_ids[:rows], seq.completion_mask[:rows])],
+            [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids[:rows], rollout.completion_mask[:rows])],
             skip_special_tokens=True,
         )
-        prompts = rollout["prompts"] or self._tokenizer.batch_decode(seq.prompt_token_lists()[:rows])
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a", encoding="utf-8") as handle:
-            for prompt, completion, score in zip(prompts, completions, rollout["scores"][:rows].tolist()):
-                handle.write(json.dumps({"step": update, "prompt": prompt, "completion": completion,
-                                         "score": score}, default=str) + "\n")
+        prompts = prompts or self._tokenizer.batch_decode(rollout.prompt_token_lists()[:rows])
+        append_completion_rows(self.args.output_dir, update, [
+            {"prompt": prompt, "completion": completion, "score": score}
+            for prompt, completion, score in zip(prompts, completions, rollout.scores[:rows].tolist())
+        ])
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the policy (not the value model) as a plain model directory, with the tokenizer."""

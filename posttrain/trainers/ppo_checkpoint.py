@@ -26,9 +26,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from posttrain.errors import ConfigError
-from posttrain.trainers.base import is_peft_model
+from posttrain.models.wrappers import is_peft_model, unwrap_model_keep_peft
 from posttrain.trainers.checkpoint import resolve_resume
-from posttrain.trainers.online_dpo import unwrap_model_keep_peft
 
 VALUE_MODEL_DIR = "value_model"
 TRAINER_STATE_FILE = "trainer_state.json"

@@ -15,7 +15,7 @@ Sampling, rewards and the buffered schedule are shared with GRPO (:mod:`posttrai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +26,7 @@ from posttrain.losses.kl import KL_ESTIMATORS, kl_divergence
 from posttrain.losses.policy import sequence_clipped_policy_loss
 from posttrain.ops.distributed import global_mean_std
 from posttrain.ops.masked import masked_mean, masked_sum
+from posttrain.rollout.sequences import RolloutSequences
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
 from posttrain.trainers.config import parse_pad_to_multiple_of
 
@@ -92,16 +93,16 @@ class RLOOTrainer(OnlineTrainer):
         kl_at_sampling = self.args.beta > 0 and self.args.kl_in_reward
         return kl_at_sampling or super().needs_generation_logps(mode)
 
-    def compute_advantages(self, scored: ScoredRollout, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_advantages(self, scored: ScoredRollout, rows: RolloutSequences) -> tuple[torch.Tensor, dict[str, float]]:
         args = self.args
         rewards = scored.rewards
         if args.reward_clip_range is not None:
             rewards = rewards.clamp(*args.reward_clip_range)
         metrics: dict[str, float] = {}
         if args.beta > 0 and args.kl_in_reward:
-            mask = rows["completion_mask"]
-            rewards = kl_penalized_scores(rewards, rows["old_logps"], rows["ref_logps"], mask, args.beta, args.kl_estimator)
-            per_token_kl = kl_divergence(rows["old_logps"], rows["ref_logps"], args.kl_estimator)
+            mask = rows.completion_mask
+            rewards = kl_penalized_scores(rewards, rows.old_logps, rows.ref_logps, mask, args.beta, args.kl_estimator)
+            per_token_kl = kl_divergence(rows.old_logps, rows.ref_logps, args.kl_estimator)
             metrics["kl"] = self.masked_mean(per_token_kl, mask)
         advantages, stats = ADVANTAGE_ESTIMATORS.get("rloo")(
             rewards, scored.group_size, normalize=args.normalize_advantages, batch_mean_std=global_mean_std
@@ -109,26 +110,26 @@ class RLOOTrainer(OnlineTrainer):
         metrics["frac_reward_zero_std"] = stats.frac_zero_std
         return advantages, metrics
 
-    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs: RolloutSequences, return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
             raise ConfigError("RLOOTrainer.compute_loss returns no model outputs", field="return_outputs",
                               fix="call it with return_outputs=False")
         args = self.args
         logps, entropy = self.policy_logps(model, inputs)
-        mask = inputs["loss_mask"]
+        mask = inputs.loss_mask
         sequence_logps = masked_sum(logps, mask, dim=-1)
         # on-policy (the batch is used before any optimizer step) the old policy is the current one
-        if "old_logps" in inputs:
-            old_sequence_logps = masked_sum(inputs["old_logps"], mask, dim=-1)
+        if inputs.old_logps is not None:
+            old_sequence_logps = masked_sum(inputs.old_logps, mask, dim=-1)
         else:
             old_sequence_logps = sequence_logps.detach()
         per_sequence_loss, metrics = sequence_clipped_policy_loss(
-            sequence_logps, old_sequence_logps, inputs["advantages"], epsilon_low=args.epsilon,
+            sequence_logps, old_sequence_logps, inputs.advantages, epsilon_low=args.epsilon,
             epsilon_high=args.epsilon_high,
         )
         loss = per_sequence_loss.mean()
         if args.beta > 0 and not args.kl_in_reward:
-            per_token_kl = kl_divergence(logps, inputs["ref_logps"], args.kl_estimator)
+            per_token_kl = kl_divergence(logps, inputs.ref_logps, args.kl_estimator)
             loss = loss + args.beta * masked_sum(per_token_kl, mask, dim=-1).mean()
             metrics["kl"] = masked_mean(per_token_kl.detach(), mask).item()
         loss = loss / self.loss_normaliser_for_accumulation()

@@ -92,7 +92,7 @@ def record_rollouts(trainer, run: str) -> list[dict]:
             scored = original(batch, mode, **kwargs)
             texts = [c[0]["content"] if isinstance(c, list) else c for c in scored.completions]
             add(trainer.state.global_step, scored.prompts, texts, scored.rewards.tolist(),
-                scored.rows["advantages"].tolist())
+                scored.rows.advantages.tolist())
             return scored
 
         trainer._generate_and_score = generate_and_score
@@ -112,10 +112,10 @@ def record_rollouts(trainer, run: str) -> list[dict]:
 
         def rollout(batch):
             result = original(batch)
-            texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(result["seq"].completion_ids,
-                                            result["seq"].completion_mask)])
-            advantages = (result["advantages"] * result["mask"]).sum(-1).tolist()
-            add(trainer.state.global_step, batch["prompt"], texts, result["scores"].tolist(), advantages)
+            texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(result.completion_ids,
+                                            result.completion_mask)])
+            advantages = (result.advantages * result.loss_mask).sum(-1).tolist()
+            add(trainer.state.global_step, batch["prompt"], texts, result.scores.tolist(), advantages)
             return result
 
         trainer._rollout = rollout

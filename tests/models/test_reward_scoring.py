@@ -153,7 +153,7 @@ def test_ppo_reads_the_score_reward_training_computes(arch, tmp_path):
     from posttrain import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer
     from posttrain.rewards import RewardModelScorer
     from posttrain.rollout.batch import RolloutBatch
-    from posttrain.trainers.online_dpo import rollout_sequences
+    from posttrain.rollout.sequences import RolloutSequences
 
     tokenizer = make_tokenizer(arch)
     reward_model = make_reward_model(arch, tokenizer, pad_token_id=None)
@@ -179,7 +179,7 @@ def test_ppo_reads_the_score_reward_training_computes(arch, tmp_path):
     completion_ids, completion_mask = pad_rows(completion_rows, pad, "right")
     rollout = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask,
                            is_truncated=torch.tensor([False, False, True]), prompt_index=torch.arange(3), group_size=1)
-    ppo_scores = ppo.reward_scores(rollout_sequences(rollout))
+    ppo_scores = ppo.reward_scores(RolloutSequences.from_batch(rollout))
 
     # RewardTrainer on the same token ids (the truncated row as a pair cut by overlong_policy='truncate')
     pairs = Dataset.from_list([{"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": completion_rows[1]}
@@ -212,7 +212,7 @@ def test_ppo_scores_a_chat_completion_as_reward_training_rendered_it(tiny_model_
     from posttrain.models.tiny import tiny_model_path
     from posttrain.rewards import RewardModelScorer
     from posttrain.rollout.batch import RolloutBatch
-    from posttrain.trainers.online_dpo import rollout_sequences
+    from posttrain.rollout.sequences import RolloutSequences
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     questions, answers = ["What is 2 + 3?", "What is 10 + 1?"], ["5", "The answer is 11."]
@@ -231,7 +231,7 @@ def test_ppo_scores_a_chat_completion_as_reward_training_rendered_it(tiny_model_
     completion_ids, completion_mask = pad_rows(completion_rows, pad, "right")
     rollout = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask,
                            is_truncated=torch.tensor([False, False]), prompt_index=torch.arange(2), group_size=1)
-    ppo_scores = ppo.reward_scores(rollout_sequences(rollout))
+    ppo_scores = ppo.reward_scores(RolloutSequences.from_batch(rollout))
     scorer = RewardModelScorer(tiny_model_path(reward=True))
     trained_layout = scorer(prompts=prompts, completions=[[{"role": "assistant", "content": a}] for a in answers])
     torch.testing.assert_close(ppo_scores, torch.tensor(trained_layout), atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ import transformers
 
 import posttrain.models.lm_head as lm_head
 from posttrain.models.lm_head import can_share_prompt, token_logps
-from posttrain.trainers.online_batches import completion_token_logps
+from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
 
 VOCAB = 97
 
@@ -56,10 +56,16 @@ def grouped_rows(num_prompts: int = 3, group: int = 4, seed: int = 0) -> dict[st
     return {name: value[order] for name, value in batch.items()}
 
 
+def layout(rows: dict[str, torch.Tensor]) -> RolloutSequences:
+    """The rows as the trainers hand them to :func:`completion_token_logps`."""
+    return RolloutSequences(**rows, loss_mask=rows["completion_mask"],
+                            is_truncated=torch.zeros(rows["completion_ids"].shape[0], dtype=torch.bool))
+
+
 def _logps_and_grads(model, rows, share: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     monkeypatch.setattr(lm_head, "can_share_prompt", can_share_prompt if share else (lambda model: False))
     model.zero_grad()
-    logps, entropy = completion_token_logps(model, rows, with_entropy=True)
+    logps, entropy = completion_token_logps(model, layout(rows), with_entropy=True)
     (logps * torch.linspace(0.5, 1.5, logps.shape[1], device=logps.device)).sum().backward()
     grads = [param.grad.clone() for param in model.parameters() if param.grad is not None]
     return logps.detach(), entropy, grads
@@ -98,7 +104,7 @@ def test_each_distinct_prompt_runs_once():
     rows = grouped_rows(num_prompts=3, group=4)
     lookups = []
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: lookups.append(output.shape))
-    completion_token_logps(model, rows)
+    completion_token_logps(model, layout(rows))
     prompt_width, completion_width = rows["prompt_ids"].shape[1], rows["completion_ids"].shape[1]
     assert recorder.shapes == [(3, prompt_width), (12, completion_width)]
     # one lookup over the full rows: each extra one would build another dense (V, d) embedding gradient
@@ -109,7 +115,7 @@ def test_distinct_prompts_take_one_full_forward():
     model = build("qwen2")
     recorder = ForwardRecorder(model)
     rows = grouped_rows(num_prompts=4, group=1)
-    completion_token_logps(model, rows)
+    completion_token_logps(model, layout(rows))
     assert recorder.shapes == [(4, rows["prompt_ids"].shape[1] + rows["completion_ids"].shape[1])]
 
 
@@ -119,7 +125,7 @@ def test_gradient_checkpointing_in_training_falls_back():
     assert not can_share_prompt(model)
     recorder = ForwardRecorder(model)
     rows = grouped_rows()
-    logps, _ = completion_token_logps(model, rows)
+    logps, _ = completion_token_logps(model, layout(rows))
     logps.sum().backward()
     assert len(recorder.shapes) == 1
     model.eval()  # the cache is only turned off in training mode

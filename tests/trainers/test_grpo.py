@@ -11,7 +11,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain import ConfigError, GRPOConfig, GRPOTrainer
-from posttrain.trainers.online import RepeatedBlockSampler, ScoredRollout, resolve_generation_schedule
+from posttrain.data.prompts import RepeatedBlockSampler
+from posttrain.rollout.sequences import RolloutSequences
+from posttrain.trainers.online import ScoredRollout, resolve_generation_schedule
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +219,7 @@ def test_loss_and_gradient_match_hand_computation(trainer, loss_type, beta):
     inputs["old_logps"] = (current + 0.3 * torch.randn(current.shape, generator=noise, dtype=torch.float64)).float()
     inputs["ref_logps"] = (current + 0.2 * torch.randn(current.shape, generator=noise, dtype=torch.float64)).float()
     try:
-        loss = trainer.compute_loss(model, inputs)
+        loss = trainer.compute_loss(model, RolloutSequences.from_dict(inputs))
         expected = _expected_loss(
             _float64_logps(model, inputs, 0.7), inputs["old_logps"].double(), inputs["ref_logps"].double(), inputs,
             loss_type=loss_type, eps_low=0.2, eps_high=0.28, beta=beta, max_len=args.max_completion_length, items=17.0,
@@ -242,7 +244,7 @@ def test_on_policy_loss_is_minus_the_mean_advantage(trainer):
     inputs = _micro_batch(trainer.model.config.vocab_size)
     inputs["num_items_in_batch"] = torch.tensor(10.0)
     try:
-        loss = trainer.compute_loss(trainer.model, inputs)
+        loss = trainer.compute_loss(trainer.model, RolloutSequences.from_dict(inputs))
     finally:
         trainer.args.loss_type = "dapo"
     tokens = inputs["loss_mask"].sum(1).double()
@@ -262,7 +264,7 @@ def test_sequence_level_ratio_is_the_mean_token_log_ratio(trainer):
     inputs["advantages"] = torch.tensor([1.5, -0.5, 2.0])
     inputs["num_items_in_batch"] = inputs["loss_mask"].sum()
     try:
-        loss = trainer.compute_loss(model, inputs)
+        loss = trainer.compute_loss(model, RolloutSequences.from_dict(inputs))
     finally:
         trainer.args.importance_sampling_level, trainer.args.loss_type = "token", "dapo"
     ratio = math.exp(0.3)  # 1.35: clipped to 1.2 where A > 0, not where A < 0
@@ -458,10 +460,10 @@ def test_truncated_completions_get_no_loss_when_masked(trainer):
         rows = trainer._generate_and_score(batch, mode="train", record=False).rows
     finally:
         trainer.args.mask_truncated_completions = False
-    truncated = rows["is_truncated"]
+    truncated = rows.is_truncated
     assert truncated.any()  # a random tiny model rarely stops within 6 tokens
-    assert rows["loss_mask"][truncated].sum() == 0
-    assert torch.equal(rows["loss_mask"][~truncated], rows["completion_mask"][~truncated])
+    assert rows.loss_mask[truncated].sum() == 0
+    assert torch.equal(rows.loss_mask[~truncated], rows.completion_mask[~truncated])
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import torch
 from datasets import Dataset
 
 from posttrain import GRPOConfig, GRPOTrainer
+from posttrain.rollout.sequences import RolloutSequences
 from posttrain.losses.policy import CISPO_DEFAULT_EPSILON_HIGH
 
 
@@ -61,7 +62,7 @@ def test_a_ratio_of_three_is_weighted_three_by_default(tiny_model_dir, tmp_path,
     with torch.no_grad():
         current = _float64_logps(model, inputs)
     inputs["old_logps"] = (current - math.log(3.0)).float()  # every token's ratio pi / pi_old is 3
-    loss = trainer.compute_loss(model, inputs)
+    loss = trainer.compute_loss(model, RolloutSequences.from_dict(inputs))
     mask = inputs["loss_mask"].double()
     advantages = inputs["advantages"].double()[:, None]
     expected = -(expected_weight * advantages * _float64_logps(model, inputs) * mask).sum() / mask.sum()

@@ -7,6 +7,7 @@ import torch
 from datasets import Dataset
 
 from posttrain import GRPOConfig, GRPOTrainer
+from posttrain.rollout.sequences import RolloutSequences
 
 
 def _reward(prompts, completions, **kwargs):
@@ -50,7 +51,7 @@ def test_vespo_loss_in_the_trainer_weighs_each_sequence_by_its_kernel(tiny_model
     with torch.no_grad():
         current = _float64_logps(model, inputs)
     inputs["old_logps"] = (current - 0.1).float()  # every token's log-ratio is 0.1
-    loss = trainer.compute_loss(model, inputs)
+    loss = trainer.compute_loss(model, RolloutSequences.from_dict(inputs))
     # row 0: 3 tokens, w = e^0.3, A > 0: k = 2, lambda = 3; row 1: 4 tokens, w = e^0.4, A < 0: k = 1.5, lambda = 2
     phis = [math.exp(0.3) ** 2 * math.exp(3 * (1 - math.exp(0.3))), math.exp(0.4) ** 1.5 * math.exp(2 * (1 - math.exp(0.4)))]
     weights = torch.tensor([[phis[0] * 1.5], [phis[1] * -0.5]], dtype=torch.float64)

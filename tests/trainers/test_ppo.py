@@ -165,7 +165,7 @@ def test_rollout_quantities_match_an_independent_computation(tiny_model_dir, rew
     trainer = PPOTrainer(args=args, model=tiny_model_dir, reward_model=reward_model_dir, train_dataset=_prompts())
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     rollout = trainer._rollout(batch)
-    seq, mask = rollout["seq"], rollout["mask"].double()
+    seq, mask = rollout, rollout.loss_mask.double()
     width = seq.prompt_width
     lengths = mask.sum(-1).long().tolist()
 
@@ -174,13 +174,13 @@ def test_rollout_quantities_match_an_independent_computation(tiny_model_dir, rew
                                 position_ids=seq.position_ids).logits.double()
         logps = torch.log_softmax(logits[:, :-1] / 0.8, -1).gather(-1, seq.input_ids[:, 1:, None])[..., 0]
         logps = logps[:, width - 1:]
-        torch.testing.assert_close(rollout["logps"].double() * mask, logps * mask, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rollout.old_logps.double() * mask, logps * mask, atol=1e-4, rtol=1e-4)
 
         value_model = trainer.value_model
         hidden = value_model.model(seq.input_ids, attention_mask=seq.attention_mask,
                                    position_ids=seq.position_ids).last_hidden_state
         values = value_model.score(hidden)[..., 0].double()[:, width - 1:-1]
-        torch.testing.assert_close(rollout["values"].double() * mask, values * mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rollout.values.double() * mask, values * mask, atol=1e-5, rtol=1e-5)
 
         # the reward model's own pooled score of each unpadded prompt + completion
         scores = []
@@ -191,7 +191,7 @@ def test_rollout_quantities_match_an_independent_computation(tiny_model_dir, rew
                                   seq.completion_ids[b, n - 1].item() != trainer._tokenizer.eos_token_id
                                   for b, n in enumerate(lengths)])
         expected_scores = torch.tensor(scores, dtype=torch.float64) - 1.5 * truncated.double()
-        torch.testing.assert_close(rollout["scores"].double(), expected_scores, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rollout.scores.double(), expected_scores, atol=1e-5, rtol=1e-5)
 
     # step 0: the policy is the reference, so the KL penalty is 0 and the score sits on the last token
     rewards = torch.zeros_like(mask)
@@ -199,10 +199,10 @@ def test_rollout_quantities_match_an_independent_computation(tiny_model_dir, rew
         rewards[b, n - 1] = expected_scores[b]
     advantages = _gae_by_hand(rewards, values * mask, lengths, 0.9, 0.7)
     returns = advantages + values * mask
-    torch.testing.assert_close(rollout["returns"].double() * mask, returns * mask, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rollout.returns.double() * mask, returns * mask, atol=1e-4, rtol=1e-4)
     valid = mask.bool()
     whitened = (advantages - advantages[valid].mean()) / advantages[valid].std()
-    torch.testing.assert_close(rollout["advantages"].double()[valid], whitened[valid], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(rollout.advantages.double()[valid], whitened[valid], atol=1e-3, rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------- training

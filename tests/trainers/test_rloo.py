@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 
 from posttrain import ConfigError, RLOOConfig, RLOOTrainer
+from posttrain.rollout.sequences import RolloutSequences
 from posttrain.trainers.online import ScoredRollout
 
 
@@ -67,7 +68,9 @@ def test_leave_one_out_advantages_with_kl_in_the_reward(trainer):
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
     old = torch.tensor([[-1.0, -2.0, 9.0], [-0.5, -0.5, -0.5], [-3.0, 9.0, 9.0], [-1.0, -1.0, -1.0]])
     ref = torch.tensor([[-1.5, -2.5, 0.0], [-0.5, -1.0, -0.5], [-2.0, 0.0, 0.0], [-1.0, -1.0, -2.0]])
-    rows = {"completion_mask": mask, "old_logps": old, "ref_logps": ref}
+    rows = RolloutSequences(prompt_ids=torch.ones(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1, dtype=torch.long),
+                            completion_ids=mask, completion_mask=mask, loss_mask=mask, is_truncated=torch.zeros(4, dtype=torch.bool),
+                            old_logps=old, ref_logps=ref)
     advantages, metrics = trainer.compute_advantages(_scored(rewards, 4), rows)
     # k1 summed over each completion's tokens: 0.5 + 0.5, 0.5, -1.0, 1.0
     shaped = [1.0 - 0.1 * 1.0, 2.0 - 0.1 * 0.5, 3.0 - 0.1 * (-1.0), 6.0 - 0.1 * 1.0]
@@ -98,7 +101,7 @@ def _micro_batch(vocab_size):
     return {"prompt_ids": prompt_ids * prompt_mask, "prompt_mask": prompt_mask,
             "completion_ids": completion_ids * completion_mask, "completion_mask": completion_mask,
             "loss_mask": completion_mask.clone(), "advantages": torch.tensor([0.8, -0.3, 1.1]),
-            "num_items_in_batch": completion_mask.sum().float()}
+            "is_truncated": torch.zeros(3, dtype=torch.bool), "num_items_in_batch": completion_mask.sum().float()}
 
 
 def _float64_logps(model, inputs):
@@ -125,7 +128,7 @@ def test_sequence_loss_and_gradient_match_hand_computation(trainer, kl_in_reward
     inputs["old_logps"] = (current - torch.tensor([[0.5, 0, 0, 0], [-0.1, 0, 0, 0], [0.05, 0, 0, 0]])).float()
     inputs["ref_logps"] = (current - 0.3 * inputs["completion_mask"]).float()  # k3 per token at x = 0.3
     try:
-        loss = trainer.compute_loss(model, inputs)
+        loss = trainer.compute_loss(model, RolloutSequences.from_dict(inputs))
         logps = _float64_logps(model, inputs)
         ratios = torch.exp(logps.sum(1) - inputs["old_logps"].double().sum(1))
         advantages = inputs["advantages"].double()
