@@ -15,7 +15,7 @@ Sampling, rewards and the buffered schedule are shared with GRPO (:mod:`posttrai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -82,10 +82,11 @@ class RLOOTrainer(OnlineTrainer):
     method_name: ClassVar[str] = "RLOO"
     config_class: ClassVar[type] = RLOOConfig
 
-    def _prepare_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _prepare_inputs(self, batch: dict[str, Any]) -> RolloutSequences:
         rows = super()._prepare_inputs(batch)
         if self.args.pad_to_multiple_of:
-            rows = pad_rollout_to_multiple(rows, self.args.pad_to_multiple_of, self._tokenizer.pad_token_id)
+            rows = RolloutSequences.from_dict(
+                pad_rollout_to_multiple(rows.as_dict(), self.args.pad_to_multiple_of, self._tokenizer.pad_token_id))
         return rows
 
     def needs_generation_logps(self, mode: str) -> bool:

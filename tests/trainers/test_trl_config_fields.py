@@ -152,6 +152,7 @@ def test_pad_to_multiple_of_accepts_trl_spellings(config_class, tmp_path):
 def test_rloo_pad_to_multiple_of_pads_micro_batches_and_keeps_the_loss(tiny_model_dir, tmp_path):
     from posttrain import RLOOTrainer
     from posttrain.data.collate import pad_rollout_to_multiple
+    from posttrain.rollout.sequences import RolloutSequences
 
     assert RLOOConfig(output_dir=str(tmp_path), pad_to_multiple_of="auto").pad_to_multiple_of is None
     prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}]} for i in range(4)])
@@ -162,11 +163,11 @@ def test_rloo_pad_to_multiple_of_pads_micro_batches_and_keeps_the_loss(tiny_mode
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     rows = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    assert rows["prompt_ids"].shape[1] % 8 == 0 and rows["completion_ids"].shape[1] % 8 == 0
-    assert rows["old_logps"].shape == rows["completion_mask"].shape
+    assert rows.prompt_ids.shape[1] % 8 == 0 and rows.completion_ids.shape[1] % 8 == 0
+    assert rows.old_logps.shape == rows.completion_mask.shape
     # the same rows widened further: masked positions change no loss
-    wider = pad_rollout_to_multiple(rows, 24, trainer.processing_class.pad_token_id)
-    assert wider["completion_ids"].shape[1] == 24
+    wider = RolloutSequences.from_dict(pad_rollout_to_multiple(rows.as_dict(), 24, trainer.processing_class.pad_token_id))
+    assert wider.completion_ids.shape[1] == 24
     with torch.no_grad():
         torch.testing.assert_close(trainer.compute_loss(trainer.model, wider), trainer.compute_loss(trainer.model, rows))
 
