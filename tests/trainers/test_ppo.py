@@ -405,6 +405,13 @@ class _CountingRewardModel(torch.nn.Module):
     def get_input_embeddings(self):
         return self.model.embed
 
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        from types import SimpleNamespace
+
+        # the score layer at every position, as a decoder classifier computes it (read at the last attended token)
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return SimpleNamespace(logits=self.score(hidden)[:, -1])
+
 
 @pytest.mark.slow
 def test_ppo_raises_the_reward_it_is_given(tiny_model_dir, tmp_path):
