@@ -148,7 +148,7 @@ def format_table(entries: list[dict], cap_mb: float) -> str:
             lines.append(f"{entry['method']:<6} {entry['impl']:<10} {entry['checkpointing']:<5} {row['length']:>7} "
                          f"{sec} {tok} {rss} {row['status']:<14}")
         fit = entry["longest_fit"]
-        lines.append(f"{'':<6} {entry['impl']:<10} longest length within {cap_mb:,.0f} MB: "
+        lines.append(f"{'':<6} {entry['impl']:<10} longest length within {entry.get('memory_cap_mb', cap_mb):,.0f} MB: "
                      f"{fit if fit is not None else 'none'}")
     return "\n".join(lines)
 
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
         for impl in args.impls.split(","):
             env = child_env(impl, args.trl_path)
             checkpointing = effective_checkpointing(impl, args.checkpointing)
-            entry = {"method": method, "impl": impl, "checkpointing": checkpointing}
+            entry = {"method": method, "impl": impl, "checkpointing": checkpointing, "memory_cap_mb": cap_mb,
+                     "steps": args.steps}
             if impl == "trl" and subprocess.run([sys.executable, "-c", "import trl"], cwd=ROOT, env=env,
                                                 capture_output=True).returncode != 0:
                 print(f"  [{method}] trl: not importable; install the bench extra or pass --trl-path", flush=True)

@@ -95,3 +95,20 @@ def test_trl_path_reaches_only_the_trl_processes(tmp_path, monkeypatch):
     assert length_sweep.child_env("posttrain", str(tmp_path))["PYTHONPATH"] == "/already/there"
     assert length_sweep.effective_checkpointing("trl", "defaults") == "on"
     assert length_sweep.effective_checkpointing("posttrain", "defaults") == "off"
+
+
+def test_phase_sampler_charges_a_rise_in_resident_memory_to_the_phase_that_caused_it():
+    from benchmarks.memory_phases import PhaseSampler
+
+    held = []
+
+    def allocate():
+        held.append(b"x" * (64 * 2**20))  # written, so resident
+
+    with PhaseSampler() as sampler:
+        sampler.phase("quiet", lambda: None)()
+        sampler.phase("allocating", allocate)()
+    assert sampler.raised.get("allocating", 0.0) > 48
+    assert sampler.raised.get("quiet", 0.0) < 16
+    assert sampler.peak["allocating"] >= sampler.peak["quiet"] + 48
+    assert sampler.current == "other"
