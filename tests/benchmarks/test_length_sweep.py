@@ -112,3 +112,20 @@ def test_phase_sampler_charges_a_rise_in_resident_memory_to_the_phase_that_cause
     assert sampler.raised.get("quiet", 0.0) < 16
     assert sampler.peak["allocating"] >= sampler.peak["quiet"] + 48
     assert sampler.current == "other"
+
+
+def test_long_workloads_are_named_by_their_length():
+    from benchmarks.workloads import WORKLOADS, workload_by_name
+
+    long = workload_by_name("long-4096")
+    assert (long.max_length, long.batch_size, long.vocab_size) == (4096, 1, 151_936)
+    # rows are cut to exactly the length: the shortest generated chat (assistant -20%) is longer still,
+    # and so is a preference prompt plus one completion (half the assistant length)
+    assert long.max_positions >= 4096 and long.assistant_tokens * 0.8 > long.max_length
+    assert long.user_tokens + long.assistant_tokens // 2 > long.max_length
+    assert workload_by_name("small") is WORKLOADS["small"]
+    with pytest.raises(SystemExit, match="long-<tokens>"):
+        workload_by_name("long-many")
+    cmd = length_sweep.worker_command("trl", "grpo", 512, 2, length_sweep.method_options("grpo", 512))
+    assert cmd[cmd.index("--workload") + 1] == "long-512"
+    assert json.loads(cmd[cmd.index("--options") + 1])["max_completion_length"] == 512
