@@ -100,12 +100,12 @@ def distinct_token_reward(completions, **kwargs):
 
 
 def main(argv=None) -> int:
-    from benchmarks.workloads import WORKLOADS
+    from benchmarks.workloads import workload_by_name
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--impl", choices=["posttrain", "trl"], required=True)
     parser.add_argument("--method", default="sft")
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
+    parser.add_argument("--workload", default="small", help="small, big-vocab, or long-<tokens> (length sweep)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--options", default="{}", help="JSON of extra config fields")
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    workload = WORKLOADS[args.workload]
+    workload = workload_by_name(args.workload)
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(args.impl, args.method, workload, args.steps, out, json.loads(args.options))
         timer = _timing_callback()

@@ -29,6 +29,10 @@ class Workload:
     batch_size: int
     max_length: int
     description: str
+    max_positions: int = 2048  # the model's max_position_embeddings
+
+
+LONG_MAX_POSITIONS = 131_072
 
 
 WORKLOADS = {
@@ -37,6 +41,26 @@ WORKLOADS = {
     "big-vocab": Workload("big-vocab", 151_936, 100, 300, 256, 8, 1024,
                           "Qwen2 h256 L4, vocab 151,936 (tied), 100+300-token chats, max_length 1024, batch 8"),
 }
+
+
+def long_workload(length: int) -> Workload:
+    """The big-vocabulary model with positions extended, one row of ``length`` tokens per step.
+
+    The assistant turn is twice ``length`` words so that truncation to ``max_length`` gives rows of
+    exactly ``length`` tokens for SFT, and prompt + completion of ``length`` tokens for DPO (each
+    preference completion is half the assistant length). Online methods sample from the 64-word prompt.
+    """
+    return Workload(f"long-{length}", 151_936, 64, 2 * length, 8, 1, length,
+                    f"Qwen2 h256 L4, vocab 151,936, one {length}-token row per step", LONG_MAX_POSITIONS)
+
+
+def workload_by_name(name: str) -> Workload:
+    """A named workload, or ``long-<tokens>`` for the length sweep."""
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    if name.startswith("long-") and name[5:].isdigit():
+        return long_workload(int(name[5:]))
+    raise SystemExit(f"unknown workload {name!r}: one of {sorted(WORKLOADS)} or long-<tokens>")
 
 
 def _build_tokenizer(vocab_size: int):
@@ -57,7 +81,8 @@ def _build_tokenizer(vocab_size: int):
 
 def model_dir(workload: Workload) -> str:
     """Create (once) and return the directory of the workload's random Qwen2 and tokenizer."""
-    path = os.path.join(CACHE, f"model-{workload.vocab_size}")
+    suffix = "" if workload.max_positions == 2048 else f"-pos{workload.max_positions}"
+    path = os.path.join(CACHE, f"model-{workload.vocab_size}{suffix}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     import torch
@@ -67,7 +92,7 @@ def model_dir(workload: Workload) -> str:
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=workload.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=1024, tie_word_embeddings=True, max_position_embeddings=2048,
+        num_key_value_heads=2, intermediate_size=1024, tie_word_embeddings=True, max_position_embeddings=workload.max_positions,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
     )
     model = Qwen2ForCausalLM(config)
