@@ -273,7 +273,25 @@ class OnlineTrainer(PosttrainTrainer):
             self._micro_step = self.state.global_step * args.gradient_accumulation_steps
         if self._buffer is None or self._micro_step % (args.steps_per_generation * args.num_iterations) == 0:
             self._buffer = self._micro_batches(self._generate_and_score(batch, mode="train").rows)
-        return self._buffer[self._micro_step % args.steps_per_generation]
+        rows = self._buffer[self._micro_step % args.steps_per_generation]
+        self._count_trained_tokens(rows)
+        return rows
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        """The Trainer counts the prompt batch it hands over; the tokens trained on are counted per micro-batch instead."""
+
+    def _count_trained_tokens(self, rows: RolloutSequences) -> None:
+        """``include_num_input_tokens_seen``: the prompt + completion tokens of each micro-batch trained on
+        (``"non_padding"``: real tokens only; ``"all"``: the padded widths), over every process."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode in ("no", False, None):
+            return
+        if mode == "non_padding":
+            tokens = rows.prompt_mask.sum() + rows.completion_mask.sum()
+        else:
+            tokens = torch.tensor(rows.prompt_ids.numel() + rows.completion_ids.numel())
+        tokens = torch.as_tensor(tokens, device=self.accelerator.device, dtype=torch.int64).reshape(1)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
 
     def _micro_batches(self, rows: RolloutSequences) -> list[RolloutSequences]:
         """Cut a generation into micro-batches, each carrying the loss-token count of its accumulation window."""

@@ -527,3 +527,15 @@ def test_resume_inside_a_generation_reproduces_the_uninterrupted_run(tiny_model_
     # the resumed steps moved the weights: equality is more than a copy of the checkpoint
     saved = AutoModelForCausalLM.from_pretrained(str(checkpoint))
     assert any(not torch.equal(p, q) for p, q in zip(saved.parameters(), straight.model.parameters()))
+
+
+def test_include_num_input_tokens_seen_counts_the_trained_rollout_tokens(tiny_model_dir, tmp_path):
+    seen = {}
+    for mode in ("non_padding", "all"):
+        args = _config(tmp_path, max_steps=2, include_num_input_tokens_seen=mode)
+        trainer = GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=args, train_dataset=_prompts(8))
+        trainer.train()
+        seen[mode] = trainer.state.num_input_tokens_seen
+        shortest_prompt = min(len(ids) for ids in trainer.train_dataset["prompt_input_ids"])
+    # 2 steps x 4 completions: each row holds its prompt and at least one completion token
+    assert 8 * (shortest_prompt + 1) <= seen["non_padding"] <= seen["all"]
