@@ -93,9 +93,14 @@ def plot_eval(results: list[dict[str, Any]], output_path: str) -> str | None:
     if not columns:
         return None
     rate_columns = rate_columns_of(results)
-    fig, axes = plt.subplots(1, len(columns), figsize=(max(3.2, 0.9 * len(results) + 1.5) * len(columns), 3.4), squeeze=False)
+    per_row = min(3, len(columns))
+    rows = (len(columns) + per_row - 1) // per_row
+    width = max(3.2, 0.9 * len(results) + 1.5)
+    fig, axes = plt.subplots(rows, per_row, figsize=(width * per_row, 3.6 * rows), squeeze=False)
+    for axis in axes.flat[len(columns):]:
+        axis.set_visible(False)
     names = [r["model"] for r in results]
-    for axis, column in zip(axes[0], columns):
+    for axis, column in zip(axes.flat, columns):
         scale = 100.0 if column in rate_columns else 1.0
         means, below, above = [], [], []
         for result in results:
