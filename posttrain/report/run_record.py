@@ -150,9 +150,6 @@ _LOAD_SNIPPETS = {
     "reward": ("from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
                "model = AutoModelForSequenceClassification.from_pretrained(\"{path}\")\n"
                "tokenizer = AutoTokenizer.from_pretrained(\"{path}\")"),
-    "ppo": ("from posttrain import AutoModelForCausalLMWithValueHead\n"
-            "model = AutoModelForCausalLMWithValueHead.from_pretrained(\"{path}\")  # or AutoModelForCausalLM: "
-            "the policy alone"),
     "peft": ("from peft import AutoPeftModelForCausalLM\n"
              "model = AutoPeftModelForCausalLM.from_pretrained(\"{path}\")"),
     "default": ("from transformers import pipeline\n"

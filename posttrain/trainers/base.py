@@ -369,14 +369,19 @@ class PosttrainTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
-        if self.args.should_save:
-            from posttrain.report.metrics import read_metrics
-            from posttrain.report.run_record import write_model_card
+        self.write_model_card(output_dir or self.args.output_dir)
 
-            method, model_name, data = self.describe_run()
-            write_model_card(output_dir or self.args.output_dir, method=method, model_name=model_name, dataset=data,
-                             args=self.args, records=read_metrics(self.args.output_dir),
-                             is_peft=is_peft_model(unwrapped_pretrained(self.model)) or is_peft_model(self.model))
+    def write_model_card(self, model_dir: str) -> None:
+        """``<model_dir>/README.md`` for a saved model (main process only)."""
+        if not self.args.should_save:
+            return
+        from posttrain.report.metrics import read_metrics
+        from posttrain.report.run_record import write_model_card
+
+        method, model_name, data = self.describe_run()
+        write_model_card(model_dir, method=method, model_name=model_name, dataset=data, args=self.args,
+                         records=read_metrics(self.args.output_dir),
+                         is_peft=is_peft_model(unwrapped_pretrained(self.model)) or is_peft_model(self.model))
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Create the hub repository for ``push_to_hub``; a network or login failure is one ConfigError."""

@@ -553,6 +553,7 @@ class PPOTrainer(PosttrainTrainer):
         unwrap_model_keep_peft(self.policy).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        self.write_model_card(output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         raise ConfigError("PPOTrainer trains through train(); compute_loss is not used", field="compute_loss",

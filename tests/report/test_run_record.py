@@ -32,11 +32,19 @@ def _trainer(method, model_dir, out, **extra):
                              train_dataset=TASK.as_preference(16))
     if method == "dpo":
         return DPOTrainer(model_dir, args=DPOConfig(output_dir=out, **COMMON), train_dataset=TASK.as_preference(16))
+    if method == "ppo":
+        from posttrain import PPOConfig, PPOTrainer
+        from posttrain.models.tiny import tiny_model_path
+
+        values = {k: v for k, v in COMMON.items() if k != "max_steps"}
+        return PPOTrainer(args=PPOConfig(output_dir=out, total_episodes=12, response_length=4, num_mini_batches=1,
+                                         num_sample_generations=0, **values),
+                          model=model_dir, reward_model=tiny_model_path(reward=True), train_dataset=TASK.as_prompt_only(12))
     return GRPOTrainer(model_dir, reward_funcs=_length_reward, train_dataset=TASK.as_prompt_only(8),
                        args=GRPOConfig(output_dir=out, num_generations=4, max_completion_length=4, **COMMON))
 
 
-@pytest.mark.parametrize("method", ["sft", "reward", "dpo", "grpo"])
+@pytest.mark.parametrize("method", ["sft", "reward", "dpo", "grpo", "ppo"])
 def test_report_plots_and_model_card(method, tiny_model_dir, tmp_path):
     out = str(tmp_path / method)
     trainer = _trainer(method, tiny_model_dir, out)
@@ -45,7 +53,8 @@ def test_report_plots_and_model_card(method, tiny_model_dir, tmp_path):
     report = open(os.path.join(out, "report.md")).read()
     assert report.startswith(f"# {method} run")
     assert "![training curves](training.png)" in report and os.path.getsize(os.path.join(out, "training.png")) > 0
-    assert "| max_steps | 3 |" in report and "| learning_rate | 0.001 |" in report
+    assert ("| total_episodes | 12 |" if method == "ppo" else "| max_steps | 3 |") in report
+    assert "| learning_rate | 0.001 |" in report
     assert "wall time:" in report and "peak memory" in report
     assert "## Final figures" in report
     if method == "sft":
