@@ -33,7 +33,14 @@ from posttrain.data.prompts import RepeatedBlockSampler, prepare_prompt_dataset
 from posttrain.errors import ConfigError
 from posttrain.report.completions import COMPLETION_ROW_KEYS, CompletionsLog, nan_to_none, prompt_text
 from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
-from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
+from posttrain.trainers.base import (
+    PosttrainTrainer,
+    apply_peft,
+    load_pretrained,
+    resolve_args,
+    resolve_processing_class,
+    router_aux_loss_requested,
+)
 from posttrain.trainers.online_config import OnlineConfig, resolve_generation_schedule  # noqa: F401
 
 PROMPT_COLUMNS = ("prompt", "prompt_input_ids", "prompt_attention_mask")
@@ -104,6 +111,7 @@ class OnlineTrainer(PosttrainTrainer):
         self._init_metrics()
         self.reward_computer = build_reward_computer(reward_funcs, reward_processing_classes, args)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
+        router_aux_loss_requested(model, adds_router_loss=False)  # a config asking for it is told it is not added
         if args.disable_dropout:
             disable_dropout(model)
         # beta = 0: no reference model is built or loaded at all

@@ -33,6 +33,11 @@ class OnlineConfig(PosttrainConfig):
         default=None, metadata={"help": "Keep at most this many prompt tokens, cutting from the left (None: no limit)."}
     )
     max_completion_length: int = field(default=256, metadata={"help": "Most tokens sampled per completion."})
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "TRL's weight of a Mixture-of-Experts router loss. The online methods do not add that "
+                  "loss: only None or 0 is accepted (a model config asking for it gets one warning)."},
+    )
     temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature; log-probs in the loss use the same temperature."}
     )
@@ -102,6 +107,12 @@ class OnlineConfig(PosttrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.router_aux_loss_coef:
+            raise ConfigError(
+                f"router_aux_loss_coef={self.router_aux_loss_coef}: GRPO and RLOO do not add a Mixture-of-Experts "
+                "router loss to the policy loss", field="router_aux_loss_coef",
+                fix="leave it unset (or 0); SFT and DPO add it",
+            )
         self._check_values()
         self.min_p = 0.0 if self.min_p is None else self.min_p
         if self.epsilon_high is None:  # CISPO caps the ratio itself (not 1 + epsilon): 0.2 would shrink every weight

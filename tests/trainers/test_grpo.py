@@ -539,3 +539,17 @@ def test_include_num_input_tokens_seen_counts_the_trained_rollout_tokens(tiny_mo
         shortest_prompt = min(len(ids) for ids in trainer.train_dataset["prompt_input_ids"])
     # 2 steps x 4 completions: each row holds its prompt and at least one completion token
     assert 8 * (shortest_prompt + 1) <= seen["non_padding"] <= seen["all"]
+
+
+def test_router_aux_loss_coef_is_refused_and_a_moe_config_is_told(tiny_model_dir, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ConfigError, match="router_aux_loss_coef"):
+        _config(tmp_path, router_aux_loss_coef=0.01)
+    assert _config(tmp_path, router_aux_loss_coef=0.0).router_aux_loss_coef == 0.0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.output_router_logits = True  # as a Mixture-of-Experts config sets it
+    with caplog.at_level("WARNING", logger="posttrain"):
+        GRPOTrainer(model, reward_funcs=_length_reward, args=_config(tmp_path), train_dataset=_prompts(4),
+                    processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert caplog.text.count("does not add the MoE router") == 1
