@@ -41,6 +41,7 @@ from posttrain.trainers.base import (
     resolve_processing_class,
     router_aux_loss_requested,
 )
+from posttrain.trainers.online_checkpoint import ResumableOnlineLoop
 from posttrain.trainers.online_config import OnlineConfig, resolve_generation_schedule  # noqa: F401
 
 PROMPT_COLUMNS = ("prompt", "prompt_input_ids", "prompt_attention_mask")
@@ -64,7 +65,7 @@ class ScoredRollout:
 # ----------------------------------------------------------------------------- the trainer
 
 
-class OnlineTrainer(PosttrainTrainer):
+class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
     """The shared half of GRPO and RLOO: data, sampling, rewards, reference, buffering, logging.
 
     A subclass sets ``method_name`` and ``config_class`` and implements :meth:`compute_advantages`
@@ -224,42 +225,6 @@ class OnlineTrainer(PosttrainTrainer):
         return self._get_dataloader(
             dataset=eval_dataset, description="Evaluation", batch_size=prompts, sampler_fn=self._get_eval_sampler,
         )
-
-    # ------------------------------------------------------------------ the buffered loop
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._micro_step += 1
-
-    # ------------------------------------------------------------------ exact resume
-
-    def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        from posttrain.trainers.online_checkpoint import save_online_state
-
-        if not self.args.save_only_model:
-            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
-                              micro_step=self._micro_step, buffer=self._buffer,
-                              reward_computer=self.reward_computer)
-        super()._save_checkpoint(model, trial)
-
-    def _load_rng_state(self, checkpoint) -> None:
-        # the Trainer calls this once when it resumes, before the first resumed step
-        super()._load_rng_state(checkpoint)
-        from posttrain.trainers.online_checkpoint import load_online_state, restore_reward_counters
-
-        saved = load_online_state(checkpoint, self.args, self.accelerator.device) if checkpoint else None
-        if saved is None:
-            return
-        self._micro_step, self._buffer = saved["micro_step"], saved["buffer"]
-        self._cumulative.update(saved["cumulative"])
-        restore_reward_counters(self.reward_computer, saved.get("reward_counters", {}))
-        for name, values in saved["pending_metrics"].items():
-            self._metrics["train"][name].extend(values)
 
     def evaluate(self, *args, **kwargs):
         self._eval_batches = 0

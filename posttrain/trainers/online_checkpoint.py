@@ -79,3 +79,44 @@ def load_online_state(checkpoint: str, args, device: torch.device) -> dict[str, 
     if state["buffer"] is not None:
         state["buffer"] = [RolloutSequences.from_dict(part).to(device) for part in state["buffer"]]
     return state
+
+
+class ResumableOnlineLoop:
+    """Mixed into an online method's Trainer (before ``PosttrainTrainer``): counts training micro-steps
+    (the sampling round) and saves and restores the online loop's state with every checkpoint.
+
+    The trainer provides ``_micro_step`` (``None`` until the first step of a run), ``_cumulative``,
+    ``_metrics``, ``reward_computer`` and, when it buffers a generation across steps, ``_buffer``.
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._micro_step is None:  # first step of this run, fresh or resumed
+            self._micro_step = self.state.global_step * self.args.gradient_accumulation_steps
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._micro_step += 1
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if not self.args.save_only_model:
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
+                              micro_step=self._micro_step or 0, buffer=getattr(self, "_buffer", None),
+                              reward_computer=self.reward_computer)
+        super()._save_checkpoint(model, trial)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        # the Trainer calls this once when it resumes, before the first resumed step
+        super()._load_rng_state(checkpoint)
+        saved = load_online_state(checkpoint, self.args, self.accelerator.device) if checkpoint else None
+        if saved is None:
+            return
+        self._micro_step = saved["micro_step"]
+        if hasattr(self, "_buffer"):
+            self._buffer = saved["buffer"]
+        self._cumulative.update(saved["cumulative"])
+        restore_reward_counters(self.reward_computer, saved.get("reward_counters", {}))
+        for name, values in saved["pending_metrics"].items():
+            self._metrics["train"][name].extend(values)

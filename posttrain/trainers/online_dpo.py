@@ -25,6 +25,7 @@ from posttrain.models.wrappers import unwrap_model_keep_peft
 from posttrain.rollout.sequences import RolloutSequences
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_args, resolve_processing_class
 from posttrain.trainers.config import PosttrainConfig, note_alias_once
+from posttrain.trainers.online_checkpoint import ResumableOnlineLoop
 from posttrain.trainers.reference import disable_dropout, reference_description, resolve_reference
 
 logger = logging.getLogger("posttrain")
@@ -93,7 +94,7 @@ class OnlineDPOConfig(PosttrainConfig):
                               field="max_completion_length", fix="e.g. --max_completion_length 64")
 
 
-class OnlineDPOTrainer(PosttrainTrainer):
+class OnlineDPOTrainer(ResumableOnlineLoop, PosttrainTrainer):
     """DPO on pairs sampled from the policy as it trains, ranked by a reward model or a judge.
 
     Args:
@@ -264,40 +265,6 @@ class OnlineDPOTrainer(PosttrainTrainer):
         start = process * self.args.per_device_eval_batch_size
         return sampling_keys(self.args.seed, "eval", self.state.global_step, self._eval_generations,
                              positions=range(start, start + num_prompts))
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._micro_step is None:  # first step of this run, fresh or resumed
-            self._micro_step = self.state.global_step * self.args.gradient_accumulation_steps
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._micro_step += 1
-
-    def _save_checkpoint(self, model, trial) -> None:
-        import os
-
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        from posttrain.trainers.online_checkpoint import save_online_state
-
-        if not self.args.save_only_model:
-            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
-                              micro_step=self._micro_step or 0, reward_computer=self.reward_computer)
-        super()._save_checkpoint(model, trial)
-
-    def _load_rng_state(self, checkpoint) -> None:
-        # the Trainer calls this once when it resumes, before the first resumed step
-        super()._load_rng_state(checkpoint)
-        from posttrain.trainers.online_checkpoint import load_online_state, restore_reward_counters
-
-        saved = load_online_state(checkpoint, self.args, self.accelerator.device) if checkpoint else None
-        if saved is not None:
-            self._micro_step = saved["micro_step"]
-            self._cumulative.update(saved["cumulative"])
-            restore_reward_counters(self.reward_computer, saved.get("reward_counters", {}))
-            for name, values in saved["pending_metrics"].items():
-                self._metrics["train"][name].extend(values)
 
     def _rank(self, inputs: dict[str, Any], generated) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``first_wins`` (B,) bool: completion 0 of each pair is the better; and the (2B,) scores if any."""
