@@ -53,14 +53,6 @@ def _score_model(arch: str, tokenizer, seed: int = 1):
     return build_tiny_model(arch if _has_sequence_classification(arch) else "llama", tokenizer, reward=True, seed=seed)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def own_pad_tokenizer():
     return build_tokenizer_variant("own_pad")

@@ -5,20 +5,10 @@ import json
 import math
 import os
 
-import pytest
-import torch
 from datasets import Dataset
 
 from posttrain import SFTConfig, SFTTrainer
 from posttrain.report.metrics import METRICS_FILE, MetricsFileCallback, read_metrics, start_metrics_file
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(model_dir, output_dir, max_steps, resume=None):

@@ -19,14 +19,6 @@ from posttrain.trainers.checkpoint import STAGING_PREFIX, latest_complete_checkp
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n=32):
     return Dataset.from_list([{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(n)])
 

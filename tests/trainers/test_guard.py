@@ -14,14 +14,6 @@ from posttrain import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig,
 from posttrain.trainers.guard import NonFiniteTrainingError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sft_data(n=40):
     return Dataset.from_list([{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(n)])
 
