@@ -55,7 +55,17 @@ QWEN2_SPLIT_PATTERN = (
 )
 
 CHATML_TEMPLATE = (
+    # tools: one system turn listing the schemas (merged with a leading system message), Hermes style
+    "{%- set first_is_system = messages and messages[0]['role'] == 'system' %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if first_is_system %}{{- messages[0]['content'] ~ '\\n\\n' }}{%- endif %}"
+    "{{- 'You may call these tools. Write each call as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>.\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' ~ (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and first_is_system) %}"
     "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{- raise_exception('chat template: unknown role ' ~ message['role'] ~ '; use system, user, assistant or tool') }}"
     "{%- endif %}"
@@ -79,6 +89,7 @@ CHATML_TEMPLATE = (
     "{{- '\\n' }}"
     "{%- else %}"
     "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ content ~ '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"

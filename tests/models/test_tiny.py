@@ -310,3 +310,23 @@ def test_init_model_main(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         init_model_main([str(out), "--arch", "gpt2"])
     assert exit_info.value.code == 2
+
+
+def test_tiny_template_renders_tool_schemas_and_calls():
+    from posttrain.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}]},
+        {"role": "tool", "name": "add", "content": "5"},
+    ]
+    with_tools = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    without = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert with_tools.count("<|im_start|>system") == 1  # the schemas join the leading system turn
+    assert '"name": "add"' in with_tools.split("</tools>")[0] and "Be brief." in with_tools.split("</tools>")[0]
+    assert "<tools>" not in without
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call><|im_end|>' in with_tools
+    assert with_tools.endswith("<|im_start|>tool\n5<|im_end|>\n")
