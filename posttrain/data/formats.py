@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from posttrain.data.load import describe_source
 from posttrain.data.streaming import STREAM_SAMPLE_ROWS, is_streaming, streamed_sample
+from posttrain.data.templates import clean_messages
 from posttrain.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -599,7 +600,8 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     if isinstance(chosen, list) and isinstance(rejected, list):
         shared = 0
         limit = min(len(chosen), len(rejected)) - 1  # leave each side at least one message
-        while shared < limit and chosen[shared] == rejected[shared]:
+        # compared without None values: Arrow gives a column's messages its other messages' keys (tool_calls=None)
+        while shared < limit and clean_messages(chosen[shared:shared + 1]) == clean_messages(rejected[shared:shared + 1]):
             shared += 1
         return chosen[:shared], chosen[shared:], rejected[shared:]
     if isinstance(chosen, str) and isinstance(rejected, str):

@@ -33,14 +33,30 @@ def require_chat_template(tokenizer: Any, *, source: str | None = None, column: 
         )
 
 
+def without_nulls(value: Any) -> Any:
+    """``value`` with every mapping key whose value is None dropped, at any depth."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
+
+
 def clean_messages(messages: Messages) -> Messages:
-    """Drop keys whose value is None.
+    """Drop keys whose value is None (inside ``tool_calls`` too).
 
     Arrow stores a dataset's messages with one shared set of keys, so a message that had no
     ``tool_calls`` comes back with ``tool_calls=None``; a template testing ``is defined`` would
-    then render an empty tool call.
+    then render an empty tool call. Likewise a call's ``arguments`` come back with every other
+    call's argument names set to None, which a template would render as ``"key": null``.
     """
-    return [{key: value for key, value in message.items() if value is not None} for message in messages]
+    cleaned = []
+    for message in messages:
+        message = {key: value for key, value in message.items() if value is not None}
+        if "tool_calls" in message:
+            message["tool_calls"] = without_nulls(message["tool_calls"])
+        cleaned.append(message)
+    return cleaned
 
 
 def apply_chat_template_text(

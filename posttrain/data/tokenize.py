@@ -29,6 +29,7 @@ from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, resol
 from posttrain.data.load import describe_source
 from posttrain.data.streaming import is_streaming, streamed_sample
 from posttrain.data.templates import apply_chat_template_text, render_prompt_completion, require_chat_template
+from posttrain.data.tools import TOOLS_COLUMN, ToolTemplateCheck, require_conversational_for_tools, row_tools
 from posttrain.errors import ConfigError, DataError
 
 logger = logging.getLogger("posttrain")
@@ -145,7 +146,7 @@ def _map(
 
 
 def _assistant_spans(
-    tokenizer: Any, messages: list[dict], full_text: str, template_kwargs: dict | None = None
+    tokenizer: Any, messages: list[dict], full_text: str, template_kwargs: dict | None = None, tools: list | None = None
 ) -> list[tuple[int, int]]:
     """Character spans of ``full_text`` holding each assistant turn (its end-of-turn token and what the
     template writes after it included: the same boundaries as a preference completion).
@@ -159,9 +160,9 @@ def _assistant_spans(
         if message.get("role") != "assistant":
             continue
         before = apply_chat_template_text(
-            tokenizer, messages[:index], add_generation_prompt=True, template_kwargs=template_kwargs
+            tokenizer, messages[:index], add_generation_prompt=True, tools=tools, template_kwargs=template_kwargs
         )
-        through = apply_chat_template_text(tokenizer, messages[: index + 1], template_kwargs=template_kwargs)
+        through = apply_chat_template_text(tokenizer, messages[: index + 1], tools=tools, template_kwargs=template_kwargs)
         if not (full_text.startswith(before) and full_text.startswith(through) and len(through) >= len(before)):
             raise DataError(
                 f"assistant_only_loss: the chat template does not render message {index} as a continuation "
@@ -187,6 +188,20 @@ def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
         inside = span_index < len(spans) and end > spans[span_index][0]
         mask.append(1 if inside else 0)
     return mask
+
+
+def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids of each text and each token's character span (for masks built from text spans)."""
+    try:
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError) as error:
+        raise ConfigError(
+            "masks on assistant turns (assistant_only_loss, or a completion holding tool results) need a tokenizer "
+            f"that reports character offsets (a fast, `tokenizers`-backed one); {type(tokenizer).__name__} does not ({error})",
+            field="assistant_only_loss",
+            fix="load the tokenizer with use_fast=True, or train on all tokens",
+        ) from error
+    return encoded["input_ids"], encoded["offset_mapping"]
 
 
 def _check_lengths(ids_rows: list[list[int]], indices: list[int], max_length: int | None, source: str) -> None:
@@ -226,10 +241,14 @@ def tokenize_sft(
         truncation: if False, a row longer than ``max_length`` is a :class:`DataError`.
         truncation_mode: which tokens a longer row keeps: ``keep_start`` the first, ``keep_end`` the last.
         completion_only_loss: for prompt-completion rows, mark only completion tokens (``None``:
-            yes); ``False`` marks every token.
+            yes; of a completion holding tool results, only its assistant turns); ``False`` marks every token.
         assistant_only_loss: for conversations, mark only the assistant turns' tokens (each turn's
-            end-of-turn token and the template's text after it included); default: every token.
+            end-of-turn token and the template's text after it included, tool calls too; never tool
+            results or the tool schemas); default: every token.
         text_field: the text column of language-modeling data.
+
+    Conversational rows are rendered with their ``tools`` and ``chat_template_kwargs`` columns when
+    the dataset has them (see :mod:`posttrain.data.tools`).
     """
     _check_truncation_mode(truncation_mode)
     source = source or describe_source(dataset)
@@ -242,21 +261,25 @@ def tokenize_sft(
             field="assistant_only_loss",
             fix="drop --assistant_only_loss, or use completion_only_loss with prompt/completion data",
         )
+    require_conversational_for_tools(probe.column_names, info.conversational, source=source)
     if info.conversational:
         require_chat_template(tokenizer, source=source, column=info.columns[0])
     specials = SpecialTokens.of(tokenizer)
     completion_only = completion_only_loss is not False
+    # masks of multi-turn rows rely on turn-by-turn rendering: a template that breaks it is an error then
+    tool_check = ToolTemplateCheck(tokenizer, source=source, continuity="error" if assistant_only_loss else "warn")
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        # a row's own template variables (TRL's per-row `chat_template_kwargs` column)
+        # a row's own template variables and tool schemas (TRL's per-row `chat_template_kwargs` and `tools`)
         template_kwargs = batch.get(CHAT_TEMPLATE_KWARGS_COLUMN) or [None] * len(indices)
+        tools = row_tools(batch.get(TOOLS_COLUMN), indices, source=source)
         if info.format is DataFormat.LANGUAGE_MODELING:
             ids_rows = [specials.with_eos(specials.with_bos(ids)) for ids in encode(tokenizer, batch[text_field])]
             masks = [[1] * len(ids) for ids in ids_rows]
         elif info.format is DataFormat.PROMPT_COMPLETION:
-            ids_rows, masks = _prompt_completion_rows(batch, indices, template_kwargs)
+            ids_rows, masks = _prompt_completion_rows(batch, indices, list(zip(template_kwargs, tools)))
         else:
-            ids_rows, masks = _conversation_rows(batch["messages"], indices, template_kwargs)
+            ids_rows, masks = _conversation_rows(batch["messages"], indices, list(zip(template_kwargs, tools)))
         if not truncation:
             _check_lengths(ids_rows, indices, max_length, source)
         elif max_length is not None:
@@ -265,48 +288,56 @@ def tokenize_sft(
             masks = [mask[kept] for mask in masks]
         return {"input_ids": ids_rows, "completion_mask": masks}
 
-    def _prompt_completion_rows(batch, indices, template_kwargs):
+    def _render_completion(prompt, completion, options):
+        template_kwargs, tools = options
+        tool_check([*prompt, *completion], tools, template_kwargs)
+        prompt_text, text = render_prompt_completion(tokenizer, prompt, completion, tools=tools,
+                                                     template_kwargs=template_kwargs)
+        if not completion_only or all(message.get("role") == "assistant" for message in completion):
+            return prompt_text, text, None
+        # a completion holding tool results: the loss is on its assistant turns only
+        spans = _assistant_spans(tokenizer, [*prompt, *completion], prompt_text + text, template_kwargs, tools)
+        return prompt_text, text, [(s - len(prompt_text), e - len(prompt_text)) for s, e in spans if s >= len(prompt_text)]
+
+    def _prompt_completion_rows(batch, indices, options):
         if info.conversational:
-            pairs = _per_row(
-                lambda row: render_prompt_completion(tokenizer, row[0], row[1], template_kwargs=row[2]),
-                list(zip(batch["prompt"], batch["completion"], template_kwargs)), indices, source=source,
-                column="completion",
-            )
-            prompts = encode(tokenizer, [p for p, _ in pairs])
-            completions = [specials.turn_with_eos(ids) for ids in encode(tokenizer, [c for _, c in pairs])]
+            rendered = _per_row(lambda row: _render_completion(*row), list(zip(batch["prompt"], batch["completion"], options)),
+                                indices, source=source, column="completion")
+            prompts = encode(tokenizer, [prompt for prompt, _, _ in rendered])
+            completions, completion_masks = [], []
+            for _, text, spans in rendered:
+                ids, offsets = _ids_and_offsets(tokenizer, [text]) if spans is not None else (encode(tokenizer, [text]), None)
+                mask = [1] * len(ids[0]) if spans is None else _mask_from_spans(offsets[0], spans)
+                completions.append(specials.turn_with_eos(ids[0]))
+                completion_masks.append(mask + [1] * (len(completions[-1]) - len(mask)))
         else:
             prompts = [specials.with_bos(ids) for ids in encode(tokenizer, batch["prompt"])]
             completions = [specials.with_eos(ids) for ids in encode(tokenizer, batch["completion"])]
+            completion_masks = [[1] * len(ids) for ids in completions]
         ids_rows, masks = [], []
-        for prompt_ids, completion_ids in zip(prompts, completions):
+        for prompt_ids, completion_ids, completion_mask in zip(prompts, completions, completion_masks):
             ids_rows.append(prompt_ids + completion_ids)
-            masks.append([0 if completion_only else 1] * len(prompt_ids) + [1] * len(completion_ids))
+            masks.append([0] * len(prompt_ids) + completion_mask if completion_only else [1] * len(ids_rows[-1]))
         return ids_rows, masks
 
-    def _conversation_rows(conversations, indices, template_kwargs):
-        texts = _per_row(
-            lambda row: apply_chat_template_text(tokenizer, row[0], template_kwargs=row[1]),
-            list(zip(conversations, template_kwargs)), indices, source=source, column="messages",
-        )
+    def _render_conversation(messages, options):
+        template_kwargs, tools = options
+        tool_check(messages, tools, template_kwargs)
+        return apply_chat_template_text(tokenizer, messages, tools=tools, template_kwargs=template_kwargs)
+
+    def _conversation_rows(conversations, indices, options):
+        texts = _per_row(lambda row: _render_conversation(*row), list(zip(conversations, options)), indices,
+                         source=source, column="messages")
         if not assistant_only_loss:
             ids_rows = encode(tokenizer, texts)
             masks = [[1] * len(ids) for ids in ids_rows]
         else:
             all_spans = _per_row(
-                lambda item: _assistant_spans(tokenizer, item[0], item[1], item[2]),
-                list(zip(conversations, texts, template_kwargs)), indices, source=source, column="messages",
+                lambda item: _assistant_spans(tokenizer, item[0], item[1], *item[2]),
+                list(zip(conversations, texts, options)), indices, source=source, column="messages",
             )
-            try:
-                encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            except (NotImplementedError, ValueError, TypeError) as error:
-                raise ConfigError(
-                    "assistant_only_loss needs a tokenizer that reports character offsets (a fast, "
-                    f"`tokenizers`-backed one); {type(tokenizer).__name__} does not ({error})",
-                    field="assistant_only_loss",
-                    fix="load the tokenizer with use_fast=True, or train on all tokens",
-                ) from error
-            ids_rows = encoded["input_ids"]
-            masks = [_mask_from_spans(offsets, spans) for offsets, spans in zip(encoded["offset_mapping"], all_spans)]
+            ids_rows, offsets = _ids_and_offsets(tokenizer, texts)
+            masks = [_mask_from_spans(row_offsets, spans) for row_offsets, spans in zip(offsets, all_spans)]
         for ids, mask in zip(ids_rows, masks):
             if specials.eos_id not in ids:
                 # the template's end of turn is not EOS: end with EOS, a target if the turn was one
@@ -379,9 +410,11 @@ def _render_pairs(
     tokenizer: Any,
     specials: SpecialTokens,
     source: str,
+    tool_check: ToolTemplateCheck,
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
     """Prompt ids and, per row, the ids of each completion column (plain text ending with EOS; a
-    conversational completion is its whole rendered turn, holding EOS)."""
+    conversational completion is its whole rendered turn, holding EOS, rendered with the row's
+    ``tools`` and ``chat_template_kwargs``)."""
     num_rows = len(indices)
     if info.explicit_prompt:
         prompts = batch["prompt"]
@@ -393,12 +426,19 @@ def _render_pairs(
         completions = [list(rest) for _, *rest in split]
 
     if info.conversational:
-        def render(row: tuple[Any, list[Any]]) -> tuple[str, list[str]]:
-            prompt, row_completions = row
-            rendered = [render_prompt_completion(tokenizer, prompt, c) for c in row_completions]
+        template_kwargs = batch.get(CHAT_TEMPLATE_KWARGS_COLUMN) or [None] * num_rows
+        tools = row_tools(batch.get(TOOLS_COLUMN), indices, source=source)
+
+        def render(row: tuple[Any, list[Any], dict | None, list | None]) -> tuple[str, list[str]]:
+            prompt, row_completions, row_kwargs, schemas = row
+            for completion in row_completions:
+                tool_check([*prompt, *completion], schemas, row_kwargs)
+            rendered = [render_prompt_completion(tokenizer, prompt, c, tools=schemas, template_kwargs=row_kwargs)
+                        for c in row_completions]
             return rendered[0][0], [text for _, text in rendered]
 
-        texts = _per_row(render, list(zip(prompts, completions)), indices, source=source, column=completion_columns[0])
+        texts = _per_row(render, list(zip(prompts, completions, template_kwargs, tools)), indices, source=source,
+                         column=completion_columns[0])
         prompt_ids = encode(tokenizer, [prompt for prompt, _ in texts])
         flat = [specials.turn_with_eos(ids) for ids in encode(tokenizer, [text for _, row in texts for text in row])]
     else:
@@ -448,12 +488,15 @@ def _tokenize_completions(
     _check_truncation_mode(truncation_mode)
     source = source or describe_source(dataset)
     info = resolve_format(dataset, [fmt], source=source)
+    require_conversational_for_tools(dataset.column_names, info.conversational, source=source)
     if info.conversational:
         require_chat_template(tokenizer, source=source, column=info.columns[0])
     specials = SpecialTokens.of(tokenizer)
+    tool_check = ToolTemplateCheck(tokenizer, source=source)
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        prompts, completions = _render_pairs(batch, indices, info, completion_columns, tokenizer, specials, source)
+        prompts, completions = _render_pairs(batch, indices, info, completion_columns, tokenizer, specials, source,
+                                             tool_check)
         out: dict[str, list] = {name: [] for name in ("prompt_input_ids", *output_columns)}
         for prompt_ids, row in zip(prompts, completions):
             prompt_ids, row = truncate_pair(
