@@ -84,6 +84,7 @@ def test_masks_need_no_generation_block(tokenizer):
     unmarked = tokenize_sft(data, _with_template(NO_GENERATION_TEMPLATE), assistant_only_loss=True)
     assert marked["input_ids"] == unmarked["input_ids"]
     assert marked["completion_mask"] == unmarked["completion_mask"]
+    assert _target_pieces(tokenizer, unmarked[0]["input_ids"], unmarked[0]["completion_mask"]) == [CALL_TURN, ANSWER_TURN]
 
 
 def test_row_template_kwargs_and_tools_reach_preference_prompts():
