@@ -297,18 +297,21 @@ def tokenize_sft(
             return prompt_text, text, None
         # a completion holding tool results: the loss is on its assistant turns only
         spans = _assistant_spans(tokenizer, [*prompt, *completion], prompt_text + text, template_kwargs, tools)
-        return prompt_text, text, [(s - len(prompt_text), e - len(prompt_text)) for s, e in spans if s >= len(prompt_text)]
+        offset = len(prompt_text)
+        return prompt_text, text, [(start - offset, end - offset) for start, end in spans if start >= offset]
 
     def _prompt_completion_rows(batch, indices, options):
         if info.conversational:
-            rendered = _per_row(lambda row: _render_completion(*row), list(zip(batch["prompt"], batch["completion"], options)),
-                                indices, source=source, column="completion")
+            rows = list(zip(batch["prompt"], batch["completion"], options))
+            rendered = _per_row(lambda row: _render_completion(*row), rows, indices, source=source, column="completion")
             prompts = encode(tokenizer, [prompt for prompt, _, _ in rendered])
             completions, completion_masks = [], []
-            for _, text, spans in rendered:
-                ids, offsets = _ids_and_offsets(tokenizer, [text]) if spans is not None else (encode(tokenizer, [text]), None)
-                mask = [1] * len(ids[0]) if spans is None else _mask_from_spans(offsets[0], spans)
-                completions.append(specials.turn_with_eos(ids[0]))
+            for ids, (_, text, spans) in zip(encode(tokenizer, [text for _, text, _ in rendered]), rendered):
+                mask = [1] * len(ids)
+                if spans is not None:  # the same ids, with each token's characters
+                    (ids,), (offsets,) = _ids_and_offsets(tokenizer, [text])
+                    mask = _mask_from_spans(offsets, spans)
+                completions.append(specials.turn_with_eos(ids))
                 completion_masks.append(mask + [1] * (len(completions[-1]) - len(mask)))
         else:
             prompts = [specials.with_bos(ids) for ids in encode(tokenizer, batch["prompt"])]
