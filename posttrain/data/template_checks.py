@@ -18,16 +18,18 @@ _FIX = ("use a chat template that renders a conversation as the concatenation of
         "chat_template_path), or train on whole texts without multi-turn masks")
 
 
-def probe_tool_conversation(tools: list[dict[str, Any]] | None = None) -> Messages:
+def probe_tool_conversation(tools: list[Any] | None = None) -> Messages:
     """user -> assistant calling a tool -> tool result -> assistant answer.
 
-    The call names the first of ``tools`` (or ``add``). Assistant turns carry a
-    ``reasoning_content``, so that a template rendering reasoning on some turns only is caught.
+    The call names the first of ``tools`` (a schema or a Python function; or ``add``). Assistant turns
+    carry a ``reasoning_content``, so that a template rendering reasoning on some turns only is caught.
     """
     name = "add"
-    if tools:
+    if tools and isinstance(tools[0], dict):
         first = tools[0].get("function", tools[0])
         name = first.get("name", name) if isinstance(first, dict) else name
+    elif tools and callable(tools[0]):
+        name = getattr(tools[0], "__name__", name)
     return [
         {"role": "user", "content": "What is 2 plus 3?"},
         {"role": "assistant", "content": "", "reasoning_content": "The tool can add.",
@@ -48,7 +50,7 @@ def _first_difference(before: list, after: list) -> int:
 def check_prefix_preserving(
     tokenizer: Any,
     *,
-    tools: list[dict[str, Any]] | None = None,
+    tools: list[Any] | None = None,
     template_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Check that re-rendering a tool conversation never changes the tokens of earlier turns.
@@ -58,7 +60,8 @@ def check_prefix_preserving(
     the final answer; each rendering's token ids must begin with the previous one's.
 
     Args:
-        tools: the tool schemas the run uses (the probe calls the first one); None: a probe schema.
+        tools: the tools the run uses, as schemas or documented Python functions (transformers
+            turns those into schemas); the probe calls the first one. None: a probe schema.
         template_kwargs: extra template variables (e.g. ``{"enable_thinking": False}``).
 
     Raises:

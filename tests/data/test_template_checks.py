@@ -6,7 +6,12 @@ import logging
 import pytest
 from datasets import Dataset
 
-from posttrain.data.template_checks import check_loss_mask, check_prefix_preserving, message_token_owners
+from posttrain.data.template_checks import (
+    check_loss_mask,
+    check_prefix_preserving,
+    message_token_owners,
+    probe_tool_conversation,
+)
 from posttrain.data.tokenize import tokenize_sft
 from posttrain.data.tool_examples import TOOL_SCHEMAS, tool_conversations
 from posttrain.errors import ConfigError
@@ -41,9 +46,25 @@ def _with_template(template):
     return tokenizer
 
 
-@pytest.mark.parametrize("tools", [None, TOOL_SCHEMAS], ids=["probe_tool", "given_tools"])
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: the first factor.
+        b: the second factor.
+    """
+    return a * b
+
+
+@pytest.mark.parametrize("tools", [None, TOOL_SCHEMAS, [multiply]], ids=["probe_tool", "schemas", "function"])
 def test_the_tiny_template_is_prefix_preserving(tokenizer, tools):
     check_prefix_preserving(tokenizer, tools=tools)
+
+
+@pytest.mark.parametrize(("tools", "name"), [(TOOL_SCHEMAS[1:], "lookup"), ([multiply], "multiply")],
+                         ids=["schema", "function"])
+def test_the_probe_calls_the_first_tool_by_its_name(tools, name):
+    assert probe_tool_conversation(tools)[1]["tool_calls"][0]["function"]["name"] == name
 
 
 def test_a_dropped_separator_fails_at_the_tool_boundary():
