@@ -266,7 +266,8 @@ def target_positions(
 class TokenLogps:
     """Per-token log-probabilities of a batch, aligned with ``input_ids[:, 1:]``.
 
-    ``logps``, ``entropy``: (B, L-1) float32, zero where ``mask`` is False; ``argmax_match``: (B, L-1)
+    ``logps``, ``entropy``: (B, L-1) float32, zero where ``mask`` is False, both differentiable when
+    autograd is on (detach the entropy when it is only logged); ``argmax_match``: (B, L-1)
     bool; ``mask``: (B, L-1) bool, the positions that were computed. ``router_loss``: an MoE model's
     ``router_aux_loss_coef * aux_loss`` for this forward when its config sets ``output_router_logits``
     (a scalar tensor; 0.0 otherwise), for trainers that add it to their loss.
@@ -346,7 +347,7 @@ def token_logps(
             flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy)
     shape = mask.shape
     logps = flat_logps.new_zeros(shape).masked_scatter(mask, flat_logps)
-    entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy.detach())
+    entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy)
     match = torch.zeros(shape, dtype=torch.bool, device=mask.device).masked_scatter(mask, flat_match)
     return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match, router_loss=router_loss)
 
@@ -354,9 +355,9 @@ def token_logps(
 def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
     """(N,) log-probs, entropy (NaN unless ``with_entropy``) and argmax match from float32 logits (N, V)."""
     flat_logps = naive_token_logps(logits, targets)
-    with torch.no_grad():
-        flat_entropy = entropy_from_logits(logits) if with_entropy else torch.full_like(flat_logps, float("nan"))
-        flat_match = logits.argmax(-1) == targets
+    # differentiable like the chunked path's entropy (an entropy bonus trains through it)
+    flat_entropy = entropy_from_logits(logits) if with_entropy else torch.full_like(flat_logps, float("nan"))
+    flat_match = logits.detach().argmax(-1) == targets
     return flat_logps, flat_entropy, flat_match
 
 
