@@ -86,7 +86,21 @@ def head_transform(model: nn.Module, temperature: float = 1.0) -> HeadTransform:
     softcap = None
     for name in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"):
         softcap = softcap or _number(config, name)
-    return HeadTransform(scale=scale, softcap=softcap or None, temperature=float(temperature))
+    return HeadTransform(scale=scale, softcap=softcap or None, temperature=float(temperature),
+                         float32_matmul=bool(getattr(unwrap_model(model), HEAD_FLOAT32_ATTRIBUTE, False)))
+
+
+# set by a trainer asked for cast_lm_head_to_fp32: the chunked head multiplies in float32
+HEAD_FLOAT32_ATTRIBUTE = "_posttrain_head_float32"
+
+
+def compute_head_in_float32(model: nn.Module) -> bool:
+    """Make every log-prob of ``model`` come from a float32 product ``h @ W.T`` (half-precision models round
+    the logits to bf16/fp16 otherwise). False when the head is not one the chunked path computes (a LoRA
+    on lm_head, or one that :func:`check_output_heads` switched to the model's own logits)."""
+    base = unwrap_model(model)
+    setattr(base, HEAD_FLOAT32_ATTRIBUTE, True)
+    return output_head(model) is not None
 
 
 def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None:

@@ -33,12 +33,15 @@ class HeadTransform:
     """What a model does to ``h @ W.T + b`` before the softmax.
 
     ``logits = softcap * tanh(scale * z / softcap) / temperature`` with ``z = h @ W.T + b``; a
-    ``softcap`` of ``None`` skips the tanh.
+    ``softcap`` of ``None`` skips the tanh. ``float32_matmul``: a half-precision ``h`` and ``W`` are
+    cast to float32 before the product, so ``z`` is not rounded to half precision (TRL's
+    ``cast_lm_head_to_fp32``, ScaleRL); the parameters themselves keep their dtype.
     """
 
     scale: float = 1.0
     softcap: float | None = None
     temperature: float = 1.0
+    float32_matmul: bool = False
 
 
 def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -81,6 +84,8 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) ->
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadTransform):
     """Logits of one chunk in float32 (a view of the shared workspace), and d(logits)/d(z) when
     soft-capping makes it non-constant. The result is overwritten by the next chunk."""
+    if head.float32_matmul and hidden.dtype in (torch.float16, torch.bfloat16):
+        hidden = hidden.float()
     if weight.dtype != hidden.dtype:
         # under autocast the forward saw a down-cast weight; backward runs outside autocast
         weight = weight.to(hidden.dtype)
