@@ -191,7 +191,7 @@ class GRPOTrainer(OnlineTrainer):
             raise ConfigError("GRPOTrainer.compute_loss returns no model outputs", field="return_outputs",
                               fix="call it with return_outputs=False")
         args = self.args
-        logps, entropy = self.policy_logps(model, inputs)
+        logps, entropy = self.policy_logps(model, inputs, entropy_grad=self.entropy_bonus.enabled)
         mask = inputs.loss_mask
         # on-policy (the batch is used before any optimizer step) the old policy is the current one
         old_logps = inputs.old_logps if inputs.old_logps is not None else logps.detach()

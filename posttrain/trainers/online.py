@@ -405,11 +405,13 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             pieces.append(nn.functional.pad(logps, (0, width - logps.shape[1])))
         return torch.cat(pieces).detach()
 
-    def policy_logps(self, model: nn.Module, inputs: RolloutSequences) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logps, entropy)``, each ``(B, C)``, of a micro-batch's completions under the policy (with gradient)."""
+    def policy_logps(self, model: nn.Module, inputs: RolloutSequences, entropy_grad: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, entropy)``, each ``(B, C)``, of a micro-batch's completions under the policy (with gradient;
+        for the entropy too with ``entropy_grad``)."""
         return completion_token_logps(
             model, inputs, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, with_entropy=True,
-            share_prompt=self.args.share_prompt_forward,
+            share_prompt=self.args.share_prompt_forward, entropy_grad=entropy_grad,
         )
 
     def loss_normaliser_for_accumulation(self) -> float:
