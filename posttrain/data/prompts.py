@@ -23,6 +23,7 @@ def prepare_prompt_dataset(
     split: str,
     *,
     prompt_column_only: bool = False,
+    template_kwargs: dict | None = None,
 ):
     """Tokenize the prompts of ``dataset`` into ``prompt_input_ids``, keeping every other column.
 
@@ -32,6 +33,7 @@ def prepare_prompt_dataset(
     tokenized ``input_ids`` alone. GRPO and RLOO ask for ``prompt_column_only``: as in TRL, their
     reward functions receive the dataset's ``prompt`` column, so anything else is a ``DataError``
     naming the columns found. ``split`` names the dataset in errors (``"train"``, ``"eval"``).
+    ``template_kwargs``: extra chat-template variables for conversational prompts (``chat_template_kwargs``).
     """
     from posttrain.data.formats import DataFormat, validate_dataset
     from posttrain.data.load import describe_source
@@ -53,7 +55,8 @@ def prepare_prompt_dataset(
         validate_dataset(dataset, [DataFormat.CONVERSATIONAL], source=source)
         dataset = dataset.map(lambda row: {"prompt": conversation_prompt(row["messages"])}, remove_columns=["messages"])
     validate_dataset(dataset, [DataFormat.PROMPT_ONLY], source=source)  # any dataset with a `prompt` column
-    return tokenize_prompts(dataset, tokenizer, max_prompt_length=max_prompt_length, num_proc=num_proc, source=source)
+    return tokenize_prompts(dataset, tokenizer, max_prompt_length=max_prompt_length, num_proc=num_proc, source=source,
+                            template_kwargs=template_kwargs)
 
 
 def conversation_prompt(messages: list[dict]) -> list[dict]:

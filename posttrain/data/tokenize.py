@@ -604,11 +604,13 @@ def tokenize_prompts(
     max_prompt_length: int | None = None,
     num_proc: int | None = None,
     source: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> Dataset:
     """Add ``prompt_input_ids`` for generation; every existing column (``prompt``, ``answer``, ...)
     is kept untouched for reward functions.
 
-    Conversational prompts are rendered with the assistant header (``add_generation_prompt``).
+    Conversational prompts are rendered with the assistant header (``add_generation_prompt``) and
+    ``template_kwargs`` as extra template variables.
     Prompts longer than ``max_prompt_length`` keep their last tokens (the end is what the model
     continues from).
     """
@@ -621,7 +623,8 @@ def tokenize_prompts(
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         if info.conversational:
             texts = _per_row(
-                lambda prompt: apply_chat_template_text(tokenizer, prompt, add_generation_prompt=True),
+                lambda prompt: apply_chat_template_text(tokenizer, prompt, add_generation_prompt=True,
+                                                        template_kwargs=template_kwargs),
                 batch["prompt"], indices, source=source, column="prompt",
             )
             ids_rows = encode(tokenizer, texts)

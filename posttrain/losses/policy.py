@@ -86,10 +86,14 @@ def _finish(
     kl_coef: float,
     kl_estimator: str,
     use_bias_correction_kl: bool,
+    policy_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Add the KL penalty, broadcast to (B, T) and zero the padding."""
+    """Weigh the policy term by ``policy_weights`` ((B, T) or (B, 1), e.g. 0/1 masks; the KL term is not
+    weighed), add the KL penalty, broadcast to (B, T) and zero the padding."""
     valid = mask.to(torch.bool)
     zero = torch.zeros((), dtype=per_token_loss.dtype, device=per_token_loss.device)
+    if policy_weights is not None:
+        per_token_loss = per_token_loss * policy_weights.to(per_token_loss.dtype)
     if kl_coef:
         if ref_logps is None:
             raise ConfigError("a KL penalty needs the reference log-probs", field="beta",
@@ -119,6 +123,7 @@ def clipped_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    policy_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate objective of PPO, with GRPO/DAPO/GSPO options, per token.
 
@@ -140,6 +145,8 @@ def clipped_policy_loss(
         old_logps: (B, T) log-probs under the policy that sampled the tokens.
         advantages: (B,) or (B, T).
         mask: (B, T) completion tokens.
+        policy_weights: optional (B, T) or (B, 1) multiplier of the policy term, not of the KL term (the
+            high-entropy token mask, the off-policy sequence mask; the other per-token losses take it too).
 
     Returns:
         ``(per_token_loss (B, T), metrics)``; the loss is 0 outside the mask. Metrics (floats):
@@ -169,8 +176,34 @@ def clipped_policy_loss(
             "clip_ratio/high_max": high_per_sequence.max().item() if high_per_sequence.numel() else 0.0,
         }
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl)  # fmt: skip
+                             use_bias_correction_kl, policy_weights)  # fmt: skip
     return per_token_loss, metrics
+
+
+def off_policy_sequence_mask(
+    advantages: torch.Tensor,
+    logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """Off-policy sequence masking (DeepSeek-AI, "DeepSeek-V3.2", arXiv:2512.02556, eq. 9).
+
+    A sequence with a negative advantage whose mean per-token KL from the sampling policy,
+    ``KL_i = sum_t m_it (log pi_sampling - log pi_theta) / sum_t m_it``, exceeds ``threshold`` (the
+    paper's delta) is dropped from the policy loss: it was sampled by a policy too far from the current
+    one to learn from its mistakes. Sequences with ``A >= 0`` are always kept. Log-probs that are NaN
+    (tokens the sampler could not score) count as zero KL.
+
+    Shapes: ``advantages`` (B,) (or (B, T): the sign test is then per token); ``logps``,
+    ``sampling_logps``, ``mask`` (B, T). Returns (B, 1) (or (B, T)) float, 1 = keep, without gradient.
+    """
+    with torch.no_grad():
+        weights = mask.to(logps.dtype)
+        log_gap = torch.nan_to_num(sampling_logps.to(logps.dtype) - logps.detach(), nan=0.0)
+        mean_kl = (log_gap * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp(min=1.0)
+        columns = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        return ((columns >= 0) | (mean_kl <= threshold)).to(logps.dtype)
 
 
 #: CISPO's cap on the importance weight when the user sets none (MiniMax-M1's epsilon_max; ScaleRL uses 5.0).
@@ -190,6 +223,7 @@ def cispo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    policy_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CISPO: clip the importance weight itself, keep every token's gradient.
 
@@ -209,7 +243,7 @@ def cispo_policy_loss(
     with torch.no_grad():
         metrics = {"cispo_clip_ratio": _rate((ratio > epsilon_high) & (advantages > 0), mask)}
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl)  # fmt: skip
+                             use_bias_correction_kl, policy_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -226,6 +260,7 @@ def sapo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    policy_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SAPO: a smooth, temperature-controlled gate in place of the hard clip.
 
@@ -245,7 +280,7 @@ def sapo_policy_loss(
     per_token_loss = -torch.sigmoid(temperature * (ratio - 1.0)) * (4.0 / temperature) * advantages
     metrics: dict[str, float] = {}
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl)  # fmt: skip
+                             use_bias_correction_kl, policy_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -305,6 +340,7 @@ def vespo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    policy_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VESPO: a smooth, asymmetric Gamma-shaped weight on the sequence importance ratio in place of clipping.
 
@@ -329,7 +365,7 @@ def vespo_policy_loss(
         metrics = {"vespo/phi_seq_mean": masked_mean(phi.expand(valid.shape), valid).item()}
     ratio = torch.exp(importance_log_weights(logps, old_logps, mask, importance_sampling_level))
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl)  # fmt: skip
+                             use_bias_correction_kl, policy_weights)  # fmt: skip
     return per_token_loss, metrics
 
 

@@ -86,7 +86,21 @@ def head_transform(model: nn.Module, temperature: float = 1.0) -> HeadTransform:
     softcap = None
     for name in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"):
         softcap = softcap or _number(config, name)
-    return HeadTransform(scale=scale, softcap=softcap or None, temperature=float(temperature))
+    return HeadTransform(scale=scale, softcap=softcap or None, temperature=float(temperature),
+                         float32_matmul=bool(getattr(unwrap_model(model), HEAD_FLOAT32_ATTRIBUTE, False)))
+
+
+# set by a trainer asked for cast_lm_head_to_fp32: the chunked head multiplies in float32
+HEAD_FLOAT32_ATTRIBUTE = "_posttrain_head_float32"
+
+
+def compute_head_in_float32(model: nn.Module) -> bool:
+    """Make every log-prob of ``model`` come from a float32 product ``h @ W.T`` (half-precision models round
+    the logits to bf16/fp16 otherwise). False when the head is not one the chunked path computes (a LoRA
+    on lm_head, or one that :func:`check_output_heads` switched to the model's own logits)."""
+    base = unwrap_model(model)
+    setattr(base, HEAD_FLOAT32_ATTRIBUTE, True)
+    return output_head(model) is not None
 
 
 def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None:
@@ -266,7 +280,8 @@ def target_positions(
 class TokenLogps:
     """Per-token log-probabilities of a batch, aligned with ``input_ids[:, 1:]``.
 
-    ``logps``, ``entropy``: (B, L-1) float32, zero where ``mask`` is False; ``argmax_match``: (B, L-1)
+    ``logps``, ``entropy``: (B, L-1) float32, zero where ``mask`` is False (``logps`` differentiable, and
+    ``entropy`` when :func:`token_logps` was asked for ``entropy_grad``); ``argmax_match``: (B, L-1)
     bool; ``mask``: (B, L-1) bool, the positions that were computed. ``router_loss``: an MoE model's
     ``router_aux_loss_coef * aux_loss`` for this forward when its config sets ``output_router_logits``
     (a scalar tensor; 0.0 otherwise), for trainers that add it to their loss.
@@ -297,6 +312,7 @@ def token_logps(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
     prompt_width: int | None = None,
 ) -> TokenLogps:
     """Log-probabilities of the target tokens of ``input_ids`` under ``model``, never holding full logits.
@@ -309,6 +325,9 @@ def token_logps(
     (:func:`shared_prompt_hidden_states`); the values and gradients are those of the full forward.
 
     A model whose head :func:`check_output_heads` could not reproduce is asked for its full logits.
+
+    ``entropy_grad``: the entropy is differentiable too (an entropy bonus); otherwise it is detached,
+    and a head called as a module or the full-logits fallback computes it without a graph.
     """
     mask = target_positions(completion_mask, position_ids)
     targets = input_ids[:, 1:][mask]
@@ -317,7 +336,7 @@ def token_logps(
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         router_loss = router_loss_term(model, outputs)
         logits = outputs.logits[:, :-1][mask].float() / temperature
-        flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy)
+        flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy, entropy_grad)
     else:
         selected = None
         if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
@@ -343,20 +362,22 @@ def token_logps(
         else:  # a wrapped head (e.g. LoRA on lm_head): call the module itself
             logits = transform_logits(unwrap_model(model).get_output_embeddings()(selected),
                                       head_transform(model, temperature))
-            flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy)
+            flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy, entropy_grad)
     shape = mask.shape
     logps = flat_logps.new_zeros(shape).masked_scatter(mask, flat_logps)
-    entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy.detach())
+    flat_entropy = flat_entropy if entropy_grad else flat_entropy.detach()
+    entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy)
     match = torch.zeros(shape, dtype=torch.bool, device=mask.device).masked_scatter(mask, flat_match)
     return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match, router_loss=router_loss)
 
 
-def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
-    """(N,) log-probs, entropy (NaN unless ``with_entropy``) and argmax match from float32 logits (N, V)."""
+def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, entropy_grad: bool = False):
+    """(N,) log-probs, entropy (NaN unless ``with_entropy``; with a graph only for ``entropy_grad``, which keeps
+    a second (N, V) tensor for backward) and argmax match from float32 logits (N, V)."""
     flat_logps = naive_token_logps(logits, targets)
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         flat_entropy = entropy_from_logits(logits) if with_entropy else torch.full_like(flat_logps, float("nan"))
-        flat_match = logits.argmax(-1) == targets
+    flat_match = logits.detach().argmax(-1) == targets
     return flat_logps, flat_entropy, flat_match
 
 

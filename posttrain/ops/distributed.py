@@ -47,3 +47,19 @@ def global_mean_std(values: torch.Tensor, mask: torch.Tensor | None = None) -> t
         return mean, torch.zeros((), dtype=torch.float64, device=values.device)
     variance = ((total_sq - count * mean * mean) / (count - 1)).clamp_min(0.0)
     return mean, variance.sqrt()
+
+
+def all_gather_1d(values: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor concatenated over all processes in rank order (lengths may differ); itself in one process."""
+    if not is_distributed():
+        return values
+    values = values.detach().contiguous()
+    length = torch.tensor([values.numel()], device=values.device)
+    lengths = [torch.zeros_like(length) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(n) for n in lengths))
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    pieces = [torch.zeros_like(padded) for _ in lengths]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[: int(n)] for piece, n in zip(pieces, lengths)])

@@ -33,12 +33,15 @@ class HeadTransform:
     """What a model does to ``h @ W.T + b`` before the softmax.
 
     ``logits = softcap * tanh(scale * z / softcap) / temperature`` with ``z = h @ W.T + b``; a
-    ``softcap`` of ``None`` skips the tanh.
+    ``softcap`` of ``None`` skips the tanh. ``float32_matmul``: a half-precision ``h`` and ``W`` are
+    cast to float32 before the product, so ``z`` is not rounded to half precision (TRL's
+    ``cast_lm_head_to_fp32``, ScaleRL); the parameters themselves keep their dtype.
     """
 
     scale: float = 1.0
     softcap: float | None = None
     temperature: float = 1.0
+    float32_matmul: bool = False
 
 
 def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -81,6 +84,8 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) ->
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadTransform):
     """Logits of one chunk in float32 (a view of the shared workspace), and d(logits)/d(z) when
     soft-capping makes it non-constant. The result is overwritten by the next chunk."""
+    if head.float32_matmul and hidden.dtype in (torch.float16, torch.bfloat16):
+        hidden = hidden.float()
     if weight.dtype != hidden.dtype:
         # under autocast the forward saw a down-cast weight; backward runs outside autocast
         weight = weight.to(hidden.dtype)
@@ -168,30 +173,47 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             logps[start:stop] = target_logits - chunk_lse
             lse[start:stop] = chunk_lse
             argmax_match[start:stop] = argmax == targets[start:stop]
-        if not with_entropy:
+        if with_entropy:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        else:
             entropy.fill_(float("nan"))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            ctx.mark_non_differentiable(entropy)
         ctx.chunk_size = chunk_size
         ctx.head = head
-        ctx.mark_non_differentiable(entropy, argmax_match)
+        ctx.mark_non_differentiable(argmax_match)
+        # an output no loss uses gets no gradient (None), so logging the entropy costs nothing in backward
+        ctx.set_materialize_grads(False)
         return logps, entropy, argmax_match
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy, _grad_match):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logps, grad_entropy, _grad_match):
+        hidden, weight, bias, targets, lse, *saved_entropy = ctx.saved_tensors
         head = ctx.head
+        if grad_logps is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         acc = _accumulation_dtype(hidden)
         grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None
-        grad_logps = grad_logps.to(acc)
+        grad_logps = torch.zeros_like(lse) if grad_logps is None else grad_logps.to(acc)
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.to(acc)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
             logits, tanh_grad = _chunk_logits(hidden[start:stop], weight, bias, head)
             g = grad_logps[start:stop]
-            # d log p(t) / d logits = onehot(t) - softmax(logits)
-            grad_logits = logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])
+            log_probs = logits.sub_(lse[start:stop, None])
+            if grad_entropy is None:
+                # d log p(t) / d logits = onehot(t) - softmax(logits)
+                grad_logits = log_probs.exp_().mul_(-g[:, None])
+            else:
+                # d H / d logits_j = -p_j (log p_j + H), added to the log-prob term's -g p_j
+                probs = log_probs.exp()
+                h = saved_entropy[0][start:stop]
+                grad_logits = log_probs.add_(h[:, None]).mul_(grad_entropy[start:stop, None]).add_(g[:, None])
+                grad_logits.mul_(probs).neg_()
             grad_logits.scatter_add_(1, targets[start:stop, None], g[:, None])
             grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
             if need_hidden:
@@ -226,8 +248,9 @@ def chunked_token_logps(
 
     Returns:
         ``logps`` (N,) float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``;
-        ``entropy`` (N,) float32 of the predicted distribution (no gradient; NaN unless
-        ``with_entropy``, which costs a row-wise dot product per chunk);
+        ``entropy`` (N,) float32 of the predicted distribution, ``H = -sum_v p_v log p_v`` (NaN unless
+        ``with_entropy``, which costs a row-wise dot product per chunk); differentiable too, with
+        ``dH/dz_v = -p_v (log p_v + H)`` applied in the same backward pass (an entropy bonus);
         ``argmax_match`` (N,) bool, True where the most likely token is the target (no gradient).
     """
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])

@@ -38,16 +38,32 @@ class CompletionsLog:
     def replace(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
 
-    def flush(self, output_dir: str | None, step: int, max_printed: int | None, report_to: list[str] | None = None) -> None:
+    def flush(self, output_dir: str | None, step: int, max_printed: int | None, report_to: list[str] | None = None,
+              *, unique_prompts: bool = False) -> None:
+        """Append every row to the file; print (and log to wandb) the table, one row per distinct prompt
+        when ``unique_prompts`` (TRL's ``log_unique_prompts``)."""
         if not self.rows:
             return
         if output_dir:
             append_completion_rows(output_dir, step, self.rows)
-        shown = self.rows if max_printed is None else self.rows[:max_printed]
+        table = first_row_per_prompt(self.rows) if unique_prompts else self.rows
+        shown = table if max_printed is None else table[:max_printed]
         print(format_completions_table(shown, title=f"completions at step {step}"))
         if report_to and "wandb" in report_to:
-            log_wandb_table(self.rows, step)
+            log_wandb_table(table, step)
         self.rows = []
+
+
+def first_row_per_prompt(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first row of each distinct prompt (compared by its text), in order."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        key = str(row.get("prompt"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
 
 
 def format_completions_table(rows: list[dict[str, Any]], *, title: str = "completions", width: int = 48) -> str:

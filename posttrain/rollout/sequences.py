@@ -194,15 +194,17 @@ def completion_token_logps(
     with_entropy: bool = False,
     logps_fn: Callable | None = None,
     share_prompt: bool = True,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs ``(N, C)`` of the completion tokens (zero on padding), and entropies if asked.
+    """Per-token log-probs ``(N, C)`` of the completion tokens (zero on padding), and entropies if asked
+    (differentiable with ``entropy_grad``).
 
     ``logps_fn`` replaces :func:`posttrain.models.lm_head.token_logps` (e.g. a reference policy's).
     Differentiable when autograd is on. With ``share_prompt``, completions of the same prompt share
     one forward over it.
     """
     compute = logps_fn or token_logps
-    kwargs = {"with_entropy": True} if with_entropy else {}
+    kwargs = {"with_entropy": True, **({"entropy_grad": True} if entropy_grad else {})} if with_entropy else {}
     result = compute(
         model, sequences.input_ids, sequences.target_mask, sequences.attention_mask, sequences.position_ids,
         temperature=temperature, chunk_size=chunk_size,

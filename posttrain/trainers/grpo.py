@@ -30,8 +30,10 @@ from posttrain.losses.policy import (
     sapo_policy_loss,
     vespo_policy_loss,
 )
+from posttrain.models.lm_head import compute_head_in_float32
 from posttrain.ops.distributed import global_mean_std
 from posttrain.rollout.sequences import RolloutSequences
+from posttrain.trainers.grpo_terms import EntropyBonus, check_entropy_options, policy_token_weights
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
 
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -76,6 +78,47 @@ class GRPOConfig(OnlineConfig):
     )
     vespo_k_neg: float = field(default=3.0, metadata={"help": "VESPO kernel power k where A < 0."})
     vespo_lambda_neg: float = field(default=2.0, metadata={"help": "VESPO kernel decay lambda where A < 0."})
+    # token selection, entropy bonus, off-policy masking and the head's precision (posttrain.trainers.grpo_terms)
+    top_entropy_quantile: float = field(
+        default=1.0,
+        metadata={"help": "Train the policy term only on the top rho fraction of tokens by entropy (Beyond the "
+                  "80/20 Rule: 0.2); 1.0 keeps all tokens, 0.0 only the highest-entropy one."},
+    )
+    entropy_coef: float = field(
+        default=0.0,
+        metadata={"help": "Subtract entropy_coef x the mean token entropy from the loss (an exploration bonus, "
+                  "the same for every loss_type); the starting value under use_adaptive_entropy."},
+    )
+    use_adaptive_entropy: bool = field(
+        default=False,
+        metadata={"help": "Skywork-OR1 adaptive entropy control: after each optimizer step, raise entropy_coef by "
+                  "entropy_coef_delta if the step's mean entropy is <= entropy_target, else lower it; the bonus "
+                  "applies only while the entropy is at or below the target."},
+    )
+    entropy_coef_min: float = field(default=0.0, metadata={"help": "Lowest entropy_coef under adaptive control."})
+    entropy_coef_max: float = field(default=1.0, metadata={"help": "Highest entropy_coef under adaptive control."})
+    entropy_coef_delta: float = field(
+        default=0.005, metadata={"help": "Change of entropy_coef per optimizer step under adaptive control."}
+    )
+    entropy_target: float = field(
+        default=0.2,
+        metadata={"help": "Mean token entropy (nats) adaptive control keeps above, over the tokens the policy term "
+                  "counts; set it near the entropy logged early in training."},
+    )
+    off_policy_mask_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Drop from the policy term each sequence with a negative advantage whose mean token KL "
+                  "from the sampling policy exceeds this (DeepSeek-V3.2 delta, e.g. 0.5); None: off."},
+    )
+    cast_lm_head_to_fp32: bool = field(
+        default=False,
+        metadata={"help": "Compute the output head's product in float32 for every log-prob of the loss (policy and "
+                  "reference; ScaleRL), whatever the model's dtype. Sampling is unchanged."},
+    )
+    log_completions_hub_repo: str | None = field(
+        default=None,
+        metadata={"help": "Refused: posttrain writes completions.jsonl to output_dir and never uploads on its own."},
+    )
 
     def __post_init__(self) -> None:
         # older configs and the CLI write scale_rewards as a boolean
@@ -89,6 +132,14 @@ class GRPOConfig(OnlineConfig):
         for name, value, allowed in choices:
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}", field=name, fix=f"use one of {', '.join(allowed)}")
+        check_entropy_options(self)
+        if self.log_completions_hub_repo:
+            raise ConfigError(
+                f"log_completions_hub_repo={self.log_completions_hub_repo!r}: posttrain does not upload to the Hub "
+                "during training (it runs offline)", field="log_completions_hub_repo",
+                fix="drop it; with log_completions the rows go to output_dir/completions.jsonl, which you can push "
+                "with huggingface_hub.upload_file after the run",
+            )
         if self.loss_type == "vespo" and self.importance_sampling_level != "token":
             logger.warning("loss_type='vespo' weighs each sequence by its whole-sequence ratio itself; "
                            "importance_sampling_level='%s' only changes the KL term's ratio", self.importance_sampling_level)
@@ -103,6 +154,26 @@ class GRPOTrainer(OnlineTrainer):
 
     method_name: ClassVar[str] = "GRPO"
     config_class: ClassVar[type] = GRPOConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.entropy_bonus = EntropyBonus(self.args)
+        if self.args.cast_lm_head_to_fp32:
+            policy = self.accelerator.unwrap_model(self.model)
+            reference = self.reference.model if self.reference is not None else None
+            if not all(compute_head_in_float32(model) for model in (policy, reference) if model is not None):
+                raise ConfigError(
+                    "cast_lm_head_to_fp32 needs a plain linear output head; this model's head is wrapped (e.g. a "
+                    "LoRA adapter on lm_head) or transforms its logits in a way the chunked head does not know",
+                    field="cast_lm_head_to_fp32", fix="remove lm_head from the adapter's target_modules, or drop the flag",
+                )
+
+    def loop_state(self) -> dict:
+        return {"entropy_bonus": self.entropy_bonus.state_dict()}
+
+    def restore_loop_state(self, state: dict) -> None:
+        if "entropy_bonus" in state:
+            self.entropy_bonus.load_state_dict(state["entropy_bonus"])
 
     def compute_advantages(self, scored: ScoredRollout, rows: RolloutSequences) -> tuple[torch.Tensor, dict[str, float]]:
         if self.args.multi_objective_aggregation == "normalize_then_sum":
@@ -120,13 +191,15 @@ class GRPOTrainer(OnlineTrainer):
             raise ConfigError("GRPOTrainer.compute_loss returns no model outputs", field="return_outputs",
                               fix="call it with return_outputs=False")
         args = self.args
-        logps, entropy = self.policy_logps(model, inputs)
+        logps, entropy = self.policy_logps(model, inputs, entropy_grad=self.entropy_bonus.enabled)
         mask = inputs.loss_mask
         # on-policy (the batch is used before any optimizer step) the old policy is the current one
         old_logps = inputs.old_logps if inputs.old_logps is not None else logps.detach()
+        policy_weights, entropy_mask, term_metrics = policy_token_weights(args, inputs.advantages, logps, old_logps,
+                                                                          entropy, mask)
         kl_options = dict(ref_logps=inputs.ref_logps, kl_coef=args.beta, kl_estimator="k3",
                           use_bias_correction_kl=args.use_bias_correction_kl,
-                          importance_sampling_level=args.importance_sampling_level)
+                          importance_sampling_level=args.importance_sampling_level, policy_weights=policy_weights)
         loss_type = POLICY_LOSS_AGGREGATIONS.canonical(args.loss_type)
         if args.loss_type == "cispo":
             per_token_loss, metrics = cispo_policy_loss(logps, old_logps, inputs.advantages, mask,
@@ -153,5 +226,14 @@ class GRPOTrainer(OnlineTrainer):
                 loss = loss * self.accelerator.num_processes
         else:
             loss = loss / self.loss_normaliser_for_accumulation()
-        self.record_metrics({**metrics, "entropy": self.masked_mean(entropy, mask)})
+        if self.entropy_bonus.enabled:
+            bonus_mask = mask if entropy_mask is None else mask * entropy_mask
+            training = self.model.training
+            term, bonus_metrics = self.entropy_bonus.loss_term(
+                entropy, bonus_mask, training=training, accumulation_steps=self.current_gradient_accumulation_steps,
+                num_processes=self.accelerator.num_processes, end_of_step=self.accelerator.sync_gradients,
+            )
+            loss = loss + term
+            term_metrics.update(bonus_metrics)
+        self.record_metrics({**metrics, **term_metrics, "entropy": self.masked_mean(entropy, mask)})
         return loss

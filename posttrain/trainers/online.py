@@ -172,7 +172,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
 
     def _prepare_dataset(self, dataset, split: str, args: OnlineConfig):
         return prepare_prompt_dataset(dataset, self._tokenizer, args.max_prompt_length, args.dataset_num_proc, split,
-                                      prompt_column_only=True)
+                                      prompt_column_only=True, template_kwargs=args.chat_template_kwargs)
 
     def prepare_eval_dataset(self, dataset, name: str):
         return self._prepare_dataset(dataset, "eval", self.args)
@@ -240,7 +240,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             rows = self._generate_and_score(batch, mode="eval").rows
             self._eval_batches += 1
             rows.num_items_in_batch = rows.loss_mask.sum().float()
-            return rows.trim_padding()
+            return self._pad_to_multiple(rows.trim_padding())
         args = self.args
         if self._buffer is None:  # first step (a resumed run restores its buffer and micro-step with the checkpoint)
             self._micro_step = self.state.global_step * args.gradient_accumulation_steps
@@ -248,7 +248,16 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             self._buffer = self._micro_batches(self._generate_and_score(batch, mode="train").rows)
         rows = self._buffer[self._micro_step % args.steps_per_generation]
         self._count_trained_tokens(rows)
-        return rows
+        return self._pad_to_multiple(rows)
+
+    def _pad_to_multiple(self, rows: RolloutSequences) -> RolloutSequences:
+        """``pad_to_multiple_of``: widen the prompt and completion columns (masked out, so losses are unchanged)."""
+        from posttrain.data.collate import pad_rollout_to_multiple
+
+        if not self.args.pad_to_multiple_of:
+            return rows
+        return RolloutSequences.from_dict(
+            pad_rollout_to_multiple(rows.as_dict(), self.args.pad_to_multiple_of, self._tokenizer.pad_token_id))
 
     def _track_num_input_tokens(self, inputs) -> None:
         """The Trainer counts the prompt batch it hands over; the tokens trained on are counted per micro-batch instead."""
@@ -396,11 +405,13 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             pieces.append(nn.functional.pad(logps, (0, width - logps.shape[1])))
         return torch.cat(pieces).detach()
 
-    def policy_logps(self, model: nn.Module, inputs: RolloutSequences) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logps, entropy)``, each ``(B, C)``, of a micro-batch's completions under the policy (with gradient)."""
+    def policy_logps(self, model: nn.Module, inputs: RolloutSequences, entropy_grad: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, entropy)``, each ``(B, C)``, of a micro-batch's completions under the policy (with gradient;
+        for the entropy too with ``entropy_grad``)."""
         return completion_token_logps(
             model, inputs, temperature=self.args.temperature, chunk_size=self.args.logits_chunk_size, with_entropy=True,
-            share_prompt=self.args.share_prompt_forward,
+            share_prompt=self.args.share_prompt_forward, entropy_grad=entropy_grad,
         )
 
     def loss_normaliser_for_accumulation(self) -> float:
@@ -470,7 +481,8 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         super().log(logs, start_time)
         if training and self.args.log_completions and self.accelerator.is_main_process:
             self._completions_log.flush(
-                self.args.output_dir, self.state.global_step, self.args.num_completions_to_print, self.args.report_to
+                self.args.output_dir, self.state.global_step, self.args.num_completions_to_print, self.args.report_to,
+                unique_prompts=self.args.log_unique_prompts,
             )
 
     # ------------------------------------------------------------------ debugging reward functions

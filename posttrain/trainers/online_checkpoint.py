@@ -11,7 +11,8 @@ with several processes):
   ``num_iterations`` > 1) and the checkpoint falls inside it;
 * ``cumulative``: running totals (tokens seen), and the reward computer's running counts
   (:data:`REWARD_COUNTERS`);
-* ``pending_metrics``: metrics recorded since the last log, averaged into the next one.
+* ``pending_metrics``: metrics recorded since the last log, averaged into the next one;
+* ``loop_state``: a method's own controllers (:meth:`ResumableOnlineLoop.loop_state`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def save_online_state(
     micro_step: int = 0,
     buffer: list[RolloutSequences] | None = None,
     reward_computer=None,
+    loop_state: Mapping[str, Any] | None = None,
 ) -> None:
     """Write this process's online-loop state into ``checkpoint`` (tensors moved to the CPU; each buffered
     micro-batch as a dict of its fields, :meth:`RolloutSequences.as_dict`)."""
@@ -65,6 +67,7 @@ def save_online_state(
         "cumulative": {name: float(value) for name, value in cumulative.items()},
         "pending_metrics": {name: [float(v) for v in values] for name, values in pending_metrics.items()},
         "reward_counters": reward_counters(reward_computer),
+        "loop_state": dict(loop_state or {}),
     }
     torch.save(state, os.path.join(checkpoint, online_state_file(args)))
 
@@ -104,8 +107,15 @@ class ResumableOnlineLoop:
             checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
                               micro_step=self._micro_step or 0, buffer=getattr(self, "_buffer", None),
-                              reward_computer=self.reward_computer)
+                              reward_computer=self.reward_computer, loop_state=self.loop_state())
         super()._save_checkpoint(model, trial)
+
+    def loop_state(self) -> dict[str, Any]:
+        """A method's own state to checkpoint (e.g. GRPO's adaptive entropy coefficient); plain values only."""
+        return {}
+
+    def restore_loop_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`loop_state` returned."""
 
     def _load_rng_state(self, checkpoint) -> None:
         # the Trainer calls this once when it resumes, before the first resumed step
@@ -118,5 +128,6 @@ class ResumableOnlineLoop:
             self._buffer = saved["buffer"]
         self._cumulative.update(saved["cumulative"])
         restore_reward_counters(self.reward_computer, saved.get("reward_counters", {}))
+        self.restore_loop_state(saved.get("loop_state", {}))
         for name, values in saved["pending_metrics"].items():
             self._metrics["train"][name].extend(values)

@@ -10,6 +10,7 @@ from typing import ClassVar
 from posttrain.errors import ConfigError
 from posttrain.losses.policy import CISPO_DEFAULT_EPSILON_HIGH
 from posttrain.trainers.config import PosttrainConfig
+from posttrain.trainers.online_options import resolve_online_options
 
 logger = logging.getLogger("posttrain")
 
@@ -104,6 +105,48 @@ class OnlineConfig(PosttrainConfig):
         default=None, metadata={"help": "Rows of the completions table printed (None: all; the file gets all)."}
     )
     max_new_tokens: int | None = field(default=None, metadata={"help": "Older name of max_completion_length."})
+    # TRL's generation and logging options, resolved in posttrain.trainers.online_options
+    generation_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Sampling settings that override the fields of the same name (top_p, top_k, min_p, "
+                  "repetition_penalty, stop_strings); any other key is refused. A dict, or JSON on the command line."},
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra variables for the chat template when rendering conversational prompts "
+                  "(e.g. {\"enable_thinking\": false})."},
+    )
+    cache_implementation: str | None = field(
+        default=None, metadata={"help": "KV cache of the sampler: only 'dynamic' (what posttrain's sampler keeps)."}
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default=None,
+        metadata={"help": "Pad each training micro-batch's prompt and completion lengths to multiples of this "
+                  "('auto': no padding, as TRL off AWS Neuron)."},
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={"help": "Sample from the whole (gathered) policy under DeepSpeed ZeRO-3; False is refused."},
+    )
+    log_unique_prompts: bool = field(
+        default=False,
+        metadata={"help": "The printed (and wandb) completions table shows one row per distinct prompt; "
+                  "completions.jsonl keeps every row."},
+    )
+    log_multimodal: bool = field(
+        default=True,
+        metadata={"help": "Log images with completions. Prompts here are text only, so there is nothing to log "
+                  "either way."},
+    )
+    use_transformers_continuous_batching: bool = field(
+        default=False, metadata={"help": "Refused: posttrain samples with its own batched sampler."}
+    )
+    transformers_continuous_batching_config: dict | str | None = field(
+        default=None, metadata={"help": "Refused with use_transformers_continuous_batching."}
+    )
+    use_transformers_paged: bool = field(
+        default=False, metadata={"help": "Older name of use_transformers_continuous_batching (refused)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +156,7 @@ class OnlineConfig(PosttrainConfig):
                 "router loss to the policy loss", field="router_aux_loss_coef",
                 fix="leave it unset (or 0); SFT and DPO add it",
             )
+        resolve_online_options(self)
         self._check_values()
         self.min_p = 0.0 if self.min_p is None else self.min_p
         if self.epsilon_high is None:  # CISPO caps the ratio itself (not 1 + epsilon): 0.2 would shrink every weight

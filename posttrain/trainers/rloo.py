@@ -15,11 +15,10 @@ Sampling, rewards and the buffered schedule are shared with GRPO (:mod:`posttrai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from posttrain.data.collate import pad_rollout_to_multiple
 from posttrain.errors import ConfigError
 from posttrain.losses.advantages import ADVANTAGE_ESTIMATORS, kl_penalized_scores
 from posttrain.losses.kl import KL_ESTIMATORS, kl_divergence
@@ -28,7 +27,6 @@ from posttrain.ops.distributed import global_mean_std
 from posttrain.ops.masked import masked_mean, masked_sum
 from posttrain.rollout.sequences import RolloutSequences
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
-from posttrain.trainers.config import parse_pad_to_multiple_of
 
 
 @dataclass
@@ -52,15 +50,9 @@ class RLOOConfig(OnlineConfig):
     reward_clip_range: list[float] | None = field(
         default=None, metadata={"help": "Clip the total reward to [min, max] before the baseline, e.g. -1 1."}
     )
-    pad_to_multiple_of: int | str | None = field(
-        default=None,
-        metadata={"help": "Pad each training micro-batch's prompt and completion lengths to multiples of this "
-                  "('auto': no padding, as TRL off AWS Neuron)."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.pad_to_multiple_of = parse_pad_to_multiple_of(self.pad_to_multiple_of)
         if self.kl_estimator is None:
             self.kl_estimator = "k1" if self.kl_in_reward else "k3"
         KL_ESTIMATORS.canonical(self.kl_estimator)  # ConfigError listing the known names
@@ -81,13 +73,6 @@ class RLOOTrainer(OnlineTrainer):
 
     method_name: ClassVar[str] = "RLOO"
     config_class: ClassVar[type] = RLOOConfig
-
-    def _prepare_inputs(self, batch: dict[str, Any]) -> RolloutSequences:
-        rows = super()._prepare_inputs(batch)
-        if self.args.pad_to_multiple_of:
-            rows = RolloutSequences.from_dict(
-                pad_rollout_to_multiple(rows.as_dict(), self.args.pad_to_multiple_of, self._tokenizer.pad_token_id))
-        return rows
 
     def needs_generation_logps(self, mode: str) -> bool:
         # the KL in the reward is measured at sampling time, so the sampling policy's log-probs are needed

@@ -285,3 +285,34 @@ def test_clipped_value_loss():
     assert metrics["vf_clipfrac"] == pytest.approx(clipped_count / 5)
     loss.backward()
     assert torch.isfinite(values.grad).all()
+
+
+def test_off_policy_sequence_mask_drops_negative_advantage_sequences_that_drifted():
+    """DeepSeek-V3.2 eq. 9 by hand: mean KL_i = mean_t (log pi_old - log pi); keep if A >= 0 or KL_i <= delta."""
+    from posttrain.losses.policy import off_policy_sequence_mask
+
+    logps = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, -9.0], [-3.0, -3.0, -3.0], [-1.0, -1.0, -1.0]])
+    sampling = torch.tensor([[-0.2, -1.0, -9.0], [-1.1, -0.9, float("nan")], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [0, 0, 0]])
+    advantages = torch.tensor([-1.0, -0.5, 2.0, -1.0])
+    # KL: row 0 (0.8 + 1.0) / 2 = 0.9; row 1 (-0.1 + 0.1 + 0 [NaN]) / 3 = 0; row 2 = 2.0 (A > 0); row 3 no tokens: 0
+    keep = off_policy_sequence_mask(advantages, logps, sampling, mask, threshold=0.5)
+    assert keep.shape == (4, 1)
+    assert keep.squeeze(1).tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert off_policy_sequence_mask(advantages, logps, sampling, mask, threshold=0.95).squeeze(1).tolist() == [1.0] * 4
+
+
+def test_policy_weights_scale_the_policy_term_and_not_the_kl_term():
+    from posttrain.losses.policy import clipped_policy_loss
+
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], dtype=torch.float64)
+    old = logps + 0.1
+    ref = logps - 0.3
+    mask = torch.ones(2, 2)
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    weights = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    options = dict(ref_logps=ref, kl_coef=0.5, use_bias_correction_kl=False)
+    full, _ = clipped_policy_loss(logps, old, advantages, mask, **options)
+    policy_only, _ = clipped_policy_loss(logps, old, advantages, mask)
+    weighted, _ = clipped_policy_loss(logps, old, advantages, mask, policy_weights=weights, **options)
+    assert torch.allclose(weighted, full - policy_only * (1 - weights))

@@ -10,9 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from posttrain.ops.distributed import all_reduce_sum, global_mean_std
+from posttrain.losses.entropy import high_entropy_mask
+from posttrain.ops.distributed import all_gather_1d, all_reduce_sum, global_mean_std
 
 VALUES = torch.tensor([0.5, 2.0, float("nan"), -1.0, 3.5, 0.0, 7.0, 1.25])
+ENTROPY = torch.tensor([[1.0, 2.0, 1.2, 0.0], [1.5, 0.3, 0.9, 2.5], [0.2, 0.4, 3.0, 0.6]])
+ENTROPY_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
 
 
 def _free_port() -> int:
@@ -28,8 +31,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     mine = VALUES[:3] if rank == 0 else VALUES[3:]
     mean, std = global_mean_std(mine)
     total = all_reduce_sum(torch.tensor([float(rank + 1)]))
+    gathered = all_gather_1d(mine)
+    rows = slice(0, 1) if rank == 0 else slice(1, 3)  # the micro-batch's rows, unevenly split
+    high = high_entropy_mask(ENTROPY[rows], ENTROPY_MASK[rows], 0.5, gather=all_gather_1d)
     if rank == 0:
-        torch.save({"mean": mean, "std": std, "total": total}, out)
+        torch.save({"mean": mean, "std": std, "total": total, "gathered": gathered, "high": high}, out)
     dist.destroy_process_group()
 
 
@@ -55,3 +61,7 @@ def test_two_processes_equal_one(tmp_path):
     mean, std = global_mean_std(VALUES)
     assert torch.allclose(got["mean"], mean) and torch.allclose(got["std"], std)
     assert got["total"].item() == 3.0
+    assert torch.equal(torch.nan_to_num(got["gathered"], nan=-9.0), torch.nan_to_num(VALUES, nan=-9.0))
+    # the high-entropy threshold is the whole micro-batch's, however its rows are spread over processes
+    assert torch.equal(got["high"], high_entropy_mask(ENTROPY, ENTROPY_MASK, 0.5)[:1])
+    assert not torch.equal(got["high"], high_entropy_mask(ENTROPY[:1], ENTROPY_MASK[:1], 0.5))  # a local threshold differs

@@ -72,6 +72,40 @@ def test_chunked_logps_gradcheck_float64():
 
 
 @pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("with_logps_grad", [True, False])
+def test_entropy_gradient_matches_the_float64_softmax(head, with_logps_grad):
+    """An entropy bonus trains through the chunked entropy: its gradient (alone, or with the log-probs') is the
+    gradient of -sum p log p computed by autograd on full float64 logits."""
+    hidden, weight, bias, targets = _inputs()
+    g = torch.Generator().manual_seed(2)
+    upstream_logps = torch.randn(hidden.shape[0], dtype=torch.float64, generator=g) if with_logps_grad else 0.0
+    upstream_entropy = torch.randn(hidden.shape[0], dtype=torch.float64, generator=g)
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    expected_logps, logits = _naive(*leaves, targets, head)
+    log_probs = torch.log_softmax(logits, -1)
+    expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    (expected_logps * upstream_logps + expected_entropy * upstream_entropy).sum().backward()
+
+    leaves2 = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, entropy, _ = chunked_token_logps(leaves2[0], leaves2[1], targets, bias=leaves2[2], head=head,
+                                            chunk_size=4, with_entropy=True)
+    (logps.double() * upstream_logps + entropy.double() * upstream_entropy).sum().backward()
+    for got, want in zip((t.grad for t in leaves2), (t.grad for t in leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_entropy_gradcheck_float64():
+    hidden, weight, bias, targets = _inputs(n=5, d=3, v=7)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    head = HeadTransform(softcap=2.0, temperature=0.9)
+    assert torch.autograd.gradcheck(
+        lambda h, w: chunked_token_logps(h, w, targets, head=head, chunk_size=2, with_entropy=True)[1], (hidden, weight)
+    )
+
+
+@pytest.mark.parametrize("head", HEADS)
 def test_fused_nll_matches_naive_weighted_nll(head):
     hidden, weight, bias, targets = _inputs(n=11)
     token_weights = torch.rand(11, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

@@ -69,3 +69,30 @@ def test_output_head_through_peft(model):
     head = output_head(wrapped)
     assert head is not None and head.weight.shape == (61, 32)
     assert unwrap_model(wrapped).__class__.__name__ == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_entropy_gradient_on_the_chunked_and_the_full_logits_paths(model, full_logits):
+    """``entropy_grad=True`` gives the entropy the gradient of -sum p log p on float64 logits, on the chunked
+    head and on the fallback through the model's own logits; without it the entropy carries no graph."""
+    from posttrain.models.lm_head import FULL_LOGITS_ATTRIBUTE
+
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, 61, (2, 7))
+    completion_mask = torch.zeros_like(input_ids)
+    completion_mask[:, 3:] = 1
+    weight = model.model.layers[0].mlp.up_proj.weight
+    setattr(model, FULL_LOGITS_ATTRIBUTE, full_logits)
+    try:
+        got = token_logps(model, input_ids, completion_mask, temperature=0.8, with_entropy=True, entropy_grad=True)
+        assert not token_logps(model, input_ids, completion_mask, with_entropy=True).entropy.requires_grad
+    finally:
+        setattr(model, FULL_LOGITS_ATTRIBUTE, False)
+    logits = model(input_ids=input_ids).logits[:, :-1].double() / 0.8
+    log_probs = torch.log_softmax(logits, -1)
+    mask = completion_mask[:, 1:].bool()
+    want = (-(log_probs.exp() * log_probs).sum(-1) * mask).sum()
+    (got_grad,) = torch.autograd.grad(got.entropy.sum(), weight)
+    (want_grad,) = torch.autograd.grad(want, weight)
+    torch.testing.assert_close(got.entropy.sum().double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad.double(), rtol=1e-4, atol=1e-6)
