@@ -364,7 +364,9 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         if prompt_keys is None:
             prompt_keys = self._prompt_keys("eval", len(batch["prompt"]))
         if self.agent is not None:
-            return self._sample_and_score_agent(batch, num_generations, prompt_keys)
+            from posttrain.trainers.agent import sample_and_score
+
+            return sample_and_score(self, batch, num_generations, prompt_keys)
         with self.sampling_precision():
             rollout = self._rollout_engine().generate(
                 batch["prompt_input_ids"].to(device), prompt_mask=batch["prompt_attention_mask"].to(device),
@@ -386,30 +388,6 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
             reward_names=list(output.names), group_size=num_generations,
             extra_columns=output.extra_columns, logged_metrics=output.logged_metrics,
-        )
-
-    def _sample_and_score_agent(self, batch: dict[str, Any], num_generations: int, prompt_keys: torch.Tensor) -> ScoredRollout:
-        """:meth:`sample_and_score` with tools, environments or a ``rollout_func`` (posttrain.trainers.agent)."""
-        from posttrain.trainers.agent import tool_metrics
-
-        device = self.accelerator.device
-        columns = {name: [value for value in values for _ in range(num_generations)]
-                   for name, values in batch.items() if name not in PROMPT_COLUMNS}
-        sample = self.agent.sample(self, batch, num_generations, prompt_keys, columns)
-        output = self.reward_computer(sample.prompts, sample.completions, sample.completion_ids,
-                                      {**columns, **sample.reward_columns}, trainer_state=self.state)
-        if sample.metrics:
-            names = sorted(sample.metrics)
-            totals = torch.tensor([sample.metrics[name] for name in names], dtype=torch.float64, device=device)
-            if self.accelerator.num_processes > 1:
-                totals = self.accelerator.reduce(totals, reduction="sum")
-            self.record_metrics(tool_metrics(dict(zip(names, totals.tolist()))))
-        return ScoredRollout(
-            rows=sample.rows, prompts=sample.prompts, completions=sample.completions,
-            rewards_per_function=output.per_function.to(device).float(),
-            rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
-            reward_names=list(output.names), group_size=num_generations,
-            extra_columns=output.extra_columns, logged_metrics=output.logged_metrics, agent=sample,
         )
 
     def _rollout_engine(self):
@@ -499,7 +477,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
     def completion_rows(scored: ScoredRollout) -> list[dict[str, Any]]:
         """One dict per completion: prompt and completion text, each reward, the total and the advantage, and
         the columns reward functions added with ``log_extra`` (a name the table uses gets ``_extra`` appended)."""
-        texts = [c[0]["content"] if isinstance(c, list) else c for c in scored.completions]
+        texts = [completion_text(c) for c in scored.completions]
         per_function = scored.rewards_per_function.tolist()
         totals, advantage_values = scored.rewards.tolist(), scored.rows.advantages.tolist()
         extra = {(name + "_extra" if name in COMPLETION_ROW_KEYS else name): values
@@ -582,6 +560,16 @@ def _rows_as_dataset(rows: Any):
         return Dataset.from_list(rows)
     raise ConfigError(f"cannot read rows of type {type(rows).__name__}", field="rows",
                       fix="pass a Dataset, dataset[:n], dataset[i] or a list of dicts with a 'prompt' key")
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as the table shows it: the text, or the assistant's content; a multi-turn episode's messages
+    (assistant turns and tool results) one after the other, each after its role."""
+    if not isinstance(completion, list):
+        return completion
+    if len(completion) == 1:
+        return completion[0]["content"]
+    return "\n".join(f"[{message['role']}] {message.get('content') or ''}" for message in completion)
 
 
 def _nan_mean(values: torch.Tensor) -> float:
