@@ -316,31 +316,24 @@ class AgentRollouts:
                            reward_columns=extra, records=records, sampler_logps=logprobs)
 
 
-def sample_and_score(trainer, batch: dict[str, Any], num_generations: int, prompt_keys: torch.Tensor):
-    """``OnlineTrainer.sample_and_score`` with tools, environments or a ``rollout_func``: roll out, run the reward
-    functions (with ``environments=`` and the rollout's extra keys), log the tool metrics summed over processes."""
-    from posttrain.trainers.online import PROMPT_COLUMNS, ScoredRollout
-
-    device = trainer.accelerator.device
+def sample_and_reward(trainer, batch: dict[str, Any], num_generations: int, prompt_keys: torch.Tensor,
+                      prompt_columns: Sequence[str]):
+    """Roll out with tools, environments or a ``rollout_func`` and run the reward functions (with ``environments=``
+    and the rollout's extra keys); log the tool metrics summed over processes. Returns ``(AgentSample, RewardOutput)``
+    for ``OnlineTrainer.sample_and_score`` to assemble."""
     columns = {name: [value for value in values for _ in range(num_generations)]
-               for name, values in batch.items() if name not in PROMPT_COLUMNS}
+               for name, values in batch.items() if name not in prompt_columns}
     sample = trainer.agent.sample(trainer, batch, num_generations, prompt_keys, columns)
     output = trainer.reward_computer(sample.prompts, sample.completions, sample.completion_ids,
                                      {**columns, **sample.reward_columns}, trainer_state=trainer.state)
     if sample.metrics:
         names = sorted(sample.metrics)
-        totals = torch.tensor([sample.metrics[name] for name in names], dtype=torch.float64, device=device)
+        totals = torch.tensor([sample.metrics[name] for name in names], dtype=torch.float64,
+                              device=trainer.accelerator.device)
         if trainer.accelerator.num_processes > 1:
             totals = trainer.accelerator.reduce(totals, reduction="sum")
         trainer.record_metrics(tool_metrics(dict(zip(names, totals.tolist()))))
-    return ScoredRollout(
-        rows=sample.rows, prompts=sample.prompts, completions=sample.completions,
-        # a row no function scored is NaN: left out of its group's statistics, advantage 0
-        rewards_per_function=output.per_function.to(device).float(),
-        rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
-        reward_names=list(output.names), group_size=num_generations,
-        extra_columns=output.extra_columns, logged_metrics=output.logged_metrics, agent=sample,
-    )
+    return sample, output
 
 
 def episode_extras(scored, mode: str, step: int, generation_round: int) -> list[dict[str, Any]]:

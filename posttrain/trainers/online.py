@@ -363,10 +363,17 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         device = self.accelerator.device
         if prompt_keys is None:
             prompt_keys = self._prompt_keys("eval", len(batch["prompt"]))
-        if self.agent is not None:
-            from posttrain.trainers.agent import sample_and_score
+        if self.agent is not None:  # tools, environments or rollout_func: posttrain.trainers.agent
+            from posttrain.trainers.agent import sample_and_reward
 
-            return sample_and_score(self, batch, num_generations, prompt_keys)
+            sample, output = sample_and_reward(self, batch, num_generations, prompt_keys, PROMPT_COLUMNS)
+            return ScoredRollout(
+                rows=sample.rows, prompts=sample.prompts, completions=sample.completions,
+                rewards_per_function=output.per_function.to(device).float(),
+                rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
+                reward_names=list(output.names), group_size=num_generations,
+                extra_columns=output.extra_columns, logged_metrics=output.logged_metrics, agent=sample,
+            )
         with self.sampling_precision():
             rollout = self._rollout_engine().generate(
                 batch["prompt_input_ids"].to(device), prompt_mask=batch["prompt_attention_mask"].to(device),
