@@ -147,6 +147,11 @@ class AgentRollouts:
         self.schemas = [tool_schema(tool) for tool in self.tools]
         if self._pool:
             self.schemas += [tool_schema(method) for method in environment_methods(self._pool[0])]
+        if self.schemas:  # fail now, not at the first tool call, when the template cannot render tool turns
+            from posttrain.rollout.multiturn import tool_suffix_ids
+
+            first = self.schemas[0]["function"]["name"]
+            tool_suffix_ids(tokenizer, [{"role": "tool", "name": first, "content": "ok"}])
         self.executor = ToolExecutor(args.tool_timeout)
         self.replay = load_replay(args.tool_replay_path) if args.tool_replay_path else None
         self.recorder = EpisodeRecorder(args.output_dir, process_index) if args.record_episodes else None

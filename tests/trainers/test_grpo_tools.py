@@ -210,6 +210,17 @@ def test_tool_failures_and_missing_reward_sources(tiny_model_dir, tokenizer, tmp
         GRPOTrainer(tiny_model_dir, reward_funcs=None, args=_config(tmp_path), train_dataset=_prompts(), tools=[multiply])
 
 
+def test_a_template_without_tool_turns_is_refused_at_construction(tiny_model_dir, tokenizer, tmp_path):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                           "{{ raise_exception('unknown role ' ~ m['role']) }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ConfigError, match="cannot render tool calls"):
+        GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=_config(tmp_path), train_dataset=_prompts(),
+                    tools=[multiply], processing_class=plain)
+
+
 def _rollout_func_returning(**changes):
     def rollout_func(prompts, trainer):
         rows = len(prompts) * trainer.args.num_generations
