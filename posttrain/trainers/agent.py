@@ -78,6 +78,15 @@ class AgentSample:
     records: list[dict[str, Any]] = field(default_factory=list)  # one per episode, for episodes.jsonl
     sampler_logps: list[list[float]] | None = None  # rollout_func's log-probs
 
+    @property
+    def sampled_lengths(self) -> torch.Tensor:
+        """``(N,)`` tokens each completion's policy sampled (tool results and env_mask-0 tokens left out)."""
+        return self._sampled_lengths
+
+    def __post_init__(self) -> None:
+        # taken before a trainer zeroes rows of the loss mask (mask_truncated_completions)
+        self._sampled_lengths = self.rows.loss_mask.sum(dim=1).clone()
+
 
 class EpisodeRecorder:
     """Appends one JSON line per episode to ``<output_dir>/episodes.jsonl`` (``episodes_<rank>.jsonl``

@@ -459,7 +459,9 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         rows = scored.rows
         per_function = self._gathered(scored.rewards_per_function)
         rewards = self._gathered(scored.rewards)
-        lengths = self._gathered(rows.completion_mask.sum(dim=1)).float()
+        # with tools, TRL counts the tokens the policy sampled, not the tool results between them
+        sampled = rows.completion_mask.sum(dim=1) if scored.agent is None else scored.agent.sampled_lengths
+        lengths = self._gathered(sampled.to(rows.completion_mask.device)).float()
         truncated = self._gathered(rows.is_truncated.long()).bool()
         metrics: dict[str, float] = {}
         for index, name in enumerate(scored.reward_names):

@@ -106,6 +106,9 @@ def test_two_grpo_steps_with_a_tool_train_record_and_log(tiny_model_dir, tokeniz
     assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
     records = [json.loads(line) for line in open(tmp_path / "out" / "episodes.jsonl")]
     assert len(records) == 2 * 4  # two generations of 2 prompts x 2 completions
+    sampled = [sum(len(turn["sampled_ids"]) for turn in r["turns"]) for r in records]
+    # as in TRL, completion lengths count sampled tokens, not the tool results between them
+    assert _logged(trainer, "completions/mean_length") == pytest.approx([sum(sampled[:4]) / 4, sum(sampled[4:]) / 4])
     first = records[0]
     assert first["turns"][0]["results"][0]["content"] == "6" and first["turns"][0]["calls"][0]["arguments"] == {"a": 3}
     assert first["mode"] == "train" and first["round"] == 0 and first["reward"] is not None
