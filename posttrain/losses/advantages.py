@@ -137,6 +137,62 @@ def group_relative_advantages(
     return advantages, GroupStats(mean=group_mean, std=group_std)
 
 
+def turn_level_advantages(
+    turn_rewards: torch.Tensor,
+    final_rewards: torch.Tensor,
+    group_size: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Turn-level credit for multi-turn episodes: each sampled turn's reward-to-go, relative to the group.
+
+    In the spirit of multi-turn GRPO with turn-level rewards (Zeng et al., "Reinforcing Multi-Turn
+    Reasoning in LLM Agents via Turn-Level Credit Assignment", arXiv:2505.11821). With ``r_{i,t}`` the
+    reward of turn ``t`` of completion ``i`` and ``R_i`` its final (trajectory) reward:
+
+        ``G_{i,t} = sum_{k >= t} r_{i,k} + R_i``  (reward-to-go; ``G_{i,0}`` is the whole return)
+        ``A_{i,t} = (G_{i,t} - mean_j G_{j,t}) / (std_j G_{j,t} + eps)``
+
+    where ``j`` runs over the completions of the same prompt that reached turn ``t`` (unbiased std;
+    ``"none"`` only centres). A turn the episode never reached (``NaN`` in ``turn_rewards``), a turn
+    only one completion of its group reached, and a completion with a ``NaN`` final reward get ``A = 0``.
+
+    Args:
+        turn_rewards: (N, T) float, ``NaN`` past each episode's last turn (missing rewards of reached turns: 0).
+        final_rewards: (N,) float.
+        group_size: completions per prompt (G).
+        scale_rewards: "group" or "none".
+
+    Returns:
+        (N, T) advantages.
+    """
+    if scale_rewards not in ("group", "none"):
+        raise ConfigError(f"turn-level credit supports scale_rewards 'group' or 'none', got {scale_rewards!r}",
+                          field="scale_rewards", fix="use scale_rewards='group' or 'none' with credit_assignment='turn'")
+    _grouped(final_rewards, group_size)  # shape check
+    reached = ~torch.isnan(turn_rewards)
+    rewards = torch.nan_to_num(turn_rewards, nan=0.0)
+    to_go = rewards.flip(1).cumsum(1).flip(1) + final_rewards.unsqueeze(1)
+    to_go = torch.where(reached, to_go, torch.full_like(to_go, float("nan")))
+    grouped = to_go.view(-1, group_size, to_go.shape[1])  # (P, G, T)
+    centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
+    if scale_rewards == "group":
+        std = _nan_std(grouped.transpose(1, 2), dim=2).unsqueeze(1)  # (P, 1, T), NaN where < 2 values
+        centred = centred / (std + eps)
+    return torch.nan_to_num(centred.reshape(to_go.shape), nan=0.0)
+
+
+def broadcast_turn_advantages(turn_advantages: torch.Tensor, turn_index: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages from per-turn ones: token ``c`` of row ``i`` gets ``A_{i, turn_index[i, c]}``, and 0
+    where ``turn_index`` is -1 (tool-result tokens, padding).
+
+    Shapes: ``turn_advantages (N, T)``, ``turn_index (N, C)`` long -> ``(N, C)``.
+    """
+    index = turn_index.clamp(min=0).to(turn_advantages.device)
+    values = turn_advantages.gather(1, index)
+    return torch.where(turn_index.to(values.device) >= 0, values, torch.zeros_like(values))
+
+
 def leave_one_out_advantages(
     rewards: torch.Tensor,
     group_size: int,

@@ -154,6 +154,7 @@ class GRPOTrainer(OnlineTrainer):
 
     method_name: ClassVar[str] = "GRPO"
     config_class: ClassVar[type] = GRPOConfig
+    supports_turn_credit: ClassVar[bool] = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -176,6 +177,10 @@ class GRPOTrainer(OnlineTrainer):
             self.entropy_bonus.load_state_dict(state["entropy_bonus"])
 
     def compute_advantages(self, scored: ScoredRollout, rows: RolloutSequences) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.args.credit_assignment == "turn":
+            from posttrain.trainers.agent import turn_credit_advantages
+
+            return turn_credit_advantages(scored, self.args.scale_rewards), {}
         if self.args.multi_objective_aggregation == "normalize_then_sum":
             weights = torch.tensor(self.args.reward_weights or [1.0] * len(scored.reward_names),
                                    dtype=torch.float32, device=scored.rewards.device)

@@ -60,6 +60,7 @@ class ScoredRollout:
     group_size: int
     extra_columns: dict[str, list[Any]] = field(default_factory=dict)  # reward functions' log_extra, one value per row
     logged_metrics: dict[str, list[float]] = field(default_factory=dict)  # reward functions' log_metric, one per call
+    agent: Any = None  # the AgentSample (posttrain.trainers.agent) of a rollout with tools / environments / rollout_func
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -84,9 +85,12 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         reward_processing_classes: one entry per reward function: a reward model's tokenizer (None: the one
             saved with it); ignored for plain functions.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter instead of all weights.
+        tools / environment_factory / rollout_func: multi-turn rollouts with tools, one environment per
+            rollout, or a custom rollout function, as in TRL (see :mod:`posttrain.trainers.agent`).
     """
 
     config_class: ClassVar[type] = OnlineConfig
+    supports_turn_credit: ClassVar[bool] = False  # credit_assignment="turn" (per-token advantages per turn)
 
     def __init__(
         self,
@@ -101,6 +105,9 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         optimizers=(None, None),
         peft_config=None,
         tokenizer=None,
+        tools: list | None = None,
+        rollout_func: Callable | None = None,
+        environment_factory: Callable | None = None,
     ) -> None:
         from posttrain.data.collate import PromptCollator
         from posttrain.rollout import SamplingParams
@@ -110,6 +117,19 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         processing_class = resolve_processing_class(processing_class, tokenizer, model, type(self).__name__, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self._init_metrics()
+        self.agent = None
+        if tools or environment_factory is not None or rollout_func is not None:
+            from posttrain.trainers.agent import AgentRollouts
+
+            self.agent = AgentRollouts(tools, environment_factory, rollout_func, args, self._tokenizer, args.process_index)
+            reward_funcs, reward_processing_classes, args = self.agent.with_environment_rewards(
+                reward_funcs, reward_processing_classes, args)
+        if args.credit_assignment != "trajectory" and not self.supports_turn_credit:
+            raise ConfigError(f"{self.method_name} has no turn-level credit assignment", field="credit_assignment",
+                              fix="use credit_assignment='trajectory', or GRPO for per-turn advantages")
+        if args.credit_assignment != "trajectory" and self.agent is None:
+            raise ConfigError("credit_assignment='turn' needs per-turn rewards from an environment",
+                              field="credit_assignment", fix="pass environment_factory=..., or use 'trajectory'")
         self.reward_computer = build_reward_computer(reward_funcs, reward_processing_classes, args)
         model = apply_peft(load_pretrained(model, args), peft_config, args)
         router_aux_loss_requested(model, adds_router_loss=False)  # a config asking for it is told it is not added
@@ -314,6 +334,10 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         rows.advantages, metrics = self.compute_advantages(scored, rows)
         if record:
             self._record_generation(scored, metrics, mode)
+            if scored.agent is not None and self.agent.recorder is not None:
+                from posttrain.trainers.agent import episode_extras
+
+                self.agent.recorder.write(episode_extras(scored, mode, self.state.global_step, self._generation_round))
         return scored
 
     def _prompt_keys(self, mode: str, num_prompts: int) -> torch.Tensor:
@@ -348,6 +372,17 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         device = self.accelerator.device
         if prompt_keys is None:
             prompt_keys = self._prompt_keys("eval", len(batch["prompt"]))
+        if self.agent is not None:  # tools, environments or rollout_func: posttrain.trainers.agent
+            from posttrain.trainers.agent import sample_and_reward
+
+            sample, output = sample_and_reward(self, batch, num_generations, prompt_keys, PROMPT_COLUMNS)
+            return ScoredRollout(
+                rows=sample.rows, prompts=sample.prompts, completions=sample.completions,
+                rewards_per_function=output.per_function.to(device).float(),
+                rewards=torch.where(output.all_none, float("nan"), output.total).to(device).float(),
+                reward_names=list(output.names), group_size=num_generations,
+                extra_columns=output.extra_columns, logged_metrics=output.logged_metrics, agent=sample,
+            )
         with self.sampling_precision():
             rollout = self._rollout_engine().generate(
                 batch["prompt_input_ids"].to(device), prompt_mask=batch["prompt_attention_mask"].to(device),
@@ -435,7 +470,9 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         rows = scored.rows
         per_function = self._gathered(scored.rewards_per_function)
         rewards = self._gathered(scored.rewards)
-        lengths = self._gathered(rows.completion_mask.sum(dim=1)).float()
+        # with tools, TRL counts the tokens the policy sampled, not the tool results between them
+        sampled = rows.completion_mask.sum(dim=1) if scored.agent is None else scored.agent.sampled_lengths
+        lengths = self._gathered(sampled.to(rows.completion_mask.device)).float()
         truncated = self._gathered(rows.is_truncated.long()).bool()
         metrics: dict[str, float] = {}
         for index, name in enumerate(scored.reward_names):
@@ -460,7 +497,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
     def completion_rows(scored: ScoredRollout) -> list[dict[str, Any]]:
         """One dict per completion: prompt and completion text, each reward, the total and the advantage, and
         the columns reward functions added with ``log_extra`` (a name the table uses gets ``_extra`` appended)."""
-        texts = [c[0]["content"] if isinstance(c, list) else c for c in scored.completions]
+        texts = [completion_text(c) for c in scored.completions]
         per_function = scored.rewards_per_function.tolist()
         totals, advantage_values = scored.rewards.tolist(), scored.rows.advantages.tolist()
         extra = {(name + "_extra" if name in COMPLETION_ROW_KEYS else name): values
@@ -544,6 +581,16 @@ def _rows_as_dataset(rows: Any):
         return Dataset.from_list(rows)
     raise ConfigError(f"cannot read rows of type {type(rows).__name__}", field="rows",
                       fix="pass a Dataset, dataset[:n], dataset[i] or a list of dicts with a 'prompt' key")
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as the table shows it: the text, or the assistant's content; a multi-turn episode's messages
+    (assistant turns and tool results) one after the other, each after its role."""
+    if not isinstance(completion, list):
+        return completion
+    if len(completion) == 1:
+        return completion[0]["content"]
+    return "\n".join(f"[{message['role']}] {message.get('content') or ''}" for message in completion)
 
 
 def _nan_mean(values: torch.Tensor) -> float:

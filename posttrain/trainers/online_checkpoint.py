@@ -13,10 +13,14 @@ with several processes):
   (:data:`REWARD_COUNTERS`);
 * ``pending_metrics``: metrics recorded since the last log, averaged into the next one;
 * ``loop_state``: a method's own controllers (:meth:`ResumableOnlineLoop.loop_state`).
+
+Environments with a ``state_dict()`` (``environment_factory``) write their pooled states, as JSON, to
+``environments.json`` (``environments_<rank>.json``), restored with ``load_state_dict``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +47,11 @@ def restore_reward_counters(reward_computer, counters: Mapping[str, int]) -> Non
 def online_state_file(args) -> str:
     """The name of this process's online state file inside a checkpoint."""
     return "online_state.pt" if args.world_size <= 1 else f"online_state_{args.process_index}.pt"
+
+
+def agent_state_file(args) -> str:
+    """The name of this process's environment-state file inside a checkpoint."""
+    return "environments.json" if args.world_size <= 1 else f"environments_{args.process_index}.json"
 
 
 def save_online_state(
@@ -108,6 +117,10 @@ class ResumableOnlineLoop:
             save_online_state(checkpoint, self.args, cumulative=self._cumulative, pending_metrics=self._metrics["train"],
                               micro_step=self._micro_step or 0, buffer=getattr(self, "_buffer", None),
                               reward_computer=self.reward_computer, loop_state=self.loop_state())
+            agent_state = self.agent.state_dict() if getattr(self, "agent", None) is not None else None
+            if agent_state is not None:  # environments that outlive an episode (posttrain.trainers.agent)
+                with open(os.path.join(checkpoint, agent_state_file(self.args)), "w", encoding="utf-8") as handle:
+                    json.dump(agent_state, handle)
         super()._save_checkpoint(model, trial)
 
     def loop_state(self) -> dict[str, Any]:
@@ -123,6 +136,10 @@ class ResumableOnlineLoop:
         saved = load_online_state(checkpoint, self.args, self.accelerator.device) if checkpoint else None
         if saved is None:
             return
+        agent_state = os.path.join(checkpoint, agent_state_file(self.args))
+        if getattr(self, "agent", None) is not None and os.path.isfile(agent_state):
+            with open(agent_state, encoding="utf-8") as handle:
+                self.agent.load_state_dict(json.load(handle))
         self._micro_step = saved["micro_step"]
         if hasattr(self, "_buffer"):
             self._buffer = saved["buffer"]

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from posttrain.errors import ConfigError
 from posttrain.losses.policy import CISPO_DEFAULT_EPSILON_HIGH
+from posttrain.trainers.agent_config import AgentFields
 from posttrain.trainers.config import PosttrainConfig
 from posttrain.trainers.online_options import resolve_online_options
 
@@ -16,7 +17,7 @@ logger = logging.getLogger("posttrain")
 
 
 @dataclass
-class OnlineConfig(PosttrainConfig):
+class OnlineConfig(AgentFields, PosttrainConfig):
     """Fields every group-sampling online method (GRPO, RLOO) shares, on top of ``TrainingArguments``."""
 
     _aliases: ClassVar[dict[str, str]] = {**PosttrainConfig._aliases, "max_new_tokens": "max_completion_length"}

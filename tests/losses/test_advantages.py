@@ -268,3 +268,29 @@ def test_local_mean_std_skips_nan_and_matches_statistics():
     kept = [v for v in SPLIT_REWARDS.tolist() if not math.isnan(v)]
     assert mean.item() == pytest.approx(statistics.mean(kept)) and std.item() == pytest.approx(statistics.stdev(kept))
     assert local_mean_std(t([2.0]))[1].item() == 0.0 and math.isnan(local_mean_std(t([float("nan")]))[0].item())
+
+
+def test_turn_level_advantages_by_hand():
+    from posttrain.losses.advantages import broadcast_turn_advantages, turn_level_advantages
+
+    nan = float("nan")
+    turn_rewards = torch.tensor([[1.0, 0.0], [0.0, nan], [0.5, 0.5], [0.0, 1.0]])
+    final = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    # reward-to-go: row 0 [2, 1], row 1 [0, -], row 2 [1, 0.5], row 3 [1, 1]
+    got = turn_level_advantages(turn_rewards, final, group_size=2, eps=0.0)
+    root2 = math.sqrt(2.0)
+    expected = torch.tensor([[1 / root2, 0.0],  # turn 1 reached by one completion of the group: no signal
+                             [-1 / root2, 0.0],  # a turn never reached: 0
+                             [0.0, -0.25 / math.sqrt(0.125)],
+                             [0.0, 0.25 / math.sqrt(0.125)]])
+    torch.testing.assert_close(got, expected)
+    centred = turn_level_advantages(turn_rewards, final, group_size=2, scale_rewards="none")
+    torch.testing.assert_close(centred, torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -0.25], [0.0, 0.25]]))
+    turn_index = torch.tensor([[0, 0, -1, 1, -1], [0, -1, -1, -1, -1], [0, 1, 1, -1, -1], [1, 1, 1, 1, 1]])
+    tokens = broadcast_turn_advantages(got, turn_index)
+    a = 1 / root2
+    b = 0.25 / math.sqrt(0.125)
+    torch.testing.assert_close(tokens, torch.tensor([[a, a, 0.0, 0.0, 0.0], [-a, 0.0, 0.0, 0.0, 0.0],
+                                                     [0.0, -b, -b, 0.0, 0.0], [b, b, b, b, b]]))
+    with pytest.raises(ConfigError, match="scale_rewards"):
+        turn_level_advantages(turn_rewards, final, group_size=2, scale_rewards="batch")
