@@ -86,10 +86,14 @@ def _finish(
     kl_coef: float,
     kl_estimator: str,
     use_bias_correction_kl: bool,
+    sampling_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Add the KL penalty, broadcast to (B, T) and zero the padding."""
+    """Weigh by the sampler correction (:mod:`posttrain.losses.sampling_correction`; (B, T), no gradient) when given,
+    add the KL penalty (not weighed, as in TRL), broadcast to (B, T) and zero the padding."""
     valid = mask.to(torch.bool)
     zero = torch.zeros((), dtype=per_token_loss.dtype, device=per_token_loss.device)
+    if sampling_weights is not None:
+        per_token_loss = per_token_loss * sampling_weights.to(per_token_loss.dtype)
     if kl_coef:
         if ref_logps is None:
             raise ConfigError("a KL penalty needs the reference log-probs", field="beta",
@@ -119,6 +123,7 @@ def clipped_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate objective of PPO, with GRPO/DAPO/GSPO options, per token.
 
@@ -169,7 +174,7 @@ def clipped_policy_loss(
             "clip_ratio/high_max": high_per_sequence.max().item() if high_per_sequence.numel() else 0.0,
         }
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl)  # fmt: skip
+                             use_bias_correction_kl, sampling_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -190,6 +195,7 @@ def cispo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CISPO: clip the importance weight itself, keep every token's gradient.
 
@@ -209,7 +215,7 @@ def cispo_policy_loss(
     with torch.no_grad():
         metrics = {"cispo_clip_ratio": _rate((ratio > epsilon_high) & (advantages > 0), mask)}
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl)  # fmt: skip
+                             use_bias_correction_kl, sampling_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -226,6 +232,7 @@ def sapo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SAPO: a smooth, temperature-controlled gate in place of the hard clip.
 
@@ -245,7 +252,7 @@ def sapo_policy_loss(
     per_token_loss = -torch.sigmoid(temperature * (ratio - 1.0)) * (4.0 / temperature) * advantages
     metrics: dict[str, float] = {}
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl)  # fmt: skip
+                             use_bias_correction_kl, sampling_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -264,6 +271,7 @@ def vespo_gamma_weights(
     lambda_pos: float = 3.0,
     k_neg: float = 3.0,
     lambda_neg: float = 2.0,
+    sampling_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """VESPO's reshaping kernel ``phi(w) = w^k exp(lambda (1 - w))`` of the sequence importance weight, without gradient.
 
@@ -273,6 +281,9 @@ def vespo_gamma_weights(
     moved far from (w near 0 or large) get a small weight instead of a hard clip. ``(k, lambda)`` is
     ``(k_pos, lambda_pos)`` where A >= 0 and ``(k_neg, lambda_neg)`` where A < 0 (lambda floored at 1e-4).
 
+    ``sampling_weights`` (B, T), per-token sampler corrections ``pi_old / pi_sampler``, join the sequence
+    ratio in log space (each clamped to [log 1e-8, 20]), so ``w`` measures ``pi / pi_sampler``.
+
     Returns (B, 1) for (B,) advantages, (B, T) for per-token ones.
     """
     with torch.no_grad():
@@ -280,7 +291,11 @@ def vespo_gamma_weights(
         zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
         bound = VESPO_TOKEN_LOG_RATIO_BOUND
         log_ratio = torch.where(valid, (logps - old_logps).clamp(-bound, bound), zero)
-        log_w = log_ratio.sum(dim=-1, keepdim=True).clamp(*VESPO_SEQUENCE_LOG_RATIO_BOUNDS)
+        log_w = log_ratio.sum(dim=-1, keepdim=True)
+        if sampling_weights is not None:
+            log_correction = torch.log(sampling_weights.to(logps.dtype)).clamp(*VESPO_SEQUENCE_LOG_RATIO_BOUNDS)
+            log_w = log_w + torch.where(valid, log_correction, zero).sum(dim=-1, keepdim=True)
+        log_w = log_w.clamp(*VESPO_SEQUENCE_LOG_RATIO_BOUNDS)
         advantages = _as_columns(advantages, mask, logps.dtype)
         non_negative = advantages >= 0
         k = torch.where(non_negative, float(k_pos), float(k_neg)).to(logps.dtype)
@@ -305,6 +320,7 @@ def vespo_policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VESPO: a smooth, asymmetric Gamma-shaped weight on the sequence importance ratio in place of clipping.
 
@@ -320,7 +336,7 @@ def vespo_policy_loss(
     Metric ``vespo/phi_seq_mean``: the mean weight over valid tokens (plus ``kl``).
     """
     phi = vespo_gamma_weights(logps, old_logps, advantages, mask, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
-                              lambda_neg=lambda_neg)
+                              lambda_neg=lambda_neg, sampling_weights=sampling_weights)
     advantages = _as_columns(advantages, mask, logps.dtype)
     valid = mask.to(torch.bool)
     safe_logps = torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
