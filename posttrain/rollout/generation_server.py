@@ -90,17 +90,18 @@ class HFBackend:
         return [row[: len(ids)] for row, ids in zip(logps.tolist(), completions)]
 
     def load_named(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():  # the whole chunk is checked before any of it is copied
+            target = self.parameters.get(name)
+            if target is None:
+                raise ConfigError(f"the trainer sent a parameter {name!r} that the served model does not have",
+                                  field="model", fix="serve the same model the trainer trains")
+            if target.shape != tensor.shape:
+                raise ConfigError(f"parameter {name!r}: the trainer sent shape {tuple(tensor.shape)}, the served "
+                                  f"model has {tuple(target.shape)}", field="model",
+                                  fix="serve the same model the trainer trains")
         with torch.no_grad():
             for name, tensor in tensors.items():
-                target = self.parameters.get(name)
-                if target is None:
-                    raise ConfigError(f"the trainer sent a parameter {name!r} that the served model does not have",
-                                      field="model", fix="serve the same model the trainer trains")
-                if target.shape != tensor.shape:
-                    raise ConfigError(f"parameter {name!r}: the trainer sent shape {tuple(tensor.shape)}, the served "
-                                      f"model has {tuple(target.shape)}", field="model",
-                                      fix="serve the same model the trainer trains")
-                target.copy_(tensor.to(target.device))
+                self.parameters[name].copy_(tensor.to(self.parameters[name].device))
 
     def expected_names(self) -> set[str] | None:
         return set(self.parameters)

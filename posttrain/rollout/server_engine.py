@@ -78,6 +78,8 @@ class ServerRolloutEngine:
         request_timeout: seconds one generation or weight request may take.
         chunk_bytes: most tensor bytes per ``/update_weights`` request.
         structured_outputs_regex: constrain completions to this regex (vLLM backend only).
+        sync_weights: whether this client pushes weights. The server holds one copy, so with several trainer
+            processes one pushes (True) and the others pass False and wait for it.
 
     Raises ConfigError when the server does not answer within ``timeout`` or answers with an error.
     """
@@ -96,12 +98,14 @@ class ServerRolloutEngine:
         pad_token_id: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         structured_outputs_regex: str | None = None,
+        sync_weights: bool = True,
     ) -> None:
         self.url = server_url(base_url, host, port)
         self.timeout = float(timeout)
         self.request_timeout = float(request_timeout)
         self.chunk_bytes = int(chunk_bytes)
         self.structured_outputs_regex = structured_outputs_regex
+        self.sync_weights = sync_weights
         eos, pad = _default_eos_and_pad(tokenizer, eos_token_ids, pad_token_id)
         self.eos_token_ids = eos
         self.pad_token_id = pad
@@ -192,9 +196,12 @@ class ServerRolloutEngine:
         return rollout_batch_from_answer(prompts, answer, num_generations, self.pad_token_id, self.device)
 
     def load_weights(self, model: torch.nn.Module) -> None:
-        """Push ``model``'s current weights to the server (PEFT adapters merged; plain Hugging Face names)."""
+        """Push ``model``'s current weights to the server (PEFT adapters merged; plain Hugging Face names);
+        nothing when this client does not ``sync_weights``."""
         from posttrain.rollout.vllm_engine import _named_weights_for_vllm
 
+        if not self.sync_weights:
+            return
         self._request("POST", "/start_weight_update", {})
         for chunk in _chunks(_named_weights_for_vllm(model), self.chunk_bytes):
             self._request("POST", "/update_weights", body=chunk)

@@ -395,12 +395,18 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             kind, options = self.args.rollout_engine_options()
             if kind == "vllm":
                 options["sampler_logprobs"] = True
+            if kind == "server":  # one copy of the weights on the server: one process pushes them
+                options["sync_weights"] = self.accelerator.is_main_process
             self._engine = make_rollout_engine(kind, policy, self._tokenizer, **options)
             self._sampler_gap = SamplerGapMonitor(kind, deterministic_forward=not has_active_dropout(policy))
             self._engine_synced_step = self.state.global_step
+            if kind == "server":
+                self.accelerator.wait_for_everyone()
         elif self.args.use_vllm and self._engine_synced_step != self.state.global_step:
             self._engine.load_weights(policy)  # vLLM holds its own copy of the weights
             self._engine_synced_step = self.state.global_step
+            if self.args.vllm_mode == "server":
+                self.accelerator.wait_for_everyone()
         return self._engine
 
     def _reference_logps(self, model, *args, **kwargs):

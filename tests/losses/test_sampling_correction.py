@@ -108,3 +108,56 @@ def test_bounds_are_checked_as_trl_does():
         check_sampling_bounds("token_truncate", None, None)
     with pytest.raises(ConfigError, match="vllm_importance_sampling_mode"):
         check_sampling_bounds("token_clip", None, 3.0)
+
+
+# ----------------------------------------------------------------------------- in the policy losses
+
+
+def test_policy_losses_weigh_the_policy_term_and_not_the_kl_term():
+    from posttrain.losses.policy import clipped_policy_loss
+
+    torch.manual_seed(0)
+    logps, old, ref = -torch.rand(3, 5), -torch.rand(3, 5), -torch.rand(3, 5)
+    advantages, mask = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1] * 5])
+    weights = torch.rand(3, 5) * 2 * mask
+    common = dict(epsilon_low=0.2, epsilon_high=0.2)
+    policy_only, _ = clipped_policy_loss(logps, old, advantages, mask, **common)
+    with_kl, _ = clipped_policy_loss(logps, old, advantages, mask, ref_logps=ref, kl_coef=0.1, **common)
+    weighted, _ = clipped_policy_loss(logps, old, advantages, mask, ref_logps=ref, kl_coef=0.1,
+                                      sampling_weights=weights, **common)
+    torch.testing.assert_close(weighted, policy_only * weights + (with_kl - policy_only))
+
+
+def test_vespo_folds_the_sampler_weights_into_its_sequence_ratio():
+    from posttrain.losses.policy import vespo_gamma_weights
+
+    torch.manual_seed(1)
+    logps, old = -torch.rand(2, 4), -torch.rand(2, 4)
+    mask, advantages = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([0.5, -1.0])
+    weights = (0.5 + torch.rand(2, 4)) * mask
+    folded = vespo_gamma_weights(logps, old, advantages, mask, sampling_weights=weights)
+    # pi / pi_old * pi_old / pi_sampler = pi / pi_sampler: the same as an old policy shifted by log w
+    shifted = vespo_gamma_weights(logps, old - torch.log(weights.clamp(min=1e-8)) * mask, advantages, mask)
+    torch.testing.assert_close(folded, shifted)
+    assert not torch.allclose(folded, vespo_gamma_weights(logps, old, advantages, mask))
+
+
+def test_truncated_sampling_is_flagged_once(caplog):
+    from types import SimpleNamespace
+
+    from posttrain.rollout.sequences import RolloutSequences
+    from posttrain.trainers.sampler_gap import SamplerGapMonitor
+
+    args = SimpleNamespace(top_p=0.9, top_k=0, min_p=0.0, repetition_penalty=1.0, bf16=False, fp16=False)
+    monitor = SamplerGapMonitor("server")
+    for _ in range(2):
+        rows = RolloutSequences(prompt_ids=torch.ones(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                                completion_ids=torch.ones(2, 3, dtype=torch.long), completion_mask=torch.ones(2, 3, dtype=torch.long),
+                                loss_mask=torch.ones(2, 3, dtype=torch.long), is_truncated=torch.zeros(2, dtype=torch.bool),
+                                old_logps=-torch.ones(2, 3), sampler_logps=-0.9 * torch.ones(2, 3))
+        with caplog.at_level("WARNING", logger="posttrain"):
+            metrics = monitor.inspect(rows, args, lambda t: t, corrects=True, mode_name="token_truncate", clip_min=None,
+                                      clip_max=3.0)
+        assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx(0.1)
+        assert rows.sampling_weights is not None
+    assert sum("top_k / top_p" in record.message for record in caplog.records) == 1

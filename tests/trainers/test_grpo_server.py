@@ -188,3 +188,22 @@ def test_in_process_sampler_and_trainer_agree_and_a_corrupted_sampler_stops_the_
                           train_dataset=_prompts())
     with pytest.raises(RolloutMismatchError, match="chat template re-rendered"):
         trainer.train()
+
+
+def test_grpo_loss_is_weighed_by_the_sampling_weights(tiny_model_dir, tmp_path):
+    trainer = GRPOTrainer(tiny_model_dir, reward_funcs=RecordingReward(), args=_config(tmp_path), train_dataset=_prompts())
+    torch.manual_seed(0)
+    completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    rows = RolloutSequences(prompt_ids=torch.randint(5, 100, (4, 3)), prompt_mask=torch.ones(4, 3, dtype=torch.long),
+                            completion_ids=torch.randint(5, 100, (4, 4)), completion_mask=completion_mask,
+                            loss_mask=completion_mask.clone(), is_truncated=torch.zeros(4, dtype=torch.bool),
+                            advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]), num_items_in_batch=completion_mask.sum().float())
+    trainer.model.eval()
+    with torch.no_grad():
+        plain = trainer.compute_loss(trainer.model, rows)
+        weights = torch.tensor([0.5, 2.0, 1.5, 3.0]).unsqueeze(1) * completion_mask
+        weighted = trainer.compute_loss(trainer.model, rows.replace(sampling_weights=weights))
+        # on-policy the ratio is 1: each token's loss is -A, so the weighted loss is -sum(w * A) / tokens
+        expected = -(weights * rows.advantages.unsqueeze(1)).sum() / completion_mask.sum()
+    assert plain.item() == pytest.approx(-(completion_mask * rows.advantages.unsqueeze(1)).sum().item() / 10, abs=1e-6)
+    assert weighted.item() == pytest.approx(expected.item(), abs=1e-6)
