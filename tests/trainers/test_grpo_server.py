@@ -207,3 +207,28 @@ def test_grpo_loss_is_weighed_by_the_sampling_weights(tiny_model_dir, tmp_path):
         expected = -(weights * rows.advantages.unsqueeze(1)).sum() / completion_mask.sum()
     assert plain.item() == pytest.approx(-(completion_mask * rows.advantages.unsqueeze(1)).sum().item() / 10, abs=1e-6)
     assert weighted.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_mixed_precision_sampling_is_corrected_at_every_generation(tiny_model_dir, tmp_path, monkeypatch):
+    # bf16 needs a GPU (tests/gpu covers it); here the engine is told it samples in another precision
+    monkeypatch.setattr("posttrain.trainers.sampler_gap.mixed_precision", lambda args: True)
+    trainer = GRPOTrainer(tiny_model_dir, reward_funcs=RecordingReward(), train_dataset=_prompts(),
+                          args=_config(tmp_path, vllm_importance_sampling_mode="token_truncate"))
+    weights_seen = []
+    original = GRPOTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        weights_seen.append(inputs.sampling_weights)
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "compute_loss", recording)
+    trainer.train()
+    assert len([r for r in trainer.state.log_history if "sampling/importance_sampling_ratio/mean" in r]) == 2
+    assert len(weights_seen) == 2 and all(w is not None for w in weights_seen)
+    assert all(torch.allclose(w, w.new_ones(()).expand_as(w) * (w > 0), atol=1e-3) for w in weights_seen)
+
+    off = GRPOTrainer(tiny_model_dir, reward_funcs=RecordingReward(), train_dataset=_prompts(),
+                      args=_config(tmp_path / "off", vllm_importance_sampling_correction=False))
+    weights_seen.clear()
+    off.train()
+    assert weights_seen and all(w is None for w in weights_seen)
