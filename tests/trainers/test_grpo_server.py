@@ -227,8 +227,6 @@ def test_mixed_precision_sampling_is_corrected_at_every_generation(tiny_model_di
     assert len(weights_seen) == 2 and all(w is not None for w in weights_seen)
     assert all(torch.allclose(w, w.new_ones(()).expand_as(w) * (w > 0), atol=1e-3) for w in weights_seen)
 
-    off = GRPOTrainer(tiny_model_dir, reward_funcs=RecordingReward(), train_dataset=_prompts(),
-                      args=_config(tmp_path / "off", vllm_importance_sampling_correction=False))
-    weights_seen.clear()
-    off.train()
-    assert weights_seen and all(w is None for w in weights_seen)
+    # without the correction the in-process engine is not even asked for its log-probs
+    assert not trainer._sampler_gap.wants_sampler_logps(trainer.args, "train", corrects=False)
+    assert trainer._sampler_gap.wants_sampler_logps(trainer.args, "train", corrects=True)
