@@ -146,6 +146,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         self._micro_step = 0
         self._buffer: list[RolloutSequences] | None = None
         self._engine = None
+        self._sampler_gap = None  # set with the engine (posttrain.trainers.sampler_gap)
         self._engine_synced_step = -1
         self._eval_batches = 0  # generation batches of the evaluation under way (keys its prompts)
         self._debug_generations = 0  # calls of generate_completions (keys their prompts)
@@ -298,8 +299,9 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             if mode != "train":
                 num_generations = self.args.num_generations_eval or num_generations
         engine = self._rollout_engine()
-        if hasattr(engine, "sampler_logprobs") and self._sampler_gap.engine_kind == "hf":
-            engine.sampler_logprobs = self._sampler_gap.wants_sampler_logps(self.args, mode, self.sampling_correction() is not None)
+        if self._sampler_gap.engine_kind == "hf":  # the in-process engine reports its log-probs only when they are used
+            engine.sampler_logprobs = self._sampler_gap.wants_sampler_logps(
+                self.args, mode, corrects=self.sampling_correction() is not None)
         scored = self.sample_and_score(batch, num_generations, prompt_keys=self._prompt_keys(mode, len(batch["prompt"])))
         rows = scored.rows
         if mode != "train":
