@@ -84,5 +84,9 @@ class ConfigError(PosttrainError, ValueError):
         super().__init__(text)
 
 
+class RolloutMismatchError(PosttrainError, RuntimeError):
+    """The sampler and the trainer disagree about tokens on which they should agree; says the likely cause."""
+
+
 class RewardFunctionError(PosttrainError, RuntimeError):
     """A user reward function raised or returned something unusable; names the function."""

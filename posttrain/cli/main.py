@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("posttrain.cli.evaluate:main", "evaluate a model on an embedded task"),
     "init-model": ("posttrain.models.tiny:init_model_main", "create a tiny random model and tokenizer offline"),
     "env": ("posttrain.cli.env:main", "print versions and devices"),
+    "vllm-serve": ("posttrain.cli.vllm_serve:main", "serve generation and weight sync for vllm_mode='server'"),
 }
 
 

@@ -87,13 +87,17 @@ def _finish(
     kl_estimator: str,
     use_bias_correction_kl: bool,
     policy_weights: torch.Tensor | None = None,
+    sampling_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weigh the policy term by ``policy_weights`` ((B, T) or (B, 1), e.g. 0/1 masks; the KL term is not
-    weighed), add the KL penalty, broadcast to (B, T) and zero the padding."""
+    """Weigh the policy term by ``policy_weights`` ((B, T) or (B, 1), e.g. 0/1 masks) and by the sampler
+    correction ``sampling_weights`` (:mod:`posttrain.losses.sampling_correction`; (B, T), no gradient), add
+    the KL penalty (weighed by neither, as in TRL), broadcast to (B, T) and zero the padding."""
     valid = mask.to(torch.bool)
     zero = torch.zeros((), dtype=per_token_loss.dtype, device=per_token_loss.device)
     if policy_weights is not None:
         per_token_loss = per_token_loss * policy_weights.to(per_token_loss.dtype)
+    if sampling_weights is not None:
+        per_token_loss = per_token_loss * sampling_weights.to(per_token_loss.dtype)
     if kl_coef:
         if ref_logps is None:
             raise ConfigError("a KL penalty needs the reference log-probs", field="beta",
@@ -124,6 +128,7 @@ def clipped_policy_loss(
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
     policy_weights: torch.Tensor | None = None,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate objective of PPO, with GRPO/DAPO/GSPO options, per token.
 
@@ -176,7 +181,7 @@ def clipped_policy_loss(
             "clip_ratio/high_max": high_per_sequence.max().item() if high_per_sequence.numel() else 0.0,
         }
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl, policy_weights)  # fmt: skip
+                             use_bias_correction_kl, policy_weights, sampling_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -224,6 +229,7 @@ def cispo_policy_loss(
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
     policy_weights: torch.Tensor | None = None,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CISPO: clip the importance weight itself, keep every token's gradient.
 
@@ -243,7 +249,7 @@ def cispo_policy_loss(
     with torch.no_grad():
         metrics = {"cispo_clip_ratio": _rate((ratio > epsilon_high) & (advantages > 0), mask)}
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl, policy_weights)  # fmt: skip
+                             use_bias_correction_kl, policy_weights, sampling_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -261,6 +267,7 @@ def sapo_policy_loss(
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
     policy_weights: torch.Tensor | None = None,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SAPO: a smooth, temperature-controlled gate in place of the hard clip.
 
@@ -280,7 +287,7 @@ def sapo_policy_loss(
     per_token_loss = -torch.sigmoid(temperature * (ratio - 1.0)) * (4.0 / temperature) * advantages
     metrics: dict[str, float] = {}
     per_token_loss = _finish(per_token_loss, logps, mask, ratio, metrics, ref_logps, kl_coef, kl_estimator,
-                             use_bias_correction_kl, policy_weights)  # fmt: skip
+                             use_bias_correction_kl, policy_weights, sampling_weights)  # fmt: skip
     return per_token_loss, metrics
 
 
@@ -299,6 +306,7 @@ def vespo_gamma_weights(
     lambda_pos: float = 3.0,
     k_neg: float = 3.0,
     lambda_neg: float = 2.0,
+    sampling_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """VESPO's reshaping kernel ``phi(w) = w^k exp(lambda (1 - w))`` of the sequence importance weight, without gradient.
 
@@ -308,6 +316,9 @@ def vespo_gamma_weights(
     moved far from (w near 0 or large) get a small weight instead of a hard clip. ``(k, lambda)`` is
     ``(k_pos, lambda_pos)`` where A >= 0 and ``(k_neg, lambda_neg)`` where A < 0 (lambda floored at 1e-4).
 
+    ``sampling_weights`` (B, T), per-token sampler corrections ``pi_old / pi_sampler``, join the sequence
+    ratio in log space (each clamped to [log 1e-8, 20]), so ``w`` measures ``pi / pi_sampler``.
+
     Returns (B, 1) for (B,) advantages, (B, T) for per-token ones.
     """
     with torch.no_grad():
@@ -315,7 +326,11 @@ def vespo_gamma_weights(
         zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
         bound = VESPO_TOKEN_LOG_RATIO_BOUND
         log_ratio = torch.where(valid, (logps - old_logps).clamp(-bound, bound), zero)
-        log_w = log_ratio.sum(dim=-1, keepdim=True).clamp(*VESPO_SEQUENCE_LOG_RATIO_BOUNDS)
+        log_w = log_ratio.sum(dim=-1, keepdim=True)
+        if sampling_weights is not None:
+            log_correction = torch.log(sampling_weights.to(logps.dtype)).clamp(*VESPO_SEQUENCE_LOG_RATIO_BOUNDS)
+            log_w = log_w + torch.where(valid, log_correction, zero).sum(dim=-1, keepdim=True)
+        log_w = log_w.clamp(*VESPO_SEQUENCE_LOG_RATIO_BOUNDS)
         advantages = _as_columns(advantages, mask, logps.dtype)
         non_negative = advantages >= 0
         k = torch.where(non_negative, float(k_pos), float(k_neg)).to(logps.dtype)
@@ -341,6 +356,7 @@ def vespo_policy_loss(
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = True,
     policy_weights: torch.Tensor | None = None,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VESPO: a smooth, asymmetric Gamma-shaped weight on the sequence importance ratio in place of clipping.
 
@@ -356,7 +372,7 @@ def vespo_policy_loss(
     Metric ``vespo/phi_seq_mean``: the mean weight over valid tokens (plus ``kl``).
     """
     phi = vespo_gamma_weights(logps, old_logps, advantages, mask, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
-                              lambda_neg=lambda_neg)
+                              lambda_neg=lambda_neg, sampling_weights=sampling_weights)
     advantages = _as_columns(advantages, mask, logps.dtype)
     valid = mask.to(torch.bool)
     safe_logps = torch.where(valid, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))

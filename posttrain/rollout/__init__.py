@@ -24,6 +24,7 @@ from posttrain.rollout.sampling import (
     sampling_keys,
 )
 from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
+from posttrain.rollout.server_engine import ServerRolloutEngine
 from posttrain.rollout.vllm_engine import VLLMRolloutEngine
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "RolloutEngine",
     "RolloutSequences",
     "SamplingParams",
+    "ServerRolloutEngine",
     "VLLMRolloutEngine",
     "apply_min_p",
     "apply_repetition_penalty",

@@ -28,6 +28,9 @@ class RolloutBatch:
         is_truncated: ``(N,)`` bool, True when the row hit ``max_completion_length`` without EOS or a stop string.
         prompt_index: ``(N,)`` long, which input prompt each row came from.
         group_size: completions per prompt (``num_generations``).
+        sampler_logps: ``(N, C)`` float32 or None: the sampler's log-prob of each generated token under the
+            distribution it drew from (after temperature, top-k/top-p/min-p), 0 on padding; NaN where the
+            sampler gave none. Only engines asked for them fill it in.
     """
 
     prompt_ids: torch.Tensor
@@ -37,6 +40,7 @@ class RolloutBatch:
     is_truncated: torch.Tensor
     prompt_index: torch.Tensor
     group_size: int
+    sampler_logps: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:

@@ -10,7 +10,7 @@ from posttrain.errors import ConfigError
 from posttrain.rollout.batch import RolloutBatch
 from posttrain.rollout.sampling import SamplingParams
 
-ENGINE_KINDS = ("hf", "vllm")
+ENGINE_KINDS = ("hf", "vllm", "server")
 
 
 @runtime_checkable
@@ -50,8 +50,9 @@ class RolloutEngine(Protocol):
 
 
 def make_rollout_engine(kind: str, model: Any, tokenizer=None, **kwargs: Any) -> RolloutEngine:
-    """Build a rollout engine: ``"hf"`` (:class:`HFRolloutEngine`, runs anywhere) or ``"vllm"``
-    (:class:`VLLMRolloutEngine`, needs vllm and a CUDA GPU). ``kwargs`` go to the engine's constructor."""
+    """Build a rollout engine: ``"hf"`` (:class:`HFRolloutEngine`, runs anywhere), ``"vllm"``
+    (:class:`VLLMRolloutEngine`, needs vllm and a CUDA GPU) or ``"server"`` (:class:`ServerRolloutEngine`, a client
+    of ``posttrain vllm-serve``). ``kwargs`` go to the engine's constructor."""
     if kind == "hf":
         from posttrain.rollout.hf_engine import HFRolloutEngine
 
@@ -60,6 +61,10 @@ def make_rollout_engine(kind: str, model: Any, tokenizer=None, **kwargs: Any) ->
         from posttrain.rollout.vllm_engine import VLLMRolloutEngine
 
         return VLLMRolloutEngine(model, tokenizer, **kwargs)
+    if kind == "server":
+        from posttrain.rollout.server_engine import ServerRolloutEngine
+
+        return ServerRolloutEngine(model, tokenizer, **kwargs)
     raise ConfigError(
         f"unknown rollout engine {kind!r}", field="rollout_engine", fix=f"use one of {', '.join(ENGINE_KINDS)}"
     )

@@ -86,6 +86,9 @@ class HFRolloutEngine:
         lean_decode: decode with :class:`~posttrain.rollout.lean_decode.LeanDecoder` when it supports
             the model (Llama, Qwen2, Qwen3), instead of the model's forward; the prompt always goes
             through the model's forward.
+        sampler_logprobs: also return each sampled token's log-prob under the distribution it was drawn
+            from (``RolloutBatch.sampler_logps``), for the sampler/trainer agreement check and
+            importance-sampling correction; costs one log-softmax per decode step.
 
     ``generate`` runs under ``torch.no_grad()`` with the model in eval mode (so gradient
     checkpointing, which disables the KV cache in training mode, stays out of the way) and restores
@@ -103,8 +106,10 @@ class HFRolloutEngine:
         drop_finished_rows: bool = True,
         reserve_cache: bool = True,
         lean_decode: bool = True,
+        sampler_logprobs: bool = False,
     ) -> None:
         self.model = model
+        self.sampler_logprobs = sampler_logprobs
         self.lean_decode = lean_decode
         self.tokenizer = tokenizer
         self.share_prompt_prefill = share_prompt_prefill
@@ -274,6 +279,7 @@ class HFRolloutEngine:
 
         # Per-row results, indexed by the original row.
         generated = torch.full((num_rows, max_new), pad, dtype=torch.long, device=device)
+        sampled_logps = torch.zeros((num_rows, max_new), device=device) if self.sampler_logprobs else None
         lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
         done = torch.zeros(num_rows, dtype=torch.bool, device=device)
         eos_ids = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
@@ -289,6 +295,9 @@ class HFRolloutEngine:
             was_done = done[batch_rows]
             tokens = tokens.masked_fill(was_done, pad)
             generated[batch_rows, step] = tokens
+            if sampled_logps is not None:
+                chosen = torch.log_softmax(processed, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+                sampled_logps[batch_rows, step] = chosen.masked_fill(was_done, 0.0)
             lengths[batch_rows] += (~was_done).long()
             finished_now = ~was_done & torch.isin(tokens, eos_ids)
             if stop_checker is not None:
@@ -329,6 +338,7 @@ class HFRolloutEngine:
             is_truncated=~done,
             prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
             group_size=group_size,
+            sampler_logps=None if sampled_logps is None else sampled_logps[:, :completion_width].contiguous(),
         )
 
     @staticmethod

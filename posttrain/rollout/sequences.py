@@ -46,6 +46,10 @@ class RolloutSequences:
             trainer may zero whole rows (GRPO's ``mask_truncated_completions``).
         is_truncated: ``(N,)`` bool, the row hit the length limit without EOS or a stop string.
         old_logps: ``(N, C)`` float or None: the sampling policy's log-probs of the completion tokens.
+        sampler_logps: ``(N, C)`` float or None: the same log-probs as the sampling engine reported them
+            (vLLM, a generation server); they differ from ``old_logps`` by the engines' numerics.
+        sampling_weights: ``(N, C)`` float or None: importance weights ``pi_old / pi_sampler`` that correct
+            the loss for that gap (:mod:`posttrain.losses.sampling_correction`), 0 outside the loss mask.
         ref_logps: ``(N, C)`` float or None: the reference policy's log-probs.
         advantages: ``(N,)`` float (one per completion: GRPO, RLOO) or ``(N, C)`` (per token: PPO), or None.
         values: ``(N, C)`` float or None: the value model's estimate before each completion token (PPO).
@@ -66,6 +70,8 @@ class RolloutSequences:
     loss_mask: torch.Tensor
     is_truncated: torch.Tensor
     old_logps: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
+    sampling_weights: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -80,7 +86,7 @@ class RolloutSequences:
         """The layout of an engine's :class:`RolloutBatch`; the loss mask starts as the completion mask."""
         return cls(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask, completion_ids=batch.completion_ids,
                    completion_mask=batch.completion_mask, loss_mask=batch.completion_mask.clone(),
-                   is_truncated=batch.is_truncated)
+                   is_truncated=batch.is_truncated, sampler_logps=batch.sampler_logps)
 
     @classmethod
     def from_dict(cls, tensors: Mapping[str, torch.Tensor]) -> RolloutSequences:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,9 +45,17 @@ class VLLMRolloutEngine:
         gpu_memory_utilization: fraction of GPU memory vLLM may take (the trainer needs the rest).
         max_model_len: longest prompt + completion vLLM must hold; default: the model's own limit.
         dtype: vLLM's dtype argument ("auto" follows the checkpoint).
+        tensor_parallel_size: GPUs vLLM shards the model over (``vllm_tensor_parallel_size``).
+        model_impl: ``"vllm"`` (vLLM's own model code) or ``"transformers"`` (``vllm_model_impl``).
+        enable_sleep_mode: free vLLM's GPU memory between rollouts (weights offloaded, KV cache dropped),
+            so the optimizer step has it; waking costs a host-to-device copy (``vllm_enable_sleep_mode``).
+        sampler_logprobs: return each sampled token's log-prob (``RolloutBatch.sampler_logps``), for the
+            importance-sampling correction.
+        structured_outputs_regex: constrain completions to this regular expression (``vllm_structured_outputs_regex``).
         llm_kwargs: passed unchanged to ``vllm.LLM``.
 
-    Raises ConfigError at construction when vllm is not installed or no CUDA GPU is present.
+    Raises ConfigError at construction when vllm is not installed, no CUDA GPU is present, or fewer GPUs
+    than ``tensor_parallel_size``.
     """
 
     def __init__(
@@ -61,9 +69,22 @@ class VLLMRolloutEngine:
         max_model_len: int | None = None,
         dtype: str = "auto",
         seed: int = 0,
+        tensor_parallel_size: int = 1,
+        model_impl: str = "vllm",
+        enable_sleep_mode: bool = False,
+        sampler_logprobs: bool = False,
+        structured_outputs_regex: str | None = None,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         _check_vllm_available()
+        if tensor_parallel_size > 1 and tensor_parallel_size > torch.cuda.device_count():
+            raise ConfigError(f"vllm_tensor_parallel_size={tensor_parallel_size} but {torch.cuda.device_count()} CUDA "
+                              "GPU(s) are visible", field="vllm_tensor_parallel_size",
+                              fix="lower it to the number of GPUs, or make more GPUs visible")
+        self.sampler_logprobs = sampler_logprobs
+        self.structured_outputs_regex = structured_outputs_regex
+        self.sleep_mode = enable_sleep_mode
+        self._asleep = False
         # vLLM's V1 engine otherwise runs the model in a separate process, where weights cannot be loaded in
         # place after each optimizer step; in-process it exposes the model under ``llm_engine.model_executor``
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -100,7 +121,13 @@ class VLLMRolloutEngine:
             dtype=dtype,
             seed=seed,
             enable_prefix_caching=True,  # the G completions of a prompt share its KV blocks
+            tensor_parallel_size=tensor_parallel_size,
+            model_impl=model_impl,
         )
+        if enable_sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        if sampler_logprobs:  # log-probs of the distribution tokens are drawn from (after temperature, top-k/p)
+            kwargs["logprobs_mode"] = "processed_logprobs"
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(llm_kwargs or {})
@@ -123,16 +150,46 @@ class VLLMRolloutEngine:
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Copy the policy's current weights into vLLM (PEFT adapters are merged for the copy, then unmerged)."""
+        self.load_named_weights(_named_weights_for_vllm(model))
+        self.llm.reset_prefix_cache()
+
+    def load_named_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load ``(Hugging Face name, tensor)`` pairs into vLLM's model (the prefix cache is the caller's to reset)."""
+        self._wake()
         vllm_model = self._vllm_model()
         if vllm_model is not None:
             # one tensor at a time, while the adapters are merged: no second copy of the model
-            for name, tensor in _named_weights_for_vllm(model):
+            for name, tensor in named:
                 vllm_model.load_weights([(name, tensor)])
         else:
             # Newer vLLM runs the model in worker processes; ask each worker to load a snapshot.
-            named = [(name, tensor.clone()) for name, tensor in _named_weights_for_vllm(model)]
-            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(named))
-        self.llm.reset_prefix_cache()
+            snapshot = [(name, tensor.clone()) for name, tensor in named]
+            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(snapshot))
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def sleep(self) -> None:
+        """With sleep mode, hand vLLM's GPU memory back until the next rollout or weight load."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def sequence_logps(
+        self, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0
+    ) -> list[list[float]]:
+        """vLLM's log-prob of each completion token after its prompt (its prompt-logprobs of prompt + completion)."""
+        self._wake()
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=0)
+        requests = [{"prompt_token_ids": p + c} for p, c in zip(prompts, completions)]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        result = []
+        for output, prompt, completion in zip(outputs, prompts, completions):
+            positions = output.prompt_logprobs[len(prompt):]
+            result.append([_token_logprob(entry, token) for entry, token in zip(positions, completion)])
+        return result
 
     def generate(
         self,
@@ -157,10 +214,17 @@ class VLLMRolloutEngine:
         else:
             params = self._sampling_params(sampling, num_generations, seed)
         requests = [{"prompt_token_ids": ids} for ids in prompts]
+        self._wake()
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        self.sleep()
         return self._to_batch(prompts, outputs, num_generations)
 
     def _sampling_params(self, sampling: SamplingParams, num_generations: int, seed: int | None):
+        extra: dict[str, Any] = {}
+        if self.sampler_logprobs:
+            extra["logprobs"] = 0  # the sampled token's own log-prob
+        if self.structured_outputs_regex:
+            extra.update(_structured_outputs(self._vllm, self.structured_outputs_regex))
         return self._vllm.SamplingParams(
             n=num_generations,
             max_tokens=sampling.max_completion_length,
@@ -173,15 +237,19 @@ class VLLMRolloutEngine:
             include_stop_str_in_output=True,
             stop_token_ids=self.eos_token_ids or None,
             seed=seed,
+            **extra,
         )
 
     def _to_batch(self, prompts: list[list[int]], outputs: list[Any], group_size: int) -> RolloutBatch:
         completions: list[list[int]] = []
         truncated: list[bool] = []
+        logps: list[list[float]] = []
         for request in outputs:
             for sample in request.outputs:
                 completions.append(list(sample.token_ids))
                 truncated.append(sample.finish_reason == "length")
+                entries = getattr(sample, "logprobs", None) or [None] * len(sample.token_ids)
+                logps.append([_token_logprob(entry, token) for entry, token in zip(entries, sample.token_ids)])
         device = self.device
         unique_ids, unique_mask = left_pad(prompts, self.pad_token_id, device)
         completion_ids, completion_mask = right_pad(completions, self.pad_token_id, device)
@@ -193,7 +261,35 @@ class VLLMRolloutEngine:
             is_truncated=torch.tensor(truncated, dtype=torch.bool, device=device),
             prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
             group_size=group_size,
+            sampler_logps=_pad_logps(logps, completion_ids.shape[1], device) if self.sampler_logprobs else None,
         )
+
+
+def _token_logprob(entry: Any, token: int) -> float:
+    """The log-prob of ``token`` in one position of vLLM's logprobs (a dict token -> Logprob), NaN if absent."""
+    if entry is None:
+        return float("nan")
+    value = entry.get(token) if hasattr(entry, "get") else None
+    if value is None:
+        return float("nan")
+    return float(getattr(value, "logprob", value))
+
+
+def _pad_logps(rows: list[list[float]], width: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([row + [0.0] * (width - len(row)) for row in rows], dtype=torch.float32, device=device)
+
+
+def _structured_outputs(vllm: Any, regex: str) -> dict[str, Any]:
+    """The SamplingParams argument that constrains output to ``regex`` (its name changed across vLLM versions)."""
+    sampling_params = getattr(vllm, "sampling_params", None)
+    structured = getattr(sampling_params, "StructuredOutputsParams", None)
+    if structured is not None:
+        return {"structured_outputs": structured(regex=regex)}
+    guided = getattr(sampling_params, "GuidedDecodingParams", None)
+    if guided is not None:
+        return {"guided_decoding": guided(regex=regex)}
+    raise ConfigError("this vLLM version offers no regex-constrained decoding", field="vllm_structured_outputs_regex",
+                      fix="upgrade vllm, or unset vllm_structured_outputs_regex")
 
 
 def _unwrap_peft(model: Any) -> Any:

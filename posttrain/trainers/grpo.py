@@ -35,6 +35,7 @@ from posttrain.ops.distributed import global_mean_std
 from posttrain.rollout.sequences import RolloutSequences
 from posttrain.trainers.grpo_terms import EntropyBonus, check_entropy_options, policy_token_weights
 from posttrain.trainers.online import OnlineConfig, OnlineTrainer, ScoredRollout
+from posttrain.trainers.vllm_options import SamplingCorrectionOptions
 
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
@@ -42,8 +43,9 @@ logger = logging.getLogger("posttrain")
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
-    """Configuration of :class:`GRPOTrainer`: ``TrainingArguments``, the shared online fields, and these."""
+class GRPOConfig(SamplingCorrectionOptions, OnlineConfig):
+    """Configuration of :class:`GRPOTrainer`: ``TrainingArguments``, the shared online fields, these, and the
+    importance-sampling correction (:class:`~posttrain.trainers.vllm_options.SamplingCorrectionOptions`)."""
 
     loss_type: str = field(
         default="dapo",
@@ -140,6 +142,16 @@ class GRPOConfig(OnlineConfig):
                 fix="drop it; with log_completions the rows go to output_dir/completions.jsonl, which you can push "
                 "with huggingface_hub.upload_file after the run",
             )
+        self._check_sampling_correction()
+        if (self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
+                and not self.vllm_importance_sampling_mode.startswith("token")):
+            raise ConfigError("loss_type='vespo' folds the sampler correction into its sequence weight token by token",
+                              field="vllm_importance_sampling_mode", fix="use token_truncate or token_mask, or set "
+                              "vllm_importance_sampling_correction=False")
+        if (self.loss_type == "vespo" and not self.use_vllm and (self.bf16 or self.fp16)
+                and self.vllm_importance_sampling_correction and not self.vllm_importance_sampling_mode.startswith("token")):
+            logger.warning("loss_type='vespo' takes only token_* importance-sampling modes; the bf16 sampler's gap is "
+                           "logged but not corrected (set vllm_importance_sampling_mode='token_truncate' to correct it)")
         if self.loss_type == "vespo" and self.importance_sampling_level != "token":
             logger.warning("loss_type='vespo' weighs each sequence by its whole-sequence ratio itself; "
                            "importance_sampling_level='%s' only changes the KL term's ratio", self.importance_sampling_level)
@@ -191,6 +203,15 @@ class GRPOTrainer(OnlineTrainer):
                                                           batch_mean_std=global_mean_std)
         return advantages, {"frac_reward_zero_std": stats.frac_zero_std}
 
+    def sampling_correction(self) -> dict | None:
+        args = self.args
+        if not args.vllm_importance_sampling_correction:
+            return None
+        if args.loss_type == "vespo" and not args.vllm_importance_sampling_mode.startswith("token"):
+            return None  # in-process bf16 sampling with a sequence mode; use_vllm refuses this in the config
+        return {"mode_name": args.vllm_importance_sampling_mode, "clip_min": args.vllm_importance_sampling_clip_min,
+                "clip_max": args.vllm_importance_sampling_clip_max}
+
     def compute_loss(self, model, inputs: RolloutSequences, return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
             raise ConfigError("GRPOTrainer.compute_loss returns no model outputs", field="return_outputs",
@@ -204,7 +225,8 @@ class GRPOTrainer(OnlineTrainer):
                                                                           entropy, mask)
         kl_options = dict(ref_logps=inputs.ref_logps, kl_coef=args.beta, kl_estimator="k3",
                           use_bias_correction_kl=args.use_bias_correction_kl,
-                          importance_sampling_level=args.importance_sampling_level, policy_weights=policy_weights)
+                          importance_sampling_level=args.importance_sampling_level, policy_weights=policy_weights,
+                          sampling_weights=inputs.sampling_weights)  # pi_old / pi_sampler (TIS / MIS), or None
         loss_type = POLICY_LOSS_AGGREGATIONS.canonical(args.loss_type)
         if args.loss_type == "cispo":
             per_token_loss, metrics = cispo_policy_loss(logps, old_logps, inputs.advantages, mask,

@@ -166,6 +166,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         self._micro_step = 0
         self._buffer: list[RolloutSequences] | None = None
         self._engine = None
+        self._sampler_gap = None  # set with the engine (posttrain.trainers.sampler_gap)
         self._engine_synced_step = -1
         self._eval_batches = 0  # generation batches of the evaluation under way (keys its prompts)
         self._debug_generations = 0  # calls of generate_completions (keys their prompts)
@@ -178,6 +179,10 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
     def compute_advantages(self, scored: ScoredRollout, rows: RolloutSequences) -> tuple[torch.Tensor, dict[str, float]]:
         """``(advantages (N,), metrics)`` for one generation batch; ``rows`` may hold ``old_logps``/``ref_logps``."""
         raise NotImplementedError
+
+    def sampling_correction(self) -> dict[str, Any] | None:
+        """``{"mode_name", "clip_min", "clip_max"}`` when the loss corrects for the sampler/trainer gap, else None."""
+        return None
 
     def needs_generation_logps(self, mode: str) -> bool:
         """Whether the policy's log-probs at sampling time (``old_logps``) must be stored with the batch.
@@ -322,16 +327,26 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             num_generations = self.args.num_generations
             if mode != "train":
                 num_generations = self.args.num_generations_eval or num_generations
+        engine = self._rollout_engine()
+        if self._sampler_gap.engine_kind == "hf":  # the in-process engine reports its log-probs only when they are used
+            engine.sampler_logprobs = self._sampler_gap.wants_sampler_logps(
+                self.args, mode, corrects=self.sampling_correction() is not None)
         scored = self.sample_and_score(batch, num_generations, prompt_keys=self._prompt_keys(mode, len(batch["prompt"])))
         rows = scored.rows
+        if mode != "train":
+            rows.sampler_logps = None
         if self.args.mask_truncated_completions:
             rows.loss_mask[rows.is_truncated] = 0
         with torch.no_grad():
-            if self.needs_generation_logps(mode):
+            if self.needs_generation_logps(mode) or rows.sampler_logps is not None:
                 rows.old_logps = self._batched_logps(self.model, rows)
             if self.reference is not None:
                 rows.ref_logps = self._batched_logps(self.model, rows, logps_fn=self._reference_logps)
+        gap_metrics = self._inspect_sampler_gap(rows)
         rows.advantages, metrics = self.compute_advantages(scored, rows)
+        metrics.update(gap_metrics)
+        if not self.needs_generation_logps(mode):
+            rows.old_logps = None  # only the gap needed them: on-policy, the loss uses the current log-probs
         if record:
             self._record_generation(scored, metrics, mode)
             if scored.agent is not None and self.agent.recorder is not None:
@@ -339,6 +354,16 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
 
                 self.agent.recorder.write(episode_extras(scored, mode, self.state.global_step, self._generation_round))
         return scored
+
+    def _inspect_sampler_gap(self, rows: RolloutSequences) -> dict[str, float]:
+        """``sampling/*`` metrics of the sampler/trainer gap; the correction weights; the agreement check."""
+        if rows.sampler_logps is None:
+            return {}
+        correction = self.sampling_correction()
+        metrics = self._sampler_gap.inspect(rows, self.args, self._gathered, corrects=correction is not None,
+                                            **(correction or {"mode_name": "", "clip_min": None, "clip_max": None}))
+        rows.sampler_logps = None
+        return metrics
 
     def _prompt_keys(self, mode: str, num_prompts: int) -> torch.Tensor:
         """``(num_prompts,)`` sampling keys of this process's prompts, from the seed, the round and each
@@ -411,16 +436,23 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
 
         policy = self.accelerator.unwrap_model(self.model)
         if self._engine is None:
-            kind = "vllm" if self.args.use_vllm else "hf"
-            options = {}
-            if self.args.use_vllm:
-                options = {"gpu_memory_utilization": self.args.vllm_gpu_memory_utilization,
-                           "max_model_len": self.args.vllm_max_model_length}
+            from posttrain.trainers.sampler_gap import SamplerGapMonitor, has_active_dropout
+
+            kind, options = self.args.rollout_engine_options()
+            if kind == "vllm":
+                options["sampler_logprobs"] = True
+            if kind == "server":  # one copy of the weights on the server: one process pushes them
+                options["sync_weights"] = self.accelerator.is_main_process
             self._engine = make_rollout_engine(kind, policy, self._tokenizer, **options)
+            self._sampler_gap = SamplerGapMonitor(kind, deterministic_forward=not has_active_dropout(policy))
             self._engine_synced_step = self.state.global_step
+            if kind == "server":
+                self.accelerator.wait_for_everyone()
         elif self.args.use_vllm and self._engine_synced_step != self.state.global_step:
             self._engine.load_weights(policy)  # vLLM holds its own copy of the weights
             self._engine_synced_step = self.state.global_step
+            if self.args.vllm_mode == "server":
+                self.accelerator.wait_for_everyone()
         return self._engine
 
     def _reference_logps(self, model, *args, **kwargs):

@@ -12,13 +12,16 @@ from posttrain.losses.policy import CISPO_DEFAULT_EPSILON_HIGH
 from posttrain.trainers.agent_config import AgentFields
 from posttrain.trainers.config import PosttrainConfig
 from posttrain.trainers.online_options import resolve_online_options
+from posttrain.trainers.vllm_options import VLLMOptions
 
 logger = logging.getLogger("posttrain")
 
 
 @dataclass
-class OnlineConfig(AgentFields, PosttrainConfig):
-    """Fields every group-sampling online method (GRPO, RLOO) shares, on top of ``TrainingArguments``."""
+class OnlineConfig(AgentFields, VLLMOptions, PosttrainConfig):
+    """Fields every group-sampling online method (GRPO, RLOO) shares, on top of ``TrainingArguments``
+    (the agent ones in :class:`~posttrain.trainers.agent_config.AgentFields`, the vLLM ones in
+    :class:`~posttrain.trainers.vllm_options.VLLMOptions`)."""
 
     _aliases: ClassVar[dict[str, str]] = {**PosttrainConfig._aliases, "max_new_tokens": "max_completion_length"}
     # the smallest group a method's advantage estimator can work with
@@ -69,7 +72,10 @@ class OnlineConfig(AgentFields, PosttrainConfig):
         metadata={"help": "In the training forward, run a prompt shared by several completions once and attend to "
                   "its KV cache (Llama, Qwen2, Qwen3; same values and gradients)."},
     )
-    use_vllm: bool = field(default=False, metadata={"help": "Sample with a colocated vLLM engine (CUDA GPU and vllm needed)."})
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Sample with vLLM: in this process (vllm_mode='colocate', CUDA GPU and vllm "
+                                 "needed) or on a `posttrain vllm-serve` server (vllm_mode='server')."}
+    )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Fraction of GPU memory vLLM may take (use_vllm only)."}
     )
@@ -159,6 +165,7 @@ class OnlineConfig(AgentFields, PosttrainConfig):
             )
         resolve_online_options(self)
         self._check_values()
+        self._check_vllm_options()
         self.min_p = 0.0 if self.min_p is None else self.min_p
         if self.epsilon_high is None:  # CISPO caps the ratio itself (not 1 + epsilon): 0.2 would shrink every weight
             cispo = getattr(self, "loss_type", None) == "cispo"

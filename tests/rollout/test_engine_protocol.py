@@ -10,9 +10,9 @@ import typing
 import pytest
 import torch
 
-from posttrain.rollout import HFRolloutEngine, RolloutEngine, SamplingParams, VLLMRolloutEngine
+from posttrain.rollout import HFRolloutEngine, RolloutEngine, SamplingParams, ServerRolloutEngine, VLLMRolloutEngine
 
-ENGINES = [HFRolloutEngine, VLLMRolloutEngine]
+ENGINES = [HFRolloutEngine, VLLMRolloutEngine, ServerRolloutEngine]
 
 
 def protocol_methods() -> dict[str, inspect.Signature]:

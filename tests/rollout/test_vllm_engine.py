@@ -59,6 +59,7 @@ class _ScriptedLLM:
         self.loads: list[dict[str, torch.Tensor]] = []
         self.requests: list[tuple[list, object]] = []
         self.prefix_cache_resets = 0
+        self.sleep_calls: list[str] = []
         runner_model = types.SimpleNamespace(load_weights=self._load_weights)
         worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=runner_model))
         self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(worker=worker)))
@@ -70,6 +71,12 @@ class _ScriptedLLM:
             self._load_complete = False
         for name, tensor in weights:
             self.loads[-1][name] = tensor.detach().clone()
+
+    def sleep(self, level=1):
+        self.sleep_calls.append(f"sleep{level}")
+
+    def wake_up(self):
+        self.sleep_calls.append("wake")
 
     def reset_prefix_cache(self):
         self.prefix_cache_resets += 1
@@ -87,7 +94,10 @@ class _ScriptedLLM:
                 length = 1 + (i + 2 * j) % params.max_tokens
                 stops = length < params.max_tokens
                 ids = [10 + (i * 7 + j * 3 + k) % 50 for k in range(length - 1)] + ([eos] if stops else [11])
-                samples.append(types.SimpleNamespace(token_ids=ids, finish_reason="stop" if stops else "length"))
+                sample = types.SimpleNamespace(token_ids=ids, finish_reason="stop" if stops else "length")
+                if getattr(params, "logprobs", None) is not None:  # {token: Logprob} per position, as vLLM
+                    sample.logprobs = [{t: types.SimpleNamespace(logprob=-0.01 * t)} for t in ids]
+                samples.append(sample)
             outputs.append(types.SimpleNamespace(prompt_token_ids=request["prompt_token_ids"], outputs=samples))
         return outputs
 
@@ -98,6 +108,7 @@ def scripted_vllm(monkeypatch):
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     module.LLM = _ScriptedLLM
     module.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    module.sampling_params = types.SimpleNamespace(StructuredOutputsParams=lambda **kw: types.SimpleNamespace(**kw))
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr("posttrain.rollout.vllm_engine._check_vllm_available", lambda: None)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
@@ -180,3 +191,27 @@ def test_grpo_with_vllm_sends_the_updated_weights_before_each_rollout(tiny_model
     logged = [record for record in trainer.state.log_history if "completions/mean_length" in record]
     assert logged[0]["completions/mean_length"] == pytest.approx(sum(lengths) / 4)
     assert logged[0]["completions/clipped_ratio"] == pytest.approx(1 / 4)
+
+
+def test_colocate_fields_reach_vllm_and_its_log_probs_come_back(qwen2, tokenizer, prompts, scripted_vllm):
+    qwen2.name_or_path = "models/tiny-qwen2"
+    engine = make_rollout_engine("vllm", qwen2, tokenizer, tensor_parallel_size=1, model_impl="transformers",
+                                 enable_sleep_mode=True, sampler_logprobs=True, structured_outputs_regex=r"\d+")
+    llm = scripted_vllm.instances[-1]
+    assert (llm.kwargs["tensor_parallel_size"], llm.kwargs["model_impl"]) == (1, "transformers")
+    assert llm.kwargs["enable_sleep_mode"] is True and llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    batch = engine.generate(prompts, num_generations=2, sampling=SamplingParams(max_completion_length=4))
+    params = llm.requests[-1][1]
+    assert params.logprobs == 0 and params.structured_outputs.regex == r"\d+"
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(batch.sampler_logps[mask], -0.01 * batch.completion_ids[mask].float())
+    assert batch.sampler_logps[~mask].eq(0).all()
+    assert llm.sleep_calls == ["sleep1"]  # asleep between rollouts, so the optimizer step has the memory
+    engine.load_weights(qwen2)
+    engine.generate(prompts, sampling=SamplingParams(max_completion_length=4))
+    assert llm.sleep_calls == ["sleep1", "wake", "sleep1"]
+
+
+def test_tensor_parallel_over_more_gpus_than_visible_is_refused(qwen2, tokenizer, scripted_vllm):
+    with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=2"):
+        make_rollout_engine("vllm", qwen2, tokenizer, tensor_parallel_size=2)
