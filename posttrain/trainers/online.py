@@ -328,6 +328,11 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             if mode != "train":
                 num_generations = self.args.num_generations_eval or num_generations
         engine = self._rollout_engine()
+        if self._sampler_gap is None:  # an engine set from outside (a test's scripted engine, a user's own)
+            from posttrain.trainers.sampler_gap import SamplerGapMonitor, has_active_dropout
+
+            self._sampler_gap = SamplerGapMonitor(self.args.rollout_engine_options()[0], deterministic_forward=not
+                                                  has_active_dropout(self.accelerator.unwrap_model(self.model)))
         if self._sampler_gap.engine_kind == "hf":  # the in-process engine reports its log-probs only when they are used
             engine.sampler_logprobs = self._sampler_gap.wants_sampler_logps(
                 self.args, mode, corrects=self.sampling_correction() is not None)
