@@ -368,7 +368,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         if self._engine is None:
             kind = "vllm" if self.args.use_vllm else "hf"
-            options = {}
+            options = {"max_batch_tokens": self.args.rollout_max_batch_tokens}
             if self.args.use_vllm:
                 options = {"gpu_memory_utilization": self.args.vllm_gpu_memory_utilization,
                            "max_model_len": self.args.vllm_max_model_length}
