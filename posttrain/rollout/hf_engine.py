@@ -11,6 +11,9 @@ The loop, in one place:
 4. a row is done at EOS or when its decoded text contains a stop string; done rows emit pad, and
    once a quarter of the rows in the batch are done they are dropped from the compute batch
    (``Cache.batch_select_indices``), so a long straggler does not drag the whole batch along.
+
+With ``max_batch_tokens`` the rows are sampled in slices (steps 1-4 per slice), so long completions
+need the KV cache of one slice at a time, not of the whole batch.
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ class HFRolloutEngine:
         sampler_logprobs: also return each sampled token's log-prob under the distribution it was drawn
             from (``RolloutBatch.sampler_logps``), for the sampler/trainer agreement check and
             importance-sampling correction; costs one log-softmax per decode step.
+        max_batch_tokens: most KV-cache positions held at once, counted as rows x (prompt width +
+            ``max_completion_length``); a larger batch is sampled in slices of rows, one after another
+            (whole groups when one fits). None: the whole batch at once. With ``prompt_keys`` a row's
+            draws do not depend on its slice, so the completions are the same for any slicing; with a
+            ``generator`` the slices consume it in turn.
 
     ``generate`` runs under ``torch.no_grad()`` with the model in eval mode (so gradient
     checkpointing, which disables the KV cache in training mode, stays out of the way) and restores
@@ -107,7 +115,16 @@ class HFRolloutEngine:
         reserve_cache: bool = True,
         lean_decode: bool = True,
         sampler_logprobs: bool = False,
+        max_batch_tokens: int | None = None,
     ) -> None:
+        if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int)
+                                             or max_batch_tokens < 1):
+            raise ConfigError(
+                f"rollout_max_batch_tokens must be a positive integer, got {max_batch_tokens!r}",
+                field="rollout_max_batch_tokens",
+                fix="give the most KV-cache positions (rows x (prompt + completion length)) to hold at once, or leave it unset",
+            )
+        self.max_batch_tokens = max_batch_tokens
         self.model = model
         self.sampler_logprobs = sampler_logprobs
         self.lean_decode = lean_decode
@@ -224,6 +241,17 @@ class HFRolloutEngine:
         )
         return output.logits[:, -1, :].float()
 
+    def _row_slices(self, num_rows: int, group_size: int, row_positions: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` row ranges sampled one after another so that no slice's KV cache holds more than
+        ``max_batch_tokens`` positions (rows x (prompt width + max_completion_length)); whole groups when
+        the budget holds one, so each slice still prefills a prompt once for its group."""
+        if self.max_batch_tokens is None or num_rows * row_positions <= self.max_batch_tokens:
+            return [(0, num_rows)]
+        rows = max(1, self.max_batch_tokens // row_positions)
+        if rows >= group_size:
+            rows -= rows % group_size
+        return [(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
+
     def _generate(
         self,
         prompts: list[list[int]],
@@ -236,8 +264,62 @@ class HFRolloutEngine:
     ) -> RolloutBatch:
         pad = self.pad_token_id
         unique_ids, unique_mask = left_pad(prompts, pad, device)
-        row_prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)
-        row_prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)
+        num_rows, prompt_width = len(prompts) * group_size, unique_ids.shape[1]
+        max_new = sampling.max_completion_length
+        # Per-row results, indexed by the original row; each slice fills its own rows.
+        generated = torch.full((num_rows, max_new), pad, dtype=torch.long, device=device)
+        lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+        done = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        sampled_logps = torch.zeros((num_rows, max_new), device=device) if self.sampler_logprobs else None
+        # built per call: hooks or adapters may have been added since the last one
+        lean = LeanDecoder.build(self.model) if self.lean_decode else None
+        if lean is not None:
+            lean.prepare(prompt_width + max_new, device)
+        for start, stop in self._row_slices(num_rows, group_size, prompt_width + max_new):
+            self._sample_rows(
+                unique_ids, unique_mask, group_size, start, stop, sampling, generator, stop_checker, lean,
+                None if streams is None else streams[start:stop], generated[start:stop], lengths[start:stop], done[start:stop],
+                None if sampled_logps is None else sampled_logps[start:stop],
+            )
+
+        completion_width = max(int(lengths.max()), 1)
+        completion_ids = generated[:, :completion_width].contiguous()  # do not keep the full buffer alive
+        completion_mask = (torch.arange(completion_width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        return RolloutBatch(
+            prompt_ids=unique_ids.repeat_interleave(group_size, dim=0),
+            prompt_mask=unique_mask.repeat_interleave(group_size, dim=0),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            is_truncated=~done,
+            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
+            group_size=group_size,
+            sampler_logps=None if sampled_logps is None else sampled_logps[:, :completion_width].contiguous(),
+        )
+
+    def _sample_rows(
+        self,
+        unique_ids: torch.Tensor,
+        unique_mask: torch.Tensor,
+        group_size: int,
+        start: int,
+        stop: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        stop_checker: StopStringChecker | None,
+        lean: LeanDecoder | None,
+        streams: torch.Tensor | None,
+        generated: torch.Tensor,
+        lengths: torch.Tensor,
+        done: torch.Tensor,
+        sampled_logps: torch.Tensor | None = None,
+    ) -> None:
+        """Sample rows ``start .. stop - 1`` (row ``r`` continues prompt ``r // group_size``), writing into
+        ``generated`` ``(stop - start, max_new)``, ``lengths``, ``done`` and ``sampled_logps`` (views of the
+        whole batch's)."""
+        pad, device = self.pad_token_id, unique_ids.device
+        first_prompt, last_prompt = start // group_size, (stop - 1) // group_size
+        row_prompt = torch.arange(start, stop, device=device) // group_size
+        row_prompt_ids, row_prompt_mask = unique_ids[row_prompt], unique_mask[row_prompt]
         num_rows, prompt_width = row_prompt_ids.shape
         max_new = sampling.max_completion_length
 
@@ -246,19 +328,20 @@ class HFRolloutEngine:
         else:
             cache = DynamicCache(config=self._config)
         if self.share_prompt_prefill:
-            prefill_ids, prefill_mask = unique_ids, unique_mask
+            prefill_ids, prefill_mask = unique_ids[first_prompt : last_prompt + 1], unique_mask[first_prompt : last_prompt + 1]
         else:
             prefill_ids, prefill_mask = row_prompt_ids, row_prompt_mask
         # Left padding: a row's first real token sits at position 0 whatever its column.
         prefill_positions = (prefill_mask.cumsum(dim=-1) - 1).clamp(min=0)
         last_logits = self._forward(prefill_ids, prefill_mask, prefill_positions, cache)
-        # built per call: hooks or adapters may have been added since the last one
-        lean = LeanDecoder.build(self.model) if self.lean_decode else None
-        if lean is not None:
-            lean.prepare(prompt_width + max_new, device)
-        if self.share_prompt_prefill and group_size > 1:
-            cache.batch_repeat_interleave(group_size)
-            last_logits = last_logits.repeat_interleave(group_size, dim=0)
+        if self.share_prompt_prefill and num_rows > prefill_ids.shape[0]:
+            if start % group_size == 0 and stop % group_size == 0:
+                cache.batch_repeat_interleave(group_size)
+                last_logits = last_logits.repeat_interleave(group_size, dim=0)
+            else:  # a slice that cuts through a group
+                local = row_prompt - first_prompt
+                cache.batch_select_indices(local)
+                last_logits = last_logits[local]
 
         # Per-row state, indexed by the rows still in the compute batch (`batch_rows`).
         batch_rows = torch.arange(num_rows, device=device)
@@ -276,12 +359,6 @@ class HFRolloutEngine:
         uniforms = None
         if streams is not None and not sampling.is_greedy:
             uniforms = keyed_uniform(streams.unsqueeze(1), torch.arange(max_new, device=device))
-
-        # Per-row results, indexed by the original row.
-        generated = torch.full((num_rows, max_new), pad, dtype=torch.long, device=device)
-        sampled_logps = torch.zeros((num_rows, max_new), device=device) if self.sampler_logprobs else None
-        lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
-        done = torch.zeros(num_rows, dtype=torch.bool, device=device)
         eos_ids = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
 
         for step in range(max_new):
@@ -326,20 +403,6 @@ class HFRolloutEngine:
                     tokens.unsqueeze(1), attention[:, : width + 1], next_position.unsqueeze(1), cache
                 )
             next_position = next_position + 1
-
-        completion_width = max(int(lengths.max()), 1)
-        completion_ids = generated[:, :completion_width].contiguous()  # do not keep the full buffer alive
-        completion_mask = (torch.arange(completion_width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        return RolloutBatch(
-            prompt_ids=row_prompt_ids,
-            prompt_mask=row_prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            is_truncated=~done,
-            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
-            group_size=group_size,
-            sampler_logps=None if sampled_logps is None else sampled_logps[:, :completion_width].contiguous(),
-        )
 
     @staticmethod
     def _stop_hits(

@@ -227,6 +227,7 @@ _INTEGER_MINIMUMS: dict[str, tuple[int, bool, str]] = {
     "max_completion_length": (1, True, "256"),
     "max_new_tokens": (1, True, "256"),
     "logits_chunk_size": (1, True, "4096"),
+    "rollout_max_batch_tokens": (1, True, "65536"),
     "dataset_num_proc": (1, True, "4"),
     "pad_to_multiple_of": (1, True, "8"),
 }

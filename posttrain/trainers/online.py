@@ -446,6 +446,8 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             kind, options = self.args.rollout_engine_options()
             if kind == "vllm":
                 options["sampler_logprobs"] = True
+            if kind == "hf":
+                options["max_batch_tokens"] = self.args.rollout_max_batch_tokens
             if kind == "server":  # one copy of the weights on the server: one process pushes them
                 options["sync_weights"] = self.accelerator.is_main_process
             self._engine = make_rollout_engine(kind, policy, self._tokenizer, **options)

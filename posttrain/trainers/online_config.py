@@ -66,6 +66,11 @@ class OnlineConfig(AgentFields, VLLMOptions, PosttrainConfig):
             "that makes the generation batch hold whole groups)."
         },
     )
+    rollout_max_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Most KV-cache positions the sampler holds at once, rows x (prompt + max_completion_length): "
+                  "a larger generation batch is sampled in slices, with the same completions (None: all at once)."},
+    )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts each epoch."})
     share_prompt_forward: bool = field(
         default=True,
@@ -166,6 +171,10 @@ class OnlineConfig(AgentFields, VLLMOptions, PosttrainConfig):
         resolve_online_options(self)
         self._check_values()
         self._check_vllm_options()
+        if self.use_vllm and self.rollout_max_batch_tokens is not None:
+            raise ConfigError("rollout_max_batch_tokens slices the built-in sampler; vLLM pages its own KV cache",
+                              field="rollout_max_batch_tokens", fix="leave it unset with use_vllm (vLLM sizes its "
+                              "cache from vllm_gpu_memory_utilization)")
         self.min_p = 0.0 if self.min_p is None else self.min_p
         if self.epsilon_high is None:  # CISPO caps the ratio itself (not 1 + epsilon): 0.2 would shrink every weight
             cispo = getattr(self, "loss_type", None) == "cispo"

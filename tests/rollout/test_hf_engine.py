@@ -252,3 +252,35 @@ def test_keyed_sampling_gives_each_prompt_the_same_completions_whatever_shares_i
     assert error.value.field == "prompt_keys"
     with pytest.raises(ConfigError, match="3 prompts"):
         engine.generate(prompts, sampling=params, prompt_keys=keys[:1])
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_sampling_in_slices_gives_the_same_completions_and_bounds_each_slice(qwen2, tokenizer, prompts, monkeypatch, penalty):
+    """max_batch_tokens samples the rows in slices (cutting through groups when a group does not fit);
+    with sampling keys every row draws the same tokens whatever its slice, EOS and stop strings included."""
+    from posttrain.rollout import sampling_keys
+
+    keys = sampling_keys(1, "train", 0, positions=range(len(prompts)))
+    params = SamplingParams(max_completion_length=10, temperature=1.0, top_p=0.95, repetition_penalty=penalty)
+    free_run = HFRolloutEngine(qwen2, tokenizer, eos_token_ids=[]).generate(
+        prompts, num_generations=3, sampling=params, prompt_keys=keys)
+    eos = free_run.completion_ids.flatten().mode().values.item()  # the most sampled token ends some rows early
+    whole = HFRolloutEngine(qwen2, tokenizer, eos_token_ids=[eos]).generate(
+        prompts, num_generations=3, sampling=params, prompt_keys=keys)
+    assert len(set(whole.completion_lengths.tolist())) > 1  # rows end at different steps
+    row_positions = max(len(p) for p in prompts) + params.max_completion_length
+    slices = []
+    original = HFRolloutEngine._sample_rows
+    monkeypatch.setattr(HFRolloutEngine, "_sample_rows", lambda self, *a, **k: slices.append(a[4] - a[3]) or original(self, *a, **k))
+    # (rows the budget holds, rows per slice): a budget of a group or more is rounded down to whole groups
+    for budget_rows, rows_per_slice, share in [(1, 1, True), (2, 2, True), (4, 3, True), (5, 3, False), (9, 9, True)]:
+        slices.clear()
+        engine = HFRolloutEngine(qwen2, tokenizer, eos_token_ids=[eos], share_prompt_prefill=share,
+                                 max_batch_tokens=budget_rows * row_positions)
+        sliced = engine.generate(prompts, num_generations=3, sampling=params, prompt_keys=keys)
+        assert max(slices) == rows_per_slice and sum(slices) == 9
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "is_truncated", "prompt_index"):
+            assert torch.equal(getattr(sliced, name), getattr(whole, name)), (rows_per_slice, name)
+    with pytest.raises(ConfigError) as error:
+        HFRolloutEngine(qwen2, tokenizer, max_batch_tokens=0)
+    assert error.value.field == "rollout_max_batch_tokens"

@@ -553,3 +553,39 @@ def test_router_aux_loss_coef_is_refused_and_a_moe_config_is_told(tiny_model_dir
         GRPOTrainer(model, reward_funcs=_length_reward, args=_config(tmp_path), train_dataset=_prompts(4),
                     processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
     assert caplog.text.count("does not add the MoE router") == 1
+
+
+def test_rollout_max_batch_tokens_samples_in_slices_with_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
+    """A generation batch sampled 3 rows at a time (cutting through the groups of 4) gives the same completions,
+    rewards and losses as the whole batch at once."""
+    from posttrain.rollout.hf_engine import HFRolloutEngine
+
+    calls = []  # (row positions, slices) of each generation
+    original = HFRolloutEngine._row_slices
+    monkeypatch.setattr(HFRolloutEngine, "_row_slices",
+                        lambda self, rows, group, positions: calls.append((positions, original(self, rows, group, positions)))
+                        or calls[-1][1])
+
+    def run(max_batch_tokens):
+        calls.clear()
+        torch.manual_seed(0)
+        args = _config(tmp_path / str(max_batch_tokens), max_steps=2, per_device_train_batch_size=8,
+                       rollout_max_batch_tokens=max_batch_tokens)
+        trainer = GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=args, train_dataset=_prompts(4))
+        trainer.train()
+        logged = [(r["loss"], r["reward"], r["entropy"]) for r in trainer.state.log_history if "loss" in r]
+        return logged, list(calls)
+
+    whole, whole_calls = run(None)
+    assert [slices for _, slices in whole_calls] == [[(0, 8)], [(0, 8)]]
+    budget = 3 * max(positions for positions, _ in whole_calls)
+    sliced, sliced_calls = run(budget)
+    for positions, slices in sliced_calls:
+        assert slices == [(0, 3), (3, 6), (6, 8)] and 3 * positions <= budget
+    assert sliced == whole
+    with pytest.raises(ConfigError) as error:
+        _config(tmp_path, rollout_max_batch_tokens=0)
+    assert error.value.field == "rollout_max_batch_tokens"
+    with pytest.raises(ConfigError) as error:
+        _config(tmp_path, rollout_max_batch_tokens=4096, use_vllm=True)
+    assert error.value.field == "rollout_max_batch_tokens"
