@@ -44,7 +44,7 @@ MIN_VOCAB_SIZE = 320  # 256 byte symbols + special and tag tokens + a few merges
 
 # Bump when the corpus, the tokenizer recipe or the model recipe changes: the cache key includes it,
 # so a stale cached model is never reused.
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2
 
 # The Qwen2 pre-tokenizer split. transformers rebuilds a tokenizer saved beside a `qwen2` config as
 # `Qwen2Tokenizer`, which installs exactly this split + NFC + ByteLevel(use_regex=False) whatever the
