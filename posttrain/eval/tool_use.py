@@ -104,7 +104,8 @@ def evaluate_with_tools(
                         calls_made[index] += 1
                         content = (envs[index].call(call["name"], call["arguments"]) if call
                                    else "error: the tool call is not valid JSON with 'name' and 'arguments'")
-                        conversations[index].append({"role": "tool", "name": call["name"] if call else "", "content": content})
+                        conversations[index].append({"role": "tool", "name": call["name"] if call else "",
+                                                     "content": content})
                         ids[index] += tokenizer(_tool_message_suffix(tokenizer, content),
                                                 add_special_tokens=False)["input_ids"]
                     still_active.append(index)
@@ -124,5 +125,6 @@ def evaluate_with_tools(
         "correct": correct,
         "call_accuracy": sum(r["call_accuracy"] for r in results) / n if n and use_tools else None,
         "turns": sum(r["turns"] for r in results) / n if n else 0.0,
-        "samples": [{key: r[key] for key in ("question", "messages", "answer", "correct")} for r in results[:n_samples]],
+        "samples": [{key: r[key] for key in ("question", "messages", "answer", "correct")}
+                    for r in results[:n_samples]],
     }

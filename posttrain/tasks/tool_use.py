@@ -409,7 +409,8 @@ class ToolUseTask(Task):
         else:
             first, second = arguments
             question = f"How much do one {first} and one {second} cost?"
-            calls = [{"name": "lookup", "arguments": {"item": first}}, {"name": "lookup", "arguments": {"item": second}},
+            calls = [{"name": "lookup", "arguments": {"item": first}},
+                     {"name": "lookup", "arguments": {"item": second}},
                      {"name": "add", "arguments": {"a": INVENTORY[first], "b": INVENTORY[second]}}]
         results = [TOOLS[call["name"]](**call["arguments"]) for call in calls]
         return {"question": question, "answer": results[-1], "kind": kind, "oracle_calls": json.dumps(calls)}

@@ -61,7 +61,8 @@ def test_oracle_calls_solve_every_problem_through_the_environment():
     env = task.environment()
     for problem in task.make_problems(150, split="train") + task.make_problems(50, split="test"):
         env.reset(**problem)
-        results = [json.loads(env.call(call["name"], call["arguments"])) for call in json.loads(problem["oracle_calls"])]
+        calls = json.loads(problem["oracle_calls"])
+        results = [json.loads(env.call(call["name"], call["arguments"])) for call in calls]
         assert results[-1] == problem["answer"] == _solve_independently(problem["question"])
         assert env.get_turn_rewards() == [1.0] * len(results) and env.get_reward() == 1.0
 
@@ -106,7 +107,8 @@ def test_rewards_score_oracle_completions_one_and_wrong_ones_zero():
 
 def test_turn_rewards_mark_each_call_against_the_oracle():
     oracle = [{"name": "lookup", "arguments": {"item": "lamp"}}, {"name": "multiply", "arguments": {"a": 66, "b": 3}}]
-    right_then_wrong = [{"name": "lookup", "arguments": {"item": "Lamp"}}, {"name": "multiply", "arguments": {"a": 66, "b": 4}}]
+    right_then_wrong = [{"name": "lookup", "arguments": {"item": "Lamp"}},
+                        {"name": "multiply", "arguments": {"a": 66, "b": 4}}]
     assert turn_rewards(right_then_wrong, oracle) == [1.0, 0.0]
     assert turn_rewards(oracle[:1], oracle) == [1.0, 0.0]  # a missing call scores 0
     assert turn_rewards(oracle + oracle[:1], oracle) == [1.0, 1.0, 0.0]  # so does an extra one
@@ -145,11 +147,12 @@ def test_sft_rows_render_through_the_tiny_template_with_tool_schemas(tiny_tokeni
     rows = task.as_tool_messages(problems)
     assert rows[0]["tools"] == tool_schemas()
     # JSON columns keep each call's own argument names (no null-filled union of every tool's arguments)
-    assert rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == json.loads(problems[0]["oracle_calls"])[0]["arguments"]
+    calls = json.loads(problems[0]["oracle_calls"])
+    assert rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == calls[0]["arguments"]
     text = tiny_tokenizer.apply_chat_template(rows[0]["messages"], tools=rows[0]["tools"], tokenize=False)
     assert '<tools>\n{"type": "function", "function": {"name": "add"' in text
-    calls = json.loads(problems[0]["oracle_calls"])
-    assert f'<tool_call>\n{json.dumps(calls[1])}\n</tool_call><|im_end|>\n<|im_start|>tool\n{problems[0]["answer"]}' in text
+    answer = problems[0]["answer"]
+    assert f'<tool_call>\n{json.dumps(calls[1])}\n</tool_call><|im_end|>\n<|im_start|>tool\n{answer}' in text
 
     turns = task.as_turn_completions(problems, tiny_tokenizer)
     assert len(turns) == 3 * len(problems)  # two calls and an answer each
@@ -211,7 +214,8 @@ class _OracleModel(torch.nn.Module):
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
             question = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
             turn = self.turns[question][text.count("<|im_start|>assistant") - 1]
-            calls = "".join(f"\n<tool_call>\n{json.dumps(c['function'])}\n</tool_call>" for c in turn.get("tool_calls", []))
+            calls = "".join(f"\n<tool_call>\n{json.dumps(call['function'])}\n</tool_call>"
+                            for call in turn.get("tool_calls", []))
             rows.append(ids.tolist() + self.tokenizer(turn["content"] + calls + "<|im_end|>")["input_ids"])
         width = max(map(len, rows))
         return torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
