@@ -11,6 +11,7 @@ from typing import Any
 from posttrain.errors import ConfigError
 from posttrain.tasks.arithmetic import ArithmeticTask, extract_final_number
 from posttrain.tasks.base import Task
+from posttrain.tasks.tool_use import ToolUseEnv, ToolUseTask
 
 TASKS: dict[str, type[Task]] = {
     "arithmetic": ArithmeticTask,
@@ -29,4 +30,6 @@ def get_task(name: str, **kwargs: Any) -> Task:
                           fix=f"see help({task_class.__name__})") from None
 
 
-__all__ = ["TASKS", "ArithmeticTask", "Task", "extract_final_number", "get_task"]
+# ToolUseTask is not in TASKS: its answers need the tools run (posttrain.eval.tool_use), which the
+# single-turn `posttrain eval --task` does not do
+__all__ = ["TASKS", "ArithmeticTask", "Task", "ToolUseEnv", "ToolUseTask", "extract_final_number", "get_task"]

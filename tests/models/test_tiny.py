@@ -330,3 +330,8 @@ def test_tiny_template_renders_tool_schemas_and_calls():
     assert "<tools>" not in without
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call><|im_end|>' in with_tools
     assert with_tools.endswith("<|im_start|>tool\n5<|im_end|>\n")
+
+
+def test_the_cached_tiny_tokenizer_has_the_current_chat_template(tiny_tokenizer):
+    # a template change must change the cache key (FACTORY_VERSION), or every run keeps a stale template
+    assert tiny_tokenizer.chat_template == tiny.CHATML_TEMPLATE
