@@ -21,7 +21,6 @@ completions table from :mod:`posttrain.report.completions`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -43,6 +42,7 @@ from posttrain.trainers.base import (
 )
 from posttrain.trainers.online_checkpoint import ResumableOnlineLoop
 from posttrain.trainers.online_config import OnlineConfig, resolve_generation_schedule  # noqa: F401
+from posttrain.trainers.online_engine import RolloutEngineMixin
 
 PROMPT_COLUMNS = ("prompt", "prompt_input_ids", "prompt_attention_mask")
 
@@ -66,7 +66,7 @@ class ScoredRollout:
 # ----------------------------------------------------------------------------- the trainer
 
 
-class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
+class OnlineTrainer(RolloutEngineMixin, ResumableOnlineLoop, PosttrainTrainer):
     """The shared half of GRPO and RLOO: data, sampling, rewards, reference, buffering, logging.
 
     A subclass sets ``method_name`` and ``config_class`` and implements :meth:`compute_advantages`
@@ -327,15 +327,7 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             num_generations = self.args.num_generations
             if mode != "train":
                 num_generations = self.args.num_generations_eval or num_generations
-        engine = self._rollout_engine()
-        if self._sampler_gap is None:  # an engine set from outside (a test's scripted engine, a user's own)
-            from posttrain.trainers.sampler_gap import SamplerGapMonitor, has_active_dropout
-
-            self._sampler_gap = SamplerGapMonitor(self.args.rollout_engine_options()[0], deterministic_forward=not
-                                                  has_active_dropout(self.accelerator.unwrap_model(self.model)))
-        if self._sampler_gap.engine_kind == "hf":  # the in-process engine reports its log-probs only when they are used
-            engine.sampler_logprobs = self._sampler_gap.wants_sampler_logps(
-                self.args, mode, corrects=self.sampling_correction() is not None)
+        self._prepare_engine_for(mode)
         scored = self.sample_and_score(batch, num_generations, prompt_keys=self._prompt_keys(mode, len(batch["prompt"])))
         rows = scored.rows
         if mode != "train":
@@ -359,16 +351,6 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
 
                 self.agent.recorder.write(episode_extras(scored, mode, self.state.global_step, self._generation_round))
         return scored
-
-    def _inspect_sampler_gap(self, rows: RolloutSequences) -> dict[str, float]:
-        """``sampling/*`` metrics of the sampler/trainer gap; the correction weights; the agreement check."""
-        if rows.sampler_logps is None:
-            return {}
-        correction = self.sampling_correction()
-        metrics = self._sampler_gap.inspect(rows, self.args, self._gathered, corrects=correction is not None,
-                                            **(correction or {"mode_name": "", "clip_min": None, "clip_max": None}))
-        rows.sampler_logps = None
-        return metrics
 
     def _prompt_keys(self, mode: str, num_prompts: int) -> torch.Tensor:
         """``(num_prompts,)`` sampling keys of this process's prompts, from the seed, the round and each
@@ -435,32 +417,6 @@ class OnlineTrainer(ResumableOnlineLoop, PosttrainTrainer):
             reward_names=list(output.names), group_size=num_generations,
             extra_columns=output.extra_columns, logged_metrics=output.logged_metrics,
         )
-
-    def _rollout_engine(self):
-        from posttrain.rollout import make_rollout_engine
-
-        policy = self.accelerator.unwrap_model(self.model)
-        if self._engine is None:
-            from posttrain.trainers.sampler_gap import SamplerGapMonitor, has_active_dropout
-
-            kind, options = self.args.rollout_engine_options()
-            if kind == "vllm":
-                options["sampler_logprobs"] = True
-            if kind == "hf":
-                options["max_batch_tokens"] = self.args.rollout_max_batch_tokens
-            if kind == "server":  # one copy of the weights on the server: one process pushes them
-                options["sync_weights"] = self.accelerator.is_main_process
-            self._engine = make_rollout_engine(kind, policy, self._tokenizer, **options)
-            self._sampler_gap = SamplerGapMonitor(kind, deterministic_forward=not has_active_dropout(policy))
-            self._engine_synced_step = self.state.global_step
-            if kind == "server":
-                self.accelerator.wait_for_everyone()
-        elif self.args.use_vllm and self._engine_synced_step != self.state.global_step:
-            self._engine.load_weights(policy)  # vLLM holds its own copy of the weights
-            self._engine_synced_step = self.state.global_step
-            if self.args.vllm_mode == "server":
-                self.accelerator.wait_for_everyone()
-        return self._engine
 
     def _reference_logps(self, model, *args, **kwargs):
         return self.reference.token_logps(model, *args, **kwargs)
