@@ -31,7 +31,8 @@ def position_wise_mlps(model: nn.Module) -> list[nn.Module]:
     """
     return [
         module for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] == "mlp" and all(isinstance(getattr(module, proj, None), nn.Linear)
+        # nn.Module, not nn.Linear: a LoRA-wrapped projection is still position-wise
+        if name.rsplit(".", 1)[-1] == "mlp" and all(isinstance(getattr(module, proj, None), nn.Module)
                                                    for proj in ("gate_proj", "up_proj", "down_proj"))
     ]
 

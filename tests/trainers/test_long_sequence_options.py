@@ -81,3 +81,22 @@ def test_grpo_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
     assert levered[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-7)
     for name, value in plain[2].items():
         assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_sft_lora_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
+    """Frozen embeddings: the first layer's input needs no gradient, the adapters inside the layers do."""
+    from peft import LoraConfig
+
+    def run(options):
+        args = SFTConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=2, **COMMON, **options)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+        torch.manual_seed(0)  # the adapters are drawn from the global generator when the trainer wraps the model
+        return _losses_and_weights(SFTTrainer(tiny_model_dir, args=args, train_dataset=_chats(), peft_config=lora))
+
+    plain, levered = run({}), run(LEVERS)
+    assert levered[0] == (True, True)
+    assert levered[1] == pytest.approx(plain[1], rel=1e-5)
+    adapters = [name for name in plain[2] if "lora_" in name]
+    assert adapters
+    for name in adapters:
+        assert torch.allclose(levered[2][name], plain[2][name], rtol=1e-4, atol=1e-6), name
