@@ -117,7 +117,7 @@ def sweep(lengths: list[int], make_command: Callable[[int], list[str]], cap_mb: 
             # the process's own maximum when it finished; the watchdog's sample when it was killed
             "peak_rss_mb": result.get("peak_rss_mb", run["polled_peak_rss_mb"]),
             "polled_peak_rss_mb": run["polled_peak_rss_mb"], "peak_gpu_mb": result.get("peak_gpu_mb"),
-            "first_step_loss": result.get("first_step_loss"), "wall_s": run["wall_s"], "error": run["error"],
+            "first_step_loss": result.get("first_step_loss"), "losses": result.get("losses"), "wall_s": run["wall_s"], "error": run["error"],
         }
         rows.append(row)
         if on_row is not None:
@@ -132,21 +132,30 @@ def longest_fit(rows: list[dict]) -> int | None:
     return max(fitting) if fitting else None
 
 
+def options_label(options: dict) -> str:
+    """The options that set a memory lever, as a short name ("activation_offloading+tiled_mlp"); "" for none."""
+    shown = [name if value is True else f"{name}={value}" for name, value in sorted(options.items())
+             if name not in ("activation_checkpointing", "gradient_checkpointing") and value not in (False, None)]
+    return "+".join(shown)
+
+
 def series_label(entry: dict) -> str:
-    return f"{entry['method']} {entry['impl']} (checkpointing {entry['checkpointing']})"
+    levers = entry.get("label") or ""
+    return f"{entry['method']} {entry['impl']} (checkpointing {entry['checkpointing']}{', ' + levers if levers else ''})"
 
 
 def format_table(entries: list[dict], cap_mb: float) -> str:
-    header = (f"{'method':<6} {'impl':<10} {'ckpt':<5} {'length':>7} {'s/step':>8} {'tok/s':>8} "
-              f"{'peak RSS MB':>12} {'status':<14}")
+    header = (f"{'method':<6} {'impl':<10} {'ckpt':<5} {'levers':<28} {'length':>7} {'s/step':>8} {'tok/s':>8} "
+              f"{'peak RSS MB':>12} {'loss 1':>9} {'status':<14}")
     lines = [header, "-" * len(header)]
     for entry in entries:
         for row in entry["rows"]:
             sec = f"{row['sec_per_step']:>8.2f}" if row["sec_per_step"] is not None else f"{'-':>8}"
             tok = f"{row['tokens_per_sec']:>8.0f}" if row["tokens_per_sec"] else f"{'-':>8}"
             rss = f"{row['peak_rss_mb']:>12,.0f}" if row["peak_rss_mb"] is not None else f"{'-':>12}"
-            lines.append(f"{entry['method']:<6} {entry['impl']:<10} {entry['checkpointing']:<5} {row['length']:>7} "
-                         f"{sec} {tok} {rss} {row['status']:<14}")
+            loss = f"{row['first_step_loss']:>9.5f}" if row.get("first_step_loss") is not None else f"{'-':>9}"
+            lines.append(f"{entry['method']:<6} {entry['impl']:<10} {entry['checkpointing']:<5} "
+                         f"{(entry.get('label') or '-')[:28]:<28} {row['length']:>7} {sec} {tok} {rss} {loss} {row['status']:<14}")
         fit = entry["longest_fit"]
         lines.append(f"{'':<6} {entry['impl']:<10} longest length within {entry.get('memory_cap_mb', cap_mb):,.0f} MB: "
                      f"{fit if fit is not None else 'none'}")
@@ -243,6 +252,7 @@ def main(argv=None) -> int:
                 continue
             options = {} if args.checkpointing == "defaults" else {"activation_checkpointing": args.checkpointing == "on"}
             options.update(json.loads(args.posttrain_options if impl == "posttrain" else args.trl_options))
+            entry["label"] = options_label(options)
 
             def show(row, method=method, impl=impl):
                 detail = f"{row['sec_per_step']:.2f} s/step" if row["sec_per_step"] is not None else (row["error"] or "")

@@ -220,7 +220,10 @@ def can_share_prompt(model: nn.Module) -> bool:
         return False
     # transformers 5 renamed is_gradient_checkpointing (deprecated, warns) to is_activation_checkpointing
     name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return not (base.training and getattr(base, name, False))
+    from posttrain.models.offload import activation_offloading_enabled
+
+    # offloaded layers recompute in the backward too, and run a cached forward as it is (keeping everything)
+    return not (base.training and (getattr(base, name, False) or activation_offloading_enabled(base)))
 
 
 def shared_prompt_hidden_states(

@@ -272,6 +272,18 @@ def router_aux_loss_requested(model: nn.Module, *, adds_router_loss: bool) -> bo
     return requested
 
 
+def apply_sequence_memory_options(model: nn.Module, args: TrainingArguments) -> None:
+    """``activation_offloading`` and ``tiled_mlp`` on the model being trained (in place; see docs/long-sequences.md)."""
+    if getattr(args, "activation_offloading", False):
+        from posttrain.models.offload import enable_activation_offloading
+
+        enable_activation_offloading(model)
+    if getattr(args, "tiled_mlp", False):
+        from posttrain.models.tiling import enable_tiled_mlp
+
+        enable_tiled_mlp(model, args.sequence_tile_size)
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen, eval-mode deep copy: the default reference model."""
     ref = copy.deepcopy(model)
@@ -319,6 +331,7 @@ class PosttrainTrainer(Trainer):
 
         # a head transformation the chunked log-probs do not know falls back to full logits, with a warning
         check_output_heads(self.model, getattr(getattr(self, "reference", None), "model", None))
+        apply_sequence_memory_options(self.model, self.args)
 
     def _install_run_safety(self) -> None:
         """Skip non-finite optimizer steps, warn about unhealthy logs, write checkpoints atomically."""

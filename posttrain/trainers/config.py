@@ -106,8 +106,17 @@ class PosttrainConfig(TrainingArguments):
     )
     activation_offloading: bool = field(
         default=False,
-        metadata={"help": "Offload activations to the CPU. Not implemented yet: True is an error (use "
-                  "gradient_checkpointing=True to save activation memory)."},
+        metadata={"help": "Per-layer activation checkpointing that keeps only each decoder layer's input, "
+                  "copied to pinned CPU memory on a GPU (asynchronously); each layer is recomputed in the backward. "
+                  "Subsumes gradient_checkpointing."},
+    )
+    tiled_mlp: bool = field(
+        default=False,
+        metadata={"help": "Run each gated MLP (gate/up/down projections) over tiles of sequence_tile_size tokens, "
+                  "each recomputed in the backward, so no (tokens x intermediate) tensor is held whole."},
+    )
+    sequence_tile_size: int = field(
+        default=2048, metadata={"help": "Tokens per tile for tiled_mlp."}
     )
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Older name: warm up for this fraction of all steps (sets warmup_steps)."}
@@ -127,12 +136,6 @@ class PosttrainConfig(TrainingArguments):
             raise ConfigError(
                 f"max_consecutive_nonfinite_steps must be >= 0, got {self.max_consecutive_nonfinite_steps}",
                 field="max_consecutive_nonfinite_steps", fix="pass a small count such as 3, or 0 to turn the guard off",
-            )
-        if self.activation_offloading:
-            raise ConfigError(
-                "activation_offloading is not implemented yet", field="activation_offloading",
-                fix="use gradient_checkpointing=True (recomputes activations instead of keeping them), "
-                "and drop activation_offloading",
             )
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
@@ -230,6 +233,7 @@ _INTEGER_MINIMUMS: dict[str, tuple[int, bool, str]] = {
     "rollout_max_batch_tokens": (1, True, "65536"),
     "dataset_num_proc": (1, True, "4"),
     "pad_to_multiple_of": (1, True, "8"),
+    "sequence_tile_size": (1, False, "2048"),
 }
 # field -> (least allowed value, the least itself allowed, example for the fix)
 _NUMBER_MINIMUMS: dict[str, tuple[float, bool, str]] = {

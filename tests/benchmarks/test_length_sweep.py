@@ -129,3 +129,19 @@ def test_long_workloads_are_named_by_their_length():
     cmd = length_sweep.worker_command("trl", "grpo", 512, 2, length_sweep.method_options("grpo", 512))
     assert cmd[cmd.index("--workload") + 1] == "long-512"
     assert json.loads(cmd[cmd.index("--options") + 1])["max_completion_length"] == 512
+
+
+def test_each_lever_is_its_own_series(tmp_path, monkeypatch):
+    """Runs with different memory options append as separate series (named by the options), losses kept."""
+    monkeypatch.setattr(length_sweep, "worker_command",
+                        lambda impl, method, length, steps, options: fake_command(length))
+    out = tmp_path / "sweep.json"
+    base = ["--methods", "sft", "--impls", "posttrain", "--lengths", "10", "--memory-cap-gb", "1", "--out", str(out),
+            "--append"]
+    for options in ("{}", '{"activation_offloading": true}', '{"tiled_mlp": true, "sequence_tile_size": 512}',
+                    '{"activation_offloading": true}'):
+        assert length_sweep.main(base + ["--posttrain-options", options]) == 0
+    entries = json.loads(out.read_text())["entries"]
+    assert [e["label"] for e in entries] == ["", "sequence_tile_size=512+tiled_mlp", "activation_offloading"]
+    assert "activation_offloading" in length_sweep.series_label(entries[-1])
+    assert entries[0]["rows"][0]["losses"] is None and entries[0]["rows"][0]["first_step_loss"] == 1.0

@@ -230,10 +230,10 @@ def test_reward_eos_token_and_pad_token(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("config_class", [SFTConfig, DPOConfig, RewardConfig, RLOOConfig])
-def test_activation_offloading_is_refused_with_the_alternative(config_class, tmp_path):
-    assert config_class(output_dir=str(tmp_path), activation_offloading=False).activation_offloading is False
-    with pytest.raises(ConfigError, match="gradient_checkpointing"):
-        config_class(output_dir=str(tmp_path), activation_offloading=True)
+def test_activation_offloading_is_accepted_and_tile_sizes_checked(config_class, tmp_path):
+    assert config_class(output_dir=str(tmp_path), activation_offloading=True).activation_offloading is True
+    with pytest.raises(ConfigError, match="sequence_tile_size"):
+        config_class(output_dir=str(tmp_path), tiled_mlp=True, sequence_tile_size=0)
 
 
 # ----------------------------------------------------------------------------- router_aux_loss_coef (MoE)

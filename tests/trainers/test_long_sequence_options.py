@@ -1,0 +1,102 @@
+"""activation_offloading and tiled_mlp through the trainers: the same run, value for value, as without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from posttrain import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from posttrain.models.offload import activation_offloading_enabled
+from posttrain.models.tiling import position_wise_mlps
+
+LEVERS = {"activation_offloading": True, "tiled_mlp": True, "sequence_tile_size": 4}
+# plain SGD: Adam would turn float32 rounding in near-zero gradients into learning-rate-sized steps
+COMMON = dict(max_steps=2, learning_rate=1e-1, optim="sgd", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
+
+
+def _chats(n=4):
+    return Dataset.from_list([
+        {"messages": [{"role": "user", "content": f"Count from {i} to {i + 9} in words, please."},
+                      {"role": "assistant", "content": "one two three four five six seven eight nine ten " * (1 + i % 2)}]}
+        for i in range(n)
+    ])
+
+
+def _preferences(n=4):
+    return Dataset.from_list([{"prompt": f"Q{i}: what is {i}+1? Say it in a sentence.", "chosen": f" it is {i + 1}, I think",
+                               "rejected": f" {i + 7} or so"} for i in range(n)])
+
+
+def _losses_and_weights(trainer):
+    layers_offloaded = activation_offloading_enabled(trainer.model)
+    tiled = any(hasattr(m, "_posttrain_sequence_tile_size") for m in position_wise_mlps(trainer.model))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return (layers_offloaded, tiled), losses, weights
+
+
+@pytest.mark.parametrize("levers", [LEVERS, {"activation_offloading": True, "gradient_checkpointing": True},
+                                    {"tiled_mlp": True, "sequence_tile_size": 4}])
+def test_sft_with_levers_is_the_same_run(tiny_model_dir, tmp_path, levers):
+    def run(options):
+        args = SFTConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=2, **COMMON, **options)
+        return _losses_and_weights(SFTTrainer(tiny_model_dir, args=args, train_dataset=_chats()))
+
+    plain, levered = run({}), run(levers)
+    assert levered[0] == (bool(levers.get("activation_offloading")), bool(levers.get("tiled_mlp")))
+    assert levered[1] == pytest.approx(plain[1], rel=1e-5)
+    for name, value in plain[2].items():
+        assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_dpo_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
+    def run(options):
+        args = DPOConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=2, **COMMON, **options)
+        return _losses_and_weights(DPOTrainer(tiny_model_dir, args=args, train_dataset=_preferences()))
+
+    plain, levered = run({}), run(LEVERS)
+    assert plain[0] == (False, False) and levered[0] == (True, True)
+    assert levered[1] == pytest.approx(plain[1], rel=1e-5)
+    for name, value in plain[2].items():
+        assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def _length_reward(completions, **kwargs):
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) / 10.0 for c in completions]
+
+
+def test_grpo_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
+    prompts = Dataset.from_list([{"prompt": f"What is {i} + 1? Answer:"} for i in range(4)])
+
+    def run(options):
+        args = GRPOConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=6, **COMMON, **options)
+        return _losses_and_weights(GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=args,
+                                               train_dataset=prompts))
+
+    plain, levered = run({}), run(LEVERS)
+    assert plain[0] == (False, False) and levered[0] == (True, True)
+    assert levered[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-7)
+    for name, value in plain[2].items():
+        assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_sft_lora_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
+    """Frozen embeddings: the first layer's input needs no gradient, the adapters inside the layers do."""
+    from peft import LoraConfig
+
+    def run(options):
+        args = SFTConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=2, **COMMON, **options)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+        torch.manual_seed(0)  # the adapters are drawn from the global generator when the trainer wraps the model
+        return _losses_and_weights(SFTTrainer(tiny_model_dir, args=args, train_dataset=_chats(), peft_config=lora))
+
+    plain, levered = run({}), run(LEVERS)
+    assert levered[0] == (True, True)
+    assert levered[1] == pytest.approx(plain[1], rel=1e-5)
+    adapters = [name for name in plain[2] if "lora_" in name]
+    assert adapters
+    for name in adapters:
+        assert torch.allclose(levered[2][name], plain[2][name], rtol=1e-4, atol=1e-6), name
