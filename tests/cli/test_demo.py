@@ -3,9 +3,12 @@
 import json
 import os
 
+import pytest
+
 from posttrain.cli.main import main
 
 
+@pytest.mark.slow  # the whole pipeline (~10 s); the fast subset covers each stage on its own
 def test_quick_demo_runs_every_stage_and_writes_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output_dir", str(out)]) == 0

@@ -37,6 +37,7 @@ def _prompts_file(path, n=8):
     return str(path)
 
 
+@pytest.mark.slow  # a subprocess that imports everything again
 def test_python_m_scripts_ppo_runs_the_seed_command(tiny_model_dir, reward_model_dir, tmp_path):
     """The seed's flags as written (smaller numbers), through `python -m`, then the output loads in a pipeline."""
     data = _prompts_file(tmp_path / "prompts.jsonl")
