@@ -26,6 +26,7 @@ from typing import Any, Callable
 from datasets import Dataset, Features, Sequence, Value
 
 from posttrain.data.formats import DataFormat, FormatInfo, extract_prompt, resolve_format
+from posttrain.data.assistant_masks import assistant_spans, ids_and_offsets, mask_from_spans
 from posttrain.data.load import describe_source
 from posttrain.data.streaming import is_streaming, streamed_sample
 from posttrain.data.templates import apply_chat_template_text, render_prompt_completion, require_chat_template
@@ -145,65 +146,6 @@ def _map(
 # ----------------------------------------------------------------------------- SFT
 
 
-def _assistant_spans(
-    tokenizer: Any, messages: list[dict], full_text: str, template_kwargs: dict | None = None, tools: list | None = None
-) -> list[tuple[int, int]]:
-    """Character spans of ``full_text`` holding each assistant turn (its end-of-turn token and what the
-    template writes after it included: the same boundaries as a preference completion).
-
-    Rendered progressively: the text before turn i is ``template(messages[:i], generation prompt)``
-    and the text through it is ``template(messages[:i+1])``. Needs no ``{% generation %}`` markers,
-    only a template that renders a conversation as the concatenation of its turns.
-    """
-    spans = []
-    for index, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        before = apply_chat_template_text(
-            tokenizer, messages[:index], add_generation_prompt=True, tools=tools, template_kwargs=template_kwargs
-        )
-        through = apply_chat_template_text(tokenizer, messages[: index + 1], tools=tools, template_kwargs=template_kwargs)
-        if not (full_text.startswith(before) and full_text.startswith(through) and len(through) >= len(before)):
-            raise DataError(
-                f"assistant_only_loss: the chat template does not render message {index} as a continuation "
-                "of the messages before it, so the assistant's tokens cannot be located",
-                expected="a template that renders a conversation turn by turn",
-                fix="use such a template, or train on all tokens (assistant_only_loss=False)",
-            )
-        spans.append((len(before), len(through)))
-    return spans
-
-
-def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """1 for each token whose characters overlap a span.
-
-    Overlap rather than containment: a byte-level BPE merges the space ending a header such as
-    ``'[assistant]: '`` into the reply's first word (``'Ġworld'``), and that token is the reply's.
-    """
-    mask = []
-    span_index = 0
-    for start, end in offsets:
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        inside = span_index < len(spans) and end > spans[span_index][0]
-        mask.append(1 if inside else 0)
-    return mask
-
-
-def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids of each text and each token's character span (for masks built from text spans)."""
-    try:
-        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError) as error:
-        raise ConfigError(
-            "masks on assistant turns (assistant_only_loss, or a completion holding tool results) need a tokenizer "
-            f"that reports character offsets (a fast, `tokenizers`-backed one); {type(tokenizer).__name__} does not ({error})",
-            field="assistant_only_loss",
-            fix="load the tokenizer with use_fast=True, or train on all tokens",
-        ) from error
-    return encoded["input_ids"], encoded["offset_mapping"]
-
-
 def _check_lengths(ids_rows: list[list[int]], indices: list[int], max_length: int | None, source: str) -> None:
     if max_length is None:
         return
@@ -296,7 +238,7 @@ def tokenize_sft(
         if not completion_only or all(message.get("role") == "assistant" for message in completion):
             return prompt_text, text, None
         # a completion holding tool results: the loss is on its assistant turns only
-        spans = _assistant_spans(tokenizer, [*prompt, *completion], prompt_text + text, template_kwargs, tools)
+        spans = assistant_spans(tokenizer, [*prompt, *completion], prompt_text + text, template_kwargs, tools)
         offset = len(prompt_text)
         return prompt_text, text, [(start - offset, end - offset) for start, end in spans if start >= offset]
 
@@ -309,8 +251,8 @@ def tokenize_sft(
             for ids, (_, text, spans) in zip(encode(tokenizer, [text for _, text, _ in rendered]), rendered):
                 mask = [1] * len(ids)
                 if spans is not None:  # the same ids, with each token's characters
-                    (ids,), (offsets,) = _ids_and_offsets(tokenizer, [text])
-                    mask = _mask_from_spans(offsets, spans)
+                    (ids,), (offsets,) = ids_and_offsets(tokenizer, [text])
+                    mask = mask_from_spans(offsets, spans)
                 completions.append(specials.turn_with_eos(ids))
                 completion_masks.append(mask + [1] * (len(completions[-1]) - len(mask)))
         else:
@@ -336,11 +278,11 @@ def tokenize_sft(
             masks = [[1] * len(ids) for ids in ids_rows]
         else:
             all_spans = _per_row(
-                lambda item: _assistant_spans(tokenizer, item[0], item[1], *item[2]),
+                lambda item: assistant_spans(tokenizer, item[0], item[1], *item[2]),
                 list(zip(conversations, texts, options)), indices, source=source, column="messages",
             )
-            ids_rows, offsets = _ids_and_offsets(tokenizer, texts)
-            masks = [_mask_from_spans(row_offsets, spans) for row_offsets, spans in zip(offsets, all_spans)]
+            ids_rows, offsets = ids_and_offsets(tokenizer, texts)
+            masks = [mask_from_spans(row_offsets, spans) for row_offsets, spans in zip(offsets, all_spans)]
         for ids, mask in zip(ids_rows, masks):
             if specials.eos_id not in ids:
                 # the template's end of turn is not EOS: end with EOS, a target if the turn was one
