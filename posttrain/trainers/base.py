@@ -242,7 +242,11 @@ def apply_peft(model: nn.Module, peft_config, args: PosttrainConfig) -> nn.Modul
     if getattr(args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
         # with frozen embeddings, checkpointed blocks would otherwise see inputs without grad
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    # the adapter's initial weights come from args.seed, not from whatever the global RNG went through
+    # before (a script's own sampling, another model's init), and the caller's RNG state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return get_peft_model(model, peft_config)
 
 
 def require_train_dataset(train_dataset, owner: str) -> None:

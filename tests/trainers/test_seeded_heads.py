@@ -29,3 +29,37 @@ def test_loading_leaves_the_process_generator_alone(tiny_model_dir, tmp_path):
     load_pretrained(tiny_model_dir, RewardConfig(output_dir=str(tmp_path)),
                     auto_class=AutoModelForSequenceClassification, extra_kwargs={"num_labels": 1})
     assert torch.equal(torch.rand(3), expected)
+
+
+def _lora_a(tiny_model_dir, tmp_path, seed, global_seed):
+    from peft import LoraConfig
+
+    from posttrain import SFTConfig
+    from posttrain.trainers.base import apply_peft
+
+    config = SFTConfig(output_dir=str(tmp_path), seed=seed)
+    model = load_pretrained(tiny_model_dir, config)
+    torch.manual_seed(global_seed)
+    wrapped = apply_peft(model, LoraConfig(r=4, target_modules=["q_proj"]), config)
+    return next(p for n, p in wrapped.named_parameters() if "lora_A" in n).detach().clone()
+
+
+def test_lora_adapter_weights_depend_on_the_seed_only(tiny_model_dir, tmp_path):
+    first = _lora_a(tiny_model_dir, tmp_path, seed=0, global_seed=1)
+    assert torch.equal(first, _lora_a(tiny_model_dir, tmp_path, seed=0, global_seed=2))
+    assert not torch.equal(first, _lora_a(tiny_model_dir, tmp_path, seed=1, global_seed=1))
+
+
+def test_wrapping_with_an_adapter_leaves_the_process_generator_alone(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    from posttrain import SFTConfig
+    from posttrain.trainers.base import apply_peft
+
+    config = SFTConfig(output_dir=str(tmp_path), seed=0)
+    model = load_pretrained(tiny_model_dir, config)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    apply_peft(model, LoraConfig(r=4, target_modules=["q_proj"]), config)
+    assert torch.equal(torch.rand(3), expected)
