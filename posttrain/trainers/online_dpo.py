@@ -76,10 +76,18 @@ class OnlineDPOConfig(PosttrainConfig):
         metadata={"help": "In the training forward, run a prompt shared by several completions once and attend to "
                   "its KV cache (Llama, Qwen2, Qwen3; same values and gradients)."},
     )
+    rollout_max_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Most KV-cache positions the sampler holds at once, rows x (prompt + max_completion_length): "
+                  "a larger batch is sampled in slices, with the same completions (None: all at once)."},
+    )
     use_vllm: bool = field(default=False, metadata={"help": "Sample with vLLM (needs vllm and a CUDA GPU)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.use_vllm and self.rollout_max_batch_tokens is not None:
+            raise ConfigError("rollout_max_batch_tokens slices the built-in sampler; vLLM pages its own KV cache",
+                              field="rollout_max_batch_tokens", fix="leave it unset with use_vllm")
         if isinstance(self.beta, (int, float)):
             self.beta = [float(self.beta)]
         if not self.beta or any(b <= 0 for b in self.beta):
@@ -239,7 +247,7 @@ class OnlineDPOTrainer(ResumableOnlineLoop, PosttrainTrainer):
             self._vllm_engine.load_weights(policy)
             engine = self._vllm_engine
         else:
-            engine = make_rollout_engine("hf", policy, self._tokenizer)
+            engine = make_rollout_engine("hf", policy, self._tokenizer, max_batch_tokens=args.rollout_max_batch_tokens)
         sampling = SamplingParams(max_completion_length=args.max_completion_length, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                                   repetition_penalty=args.repetition_penalty)

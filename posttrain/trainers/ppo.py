@@ -498,7 +498,7 @@ class PPOTrainer(PosttrainTrainer):
         else:
             eos = []
         return HFRolloutEngine(unwrap_model_keep_peft(self.policy), self._tokenizer, eos_token_ids=eos,
-                               pad_token_id=self._tokenizer.pad_token_id)
+                               pad_token_id=self._tokenizer.pad_token_id, max_batch_tokens=args.rollout_max_batch_tokens)
 
     def _sampling(self, greedy: bool = False):
         from posttrain.rollout import SamplingParams

@@ -74,6 +74,12 @@ class PPOConfig(PosttrainConfig):
         default=True, metadata={"help": "Turn dropout off in policy and value model (stable PPO ratios)."}
     )
 
+    rollout_max_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Most KV-cache positions the sampler holds at once, rows x (prompt + response_length): "
+                  "a larger batch is sampled in slices, with the same completions (None: all at once)."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         positive = {"response_length": self.response_length, "num_ppo_epochs": self.num_ppo_epochs,

@@ -243,3 +243,30 @@ def test_reward_functions_log_metric_reaches_the_log_and_log_extra_is_announced(
     with open(os.path.join(args.output_dir, "metrics.jsonl")) as handle:
         assert sum("mean_chars" in json.loads(line) for line in handle) == 2
     assert caplog.text.count("log_extra") == 1
+
+
+def test_rollout_max_batch_tokens_samples_in_slices_with_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Pairs sampled one row at a time give the same run as the whole batch at once (keyed draws)."""
+    from posttrain.rollout.hf_engine import HFRolloutEngine
+
+    slices = []
+    original = HFRolloutEngine._row_slices
+    monkeypatch.setattr(HFRolloutEngine, "_row_slices",
+                        lambda self, rows, group, positions: slices.append(original(self, rows, group, positions))
+                        or slices[-1])
+
+    def run(name, budget):
+        slices.clear()
+        args = _config(tmp_path, output_dir=str(tmp_path / name), max_steps=2, rollout_max_batch_tokens=budget)
+        trainer = OnlineDPOTrainer(model=tiny_model_dir, reward_funcs=_length_score, args=args, train_dataset=_prompts())
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], list(slices)
+
+    whole, whole_slices = run("whole", None)
+    sliced, sliced_slices = run("sliced", 1)  # less than one row: one row per slice
+    assert whole_slices == [[(0, 4)], [(0, 4)]]
+    assert sliced_slices == [[(0, 1), (1, 2), (2, 3), (3, 4)]] * 2
+    assert sliced == whole and len(whole) == 2
+    with pytest.raises(ConfigError) as error:
+        _config(tmp_path, rollout_max_batch_tokens=64, use_vllm=True)
+    assert error.value.field == "rollout_max_batch_tokens"

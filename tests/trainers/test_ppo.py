@@ -455,3 +455,28 @@ def test_a_causal_lm_given_as_reward_model_is_a_clear_error(tiny_model_dir, tmp_
     with pytest.raises(ConfigError, match="causal language model"):
         PPOTrainer(args=_config(tmp_path), model=tiny_model_dir, train_dataset=_prompts(),
                    reward_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+
+
+def test_rollout_max_batch_tokens_samples_in_slices_with_the_same_run(tiny_model_dir, reward_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """Rollouts sampled one row at a time give the same updates as the whole batch at once (keyed draws)."""
+    from posttrain.rollout.hf_engine import HFRolloutEngine
+
+    slices = []
+    original = HFRolloutEngine._row_slices
+    monkeypatch.setattr(HFRolloutEngine, "_row_slices",
+                        lambda self, rows, group, positions: slices.append(original(self, rows, group, positions))
+                        or slices[-1])
+
+    def run(name, budget):
+        slices.clear()
+        args = _config(tmp_path, output_dir=str(tmp_path / name), rollout_max_batch_tokens=budget)
+        trainer = PPOTrainer(args=args, model=tiny_model_dir, reward_model=reward_model_dir, train_dataset=_prompts())
+        trainer.train()
+        return _update_logs(trainer), list(slices)
+
+    whole, whole_slices = run("whole", None)
+    sliced, sliced_slices = run("sliced", 1)
+    assert whole_slices == [[(0, 4)], [(0, 4)]]
+    assert sliced_slices == [[(0, 1), (1, 2), (2, 3), (3, 4)]] * 2
+    assert sliced == whole and len(whole) == 2
