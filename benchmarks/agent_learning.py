@@ -38,6 +38,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--impls", default="posttrain,trl", help="comma-separated: posttrain, trl")
     parser.add_argument("--workdir", default="agent_learning_run")
     parser.add_argument("--size", default="tiny", choices=("tiny", "small"), help="tiny: the demo's size")
+    parser.add_argument("--kinds", default="add",
+                        help="comma-separated question kinds (posttrain.tasks.tool_use.KINDS); the prompt offers only "
+                             "the tools they call")
+    parser.add_argument("--min-operand", type=int, default=10)
     parser.add_argument("--max-operand", type=int, default=99)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
@@ -130,7 +134,7 @@ def run_grpo(impl: str, args, task, sft_dir: str, test_problems, out: str) -> di
                                   seed=args.seed + 2)
     config = _grpo_config(library.GRPOConfig, args, out)
     trainer = library.GRPOTrainer(model=sft_dir, reward_funcs=tool_answer_reward, args=config, train_dataset=prompts,
-                                  processing_class=tokenizer, tools=make_tools())
+                                  processing_class=tokenizer, tools=make_tools(names=task.tool_names()))
     started = time.time()
     trainer.train()
     seconds = time.time() - started
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [name for name in impls if name not in ("posttrain", "trl")]
     if unknown:
         raise SystemExit(f"--impls: unknown {unknown}; use posttrain and/or trl")
-    task = ToolUseTask(max_operand=args.max_operand, seed=args.seed)
+    task = ToolUseTask(max_operand=args.max_operand, kinds=args.kinds.split(","), seed=args.seed,
+                       min_operand=args.min_operand)
     test = task.make_problems(args.eval_n, split="test", seed=args.seed + 7)
     os.makedirs(args.workdir, exist_ok=True)
     sft_dir = os.path.join(args.workdir, "sft")

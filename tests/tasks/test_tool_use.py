@@ -165,6 +165,23 @@ def test_sft_rows_render_through_the_tiny_template_with_tool_schemas(tiny_tokeni
     assert all("<|im_start|>tool" not in row["completion"] for row in turns)  # no loss on tool results
 
 
+def test_a_task_offers_only_the_tools_its_kinds_call(tiny_tokenizer):
+    assert ToolUseTask().tool_names() == tuple(TOOLS)
+    assert ToolUseTask(kinds=("add",)).tool_names() == ("add",)
+    assert ToolUseTask(kinds=("price_times", "price")).tool_names() == ("multiply", "lookup")
+    task = ToolUseTask(kinds=("add",))
+    assert [get_name(s) for s in tool_schemas(task.tool_names())] == ["add"]
+    assert [tool.__name__ for tool in make_tools(names=("lookup",))] == ["lookup"]
+    rows = task.as_tool_messages(task.make_problems(2))
+    assert [get_name(s) for s in rows[0]["tools"]] == ["add"]
+    prompt = task.as_turn_completions(task.make_problems(1), tiny_tokenizer)[0]["prompt"]
+    assert '"name": "add"' in prompt and '"name": "lookup"' not in prompt and '"name": "multiply"' not in prompt
+
+
+def get_name(schema: dict) -> str:
+    return schema["function"]["name"]
+
+
 # ----------------------------------------------------------------------------- slow and hanging tools
 
 
