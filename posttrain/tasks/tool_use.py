@@ -491,15 +491,16 @@ class ToolUseTask(Task):
         )
 
     def as_turn_completions(self, problems: Problems, tokenizer: Any, *, system_prompt: str | None = None,
-                            split: str = "train", seed: int = 0) -> Dataset:
+                            split: str = "train", seed: int = 0, tool_names: Sequence[str] | None = None) -> Dataset:
         """Text ``prompt``/``completion`` rows, one per assistant turn of each oracle conversation: the
         prompt is everything the template renders before the turn (tool schemas, question, earlier calls and
         tool results), the completion is the turn. SFT on them trains the assistant's calls and answers, never
-        the tool results, with any trainer that reads prompt/completion text."""
+        the tool results, with any trainer that reads prompt/completion text. ``tool_names`` picks the schemas
+        the prompts render (default :meth:`tool_names`; ``()`` renders none, a short prompt)."""
         from posttrain.data.templates import render_prompt_completion
 
         rows = self._resolve(problems, split, seed)
-        schemas = tool_schemas(self.tool_names())
+        schemas = tool_schemas(self.tool_names() if tool_names is None else tool_names) or None
         prompts, completions = [], []
         for problem in rows:
             messages = self.oracle_messages(problem, system_prompt)
