@@ -128,6 +128,13 @@ def _trl_tokenizer(tokenizer):
     return tokenizer
 
 
+def accepts_tools(trainer_class) -> bool:
+    """Whether ``trainer_class(..., tools=...)`` is accepted: posttrain's ``GRPOTrainer.__init__`` takes
+    ``(*args, **kwargs)`` and names its arguments on a base class, so every ``__init__`` in the MRO counts."""
+    return any("tools" in inspect.signature(cls.__init__).parameters
+               for cls in trainer_class.__mro__ if "__init__" in vars(cls))
+
+
 def run_grpo(impl: str, args, task, sft_dir: str, test_problems, out: str) -> dict:
     from transformers import AutoTokenizer
 
@@ -137,9 +144,7 @@ def run_grpo(impl: str, args, task, sft_dir: str, test_problems, out: str) -> di
         import trl as library
     else:
         import posttrain as library
-        # GRPOTrainer.__init__ takes (*args, **kwargs); the named arguments are on a base class
-        if not any("tools" in inspect.signature(cls.__init__).parameters
-                   for cls in library.GRPOTrainer.__mro__ if "__init__" in vars(cls)):
+        if not accepts_tools(library.GRPOTrainer):
             return {"skipped": "posttrain.GRPOTrainer does not accept tools= yet (it lands with the multi-turn "
                                "rollout branch); nothing was run"}
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
