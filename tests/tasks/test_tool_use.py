@@ -254,6 +254,21 @@ def test_evaluation_runs_tools_and_scores_the_oracle_policy(tiny_tokenizer):
     assert evaluate_with_tools(oracle, tiny_tokenizer, task, problems, use_tools=False)["accuracy"] == 0.0
 
 
+def test_evaluation_prompts_offer_only_the_tools_the_task_calls(tiny_tokenizer):
+    from posttrain.eval.tool_use import evaluate_with_tools
+
+    class Recording(_OracleModel):
+        def generate(self, input_ids, attention_mask, generation_config):
+            self.prompts = [self.tokenizer.decode(ids) for ids in input_ids]
+            return super().generate(input_ids, attention_mask, generation_config)
+
+    task = ToolUseTask(kinds=("add",))
+    problems = task.make_problems(2, split="test")
+    model = Recording(tiny_tokenizer, task, problems)
+    assert evaluate_with_tools(model, tiny_tokenizer, task, problems)["accuracy"] == 1.0
+    assert all('"name": "add"' in p and '"name": "lookup"' not in p for p in model.prompts)
+
+
 def test_evaluation_runs_on_a_tiny_model(tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
