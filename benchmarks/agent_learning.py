@@ -1,16 +1,19 @@
 """Does GRPO with tools learn? SFT on oracle tool-use logs, then GRPO with the tools, posttrain and TRL side by side.
 
-    python benchmarks/agent_learning.py [--workdir DIR] [--impls posttrain,trl] [--steps 40]
+    python benchmarks/agent_learning.py [--workdir DIR] [--impls posttrain,trl] [--steps 400] [--kinds add]
     PYTHONPATH=/tmp/trl-bench:$PWD python benchmarks/agent_learning.py --impls trl   # TRL 1.16 (bench extra)
 
-1. SFT the project's random ``tiny`` model (the demo's size) on the embedded tool-use task (``posttrain.tasks.tool_use``:
-   a calculator and a shop's price list) with ``SFTTrainer``: one text prompt/completion row per assistant
-   turn of each oracle conversation, so the loss covers the calls and answers, never the tool results.
+1. SFT the project's random ``tiny`` model (the demo's size) on the embedded tool-use task (``posttrain.tasks.tool_use``;
+   by default ``--kinds add``: "What is 66 + 16?" with the one tool ``add``, two-digit operands) with
+   ``SFTTrainer``: one text prompt/completion row per assistant turn of each oracle conversation, so the loss
+   covers the calls and answers, never the tool results. Half the conversations (``--sft-schema-free-share``)
+   are rendered without the tool schema: behind the ~250 schema tokens alone the tiny model does not learn to
+   copy the operands within the budget. The SFT is short on purpose (700 steps), so the start leaves room.
    Cached in ``--workdir/sft``; every implementation starts from the same model.
 2. Held-out accuracy of the SFT model (greedy, ``--eval-n`` test problems) with the tools executed
    (``posttrain.eval.tool_use.evaluate_with_tools``) and without tools (the same questions, no tools in
    the prompt: the model must answer from its weights).
-3. For each of ``--impls``: ``GRPOTrainer(tools=[add, multiply, lookup])`` from the SFT model with the
+3. For each of ``--impls``: ``GRPOTrainer(tools=<the tools the kinds call>)`` from the SFT model with the
    ``tool_answer_reward`` reward, then held-out accuracy with tools and seconds per step.
 
 posttrain's side needs ``posttrain.GRPOTrainer(tools=...)``; where the installed posttrain does not accept
@@ -38,15 +41,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--impls", default="posttrain,trl", help="comma-separated: posttrain, trl")
     parser.add_argument("--workdir", default="agent_learning_run")
     parser.add_argument("--size", default="tiny", choices=("tiny", "small"), help="tiny: the demo's size")
+    parser.add_argument("--kinds", default="add",
+                        help="comma-separated question kinds (posttrain.tasks.tool_use.KINDS); the prompt offers only "
+                             "the tools they call")
+    parser.add_argument("--min-operand", type=int, default=10)
     parser.add_argument("--max-operand", type=int, default=99)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft-problems", type=int, default=3000, help="oracle conversations in the SFT data")
-    parser.add_argument("--sft-steps", type=int, default=500)
+    parser.add_argument("--sft-schema-free-share", type=float, default=0.5,
+                        help="share of the SFT conversations rendered without the tool schemas in the prompt")
+    parser.add_argument("--sft-steps", type=int, default=700)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--sft-batch", type=int, default=16)
     parser.add_argument("--eval-n", type=int, default=100, help="held-out test problems evaluated")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=32, help="completions per step (per_device_train_batch_size)")
     parser.add_argument("--num-generations", type=int, default=8)
@@ -68,7 +77,15 @@ def run_sft(args, task, start: str, out: str) -> float:
     from posttrain import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(start)
-    data = task.as_turn_completions(args.sft_problems, tokenizer, split="train", seed=args.seed).shuffle(seed=args.seed)
+    from datasets import concatenate_datasets
+
+    # a share of the conversations is rendered without the tool schemas: on short prompts the tiny model learns
+    # to copy the operands into the call, which it does not learn within the budget behind ~250 schema tokens
+    short = round(args.sft_problems * args.sft_schema_free_share)
+    parts = [task.as_turn_completions(args.sft_problems - short, tokenizer, split="train", seed=args.seed)]
+    if short:
+        parts.append(task.as_turn_completions(short, tokenizer, split="train", seed=args.seed + 1, tool_names=()))
+    data = concatenate_datasets(parts).shuffle(seed=args.seed)
     config = SFTConfig(**_quiet(out, per_device_train_batch_size=args.sft_batch, max_steps=args.sft_steps,
                                 learning_rate=args.sft_lr, lr_scheduler_type="cosine", warmup_steps=20,
                                 adam_beta2=0.98, logging_steps=25, seed=args.seed, max_length=1024))
@@ -111,6 +128,13 @@ def _trl_tokenizer(tokenizer):
     return tokenizer
 
 
+def accepts_tools(trainer_class) -> bool:
+    """Whether ``trainer_class(..., tools=...)`` is accepted: posttrain's ``GRPOTrainer.__init__`` takes
+    ``(*args, **kwargs)`` and names its arguments on a base class, so every ``__init__`` in the MRO counts."""
+    return any("tools" in inspect.signature(cls.__init__).parameters
+               for cls in trainer_class.__mro__ if "__init__" in vars(cls))
+
+
 def run_grpo(impl: str, args, task, sft_dir: str, test_problems, out: str) -> dict:
     from transformers import AutoTokenizer
 
@@ -120,7 +144,7 @@ def run_grpo(impl: str, args, task, sft_dir: str, test_problems, out: str) -> di
         import trl as library
     else:
         import posttrain as library
-        if "tools" not in inspect.signature(library.GRPOTrainer.__init__).parameters:
+        if not accepts_tools(library.GRPOTrainer):
             return {"skipped": "posttrain.GRPOTrainer does not accept tools= yet (it lands with the multi-turn "
                                "rollout branch); nothing was run"}
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
@@ -130,7 +154,7 @@ def run_grpo(impl: str, args, task, sft_dir: str, test_problems, out: str) -> di
                                   seed=args.seed + 2)
     config = _grpo_config(library.GRPOConfig, args, out)
     trainer = library.GRPOTrainer(model=sft_dir, reward_funcs=tool_answer_reward, args=config, train_dataset=prompts,
-                                  processing_class=tokenizer, tools=make_tools())
+                                  processing_class=tokenizer, tools=make_tools(names=task.tool_names()))
     started = time.time()
     trainer.train()
     seconds = time.time() - started
@@ -156,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [name for name in impls if name not in ("posttrain", "trl")]
     if unknown:
         raise SystemExit(f"--impls: unknown {unknown}; use posttrain and/or trl")
-    task = ToolUseTask(max_operand=args.max_operand, seed=args.seed)
+    task = ToolUseTask(max_operand=args.max_operand, kinds=args.kinds.split(","), seed=args.seed,
+                       min_operand=args.min_operand)
     test = task.make_problems(args.eval_n, split="test", seed=args.seed + 7)
     os.makedirs(args.workdir, exist_ok=True)
     sft_dir = os.path.join(args.workdir, "sft")

@@ -63,7 +63,7 @@ def evaluate_with_tools(
     from posttrain.tasks.tool_use import completion_calls, strip_tool_calls, tool_schemas
 
     make_env = environment_factory or task.environment
-    schemas = tool_schemas() if use_tools else None
+    schemas = tool_schemas(getattr(task, "tool_names", lambda: None)()) if use_tools else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)

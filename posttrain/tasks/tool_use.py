@@ -42,6 +42,9 @@ from posttrain.tasks.base import Problems, Task
 
 KINDS = ("add", "multiply", "price", "price_times", "price_sum")
 SPLITS = ("train", "test")
+#: arguments of one problem per kind (to find the tools a kind calls)
+_EXAMPLE: dict[str, tuple] = {"add": (1, 2), "multiply": (1, 2), "price": ("lamp",), "price_times": ("lamp", 2),
+                              "price_sum": ("lamp", "rope")}
 
 #: the shop's price list (whole units per item); fixed, so a lookup's answer never changes
 INVENTORY: dict[str, int] = {
@@ -89,11 +92,12 @@ def lookup(item: str) -> int:
 TOOLS: dict[str, Callable[..., int]] = {"add": add, "multiply": multiply, "lookup": lookup}
 
 
-def tool_schemas() -> list[dict[str, Any]]:
-    """The JSON schemas of :data:`TOOLS` (what a chat template renders in the system turn)."""
+def tool_schemas(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The JSON schemas of :data:`TOOLS`, or of the ones named in ``names`` (what a chat template renders
+    in the system turn)."""
     from transformers.utils import get_json_schema
 
-    return [get_json_schema(function) for function in TOOLS.values()]
+    return [get_json_schema(TOOLS[name]) for name in (TOOLS if names is None else names)]
 
 
 class ToolFaults:
@@ -141,9 +145,11 @@ class ToolFaults:
         return faulty
 
 
-def make_tools(faults: ToolFaults | None = None) -> list[Callable[..., int]]:
-    """``[add, multiply, lookup]``, slowed or hanging as ``faults`` says (as they are when it is None)."""
-    return [faults.wrap(f) if faults else f for f in TOOLS.values()]
+def make_tools(faults: ToolFaults | None = None, names: Sequence[str] | None = None) -> list[Callable[..., int]]:
+    """``[add, multiply, lookup]`` (or the ones named in ``names``), slowed or hanging as ``faults`` says (as
+    they are when it is None)."""
+    functions = [TOOLS[name] for name in (TOOLS if names is None else names)]
+    return [faults.wrap(f) if faults else f for f in functions]
 
 
 # ----------------------------------------------------------------------------- completions
@@ -436,6 +442,13 @@ class ToolUseTask(Task):
                 problems.append(self.problem(kind, arguments))
         return problems
 
+    def tool_names(self) -> tuple[str, ...]:
+        """The tools this task's kinds call, in :data:`TOOLS` order (a one-kind task offers fewer schemas,
+        so its prompts are shorter)."""
+        needed = {call["name"] for kind in self.kinds
+                  for call in json.loads(self.problem(kind, _EXAMPLE[kind])["oracle_calls"])}
+        return tuple(name for name in TOOLS if name in needed)
+
     def environment(self, faults: ToolFaults | None = None) -> ToolUseEnv:
         """A fresh :class:`ToolUseEnv` (the ``environment_factory`` of this task)."""
         return ToolUseEnv(faults)
@@ -471,22 +484,23 @@ class ToolUseTask(Task):
         """Columns ``messages`` (the oracle conversation) and ``tools`` (the schemas): conversational SFT
         rows with tool calls. Both are stored as JSON values, so each row keeps its own argument names."""
         rows = self._resolve(problems, split, seed)
-        schemas = tool_schemas()
+        schemas = tool_schemas(self.tool_names())
         return Dataset.from_dict(
             {"messages": [self.oracle_messages(p, system_prompt) for p in rows], "tools": [schemas] * len(rows)},
             features=Features({"messages": List(Json()), "tools": List(Json())}),
         )
 
     def as_turn_completions(self, problems: Problems, tokenizer: Any, *, system_prompt: str | None = None,
-                            split: str = "train", seed: int = 0) -> Dataset:
+                            split: str = "train", seed: int = 0, tool_names: Sequence[str] | None = None) -> Dataset:
         """Text ``prompt``/``completion`` rows, one per assistant turn of each oracle conversation: the
         prompt is everything the template renders before the turn (tool schemas, question, earlier calls and
         tool results), the completion is the turn. SFT on them trains the assistant's calls and answers, never
-        the tool results, with any trainer that reads prompt/completion text."""
+        the tool results, with any trainer that reads prompt/completion text. ``tool_names`` picks the schemas
+        the prompts render (default :meth:`tool_names`; ``()`` renders none, a short prompt)."""
         from posttrain.data.templates import render_prompt_completion
 
         rows = self._resolve(problems, split, seed)
-        schemas = tool_schemas()
+        schemas = tool_schemas(self.tool_names() if tool_names is None else tool_names) or None
         prompts, completions = [], []
         for problem in rows:
             messages = self.oracle_messages(problem, system_prompt)

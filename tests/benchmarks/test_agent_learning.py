@@ -19,6 +19,12 @@ def test_posttrain_side_is_skipped_with_a_message_until_tools_are_accepted(monke
     assert "tools=" in result["skipped"] and "nothing was run" in result["skipped"]
 
 
+def test_posttrain_grpo_trainer_is_seen_to_accept_tools():
+    # its __init__ is (*args, **kwargs); tools= is named on a base class
+    assert agent_learning.accepts_tools(posttrain.GRPOTrainer)
+    assert not agent_learning.accepts_tools(_TrainerWithoutTools)
+
+
 def test_unknown_implementation_is_refused():
     with pytest.raises(SystemExit, match="unknown"):
         agent_learning.main(["--impls", "posttrain,verl", "--workdir", "run"])

@@ -165,6 +165,23 @@ def test_sft_rows_render_through_the_tiny_template_with_tool_schemas(tiny_tokeni
     assert all("<|im_start|>tool" not in row["completion"] for row in turns)  # no loss on tool results
 
 
+def test_a_task_offers_only_the_tools_its_kinds_call(tiny_tokenizer):
+    assert ToolUseTask().tool_names() == tuple(TOOLS)
+    assert ToolUseTask(kinds=("add",)).tool_names() == ("add",)
+    assert ToolUseTask(kinds=("price_times", "price")).tool_names() == ("multiply", "lookup")
+    task = ToolUseTask(kinds=("add",))
+    assert [get_name(s) for s in tool_schemas(task.tool_names())] == ["add"]
+    assert [tool.__name__ for tool in make_tools(names=("lookup",))] == ["lookup"]
+    rows = task.as_tool_messages(task.make_problems(2))
+    assert [get_name(s) for s in rows[0]["tools"]] == ["add"]
+    prompt = task.as_turn_completions(task.make_problems(1), tiny_tokenizer)[0]["prompt"]
+    assert '"name": "add"' in prompt and '"name": "lookup"' not in prompt and '"name": "multiply"' not in prompt
+
+
+def get_name(schema: dict) -> str:
+    return schema["function"]["name"]
+
+
 # ----------------------------------------------------------------------------- slow and hanging tools
 
 
@@ -235,6 +252,21 @@ def test_evaluation_runs_tools_and_scores_the_oracle_policy(tiny_tokenizer):
     assert capped["accuracy"] == sum(len(json.loads(p["oracle_calls"])) <= 2 for p in problems) / len(problems)
     # without tools the calls are not run, so no episode reaches its answer
     assert evaluate_with_tools(oracle, tiny_tokenizer, task, problems, use_tools=False)["accuracy"] == 0.0
+
+
+def test_evaluation_prompts_offer_only_the_tools_the_task_calls(tiny_tokenizer):
+    from posttrain.eval.tool_use import evaluate_with_tools
+
+    class Recording(_OracleModel):
+        def generate(self, input_ids, attention_mask, generation_config):
+            self.prompts = [self.tokenizer.decode(ids) for ids in input_ids]
+            return super().generate(input_ids, attention_mask, generation_config)
+
+    task = ToolUseTask(kinds=("add",))
+    problems = task.make_problems(2, split="test")
+    model = Recording(tiny_tokenizer, task, problems)
+    assert evaluate_with_tools(model, tiny_tokenizer, task, problems)["accuracy"] == 1.0
+    assert all('"name": "add"' in p and '"name": "lookup"' not in p for p in model.prompts)
 
 
 def test_evaluation_runs_on_a_tiny_model(tiny_model_dir, tiny_tokenizer):
