@@ -181,7 +181,9 @@ def forward_without_logits(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        output_hidden_states=True,
+        # the last only: a flag would keep every layer's output alive until the head is done
+        # (transformers selects by index; where it does not, a list reads as True)
+        output_hidden_states=[-1],
         **kwargs,
     )
     return outputs

@@ -8,19 +8,26 @@ without keeping any intermediate tensor. The one tensor it keeps is its input hi
 * on CUDA the pack hook copies it into pinned CPU memory on a side stream (asynchronously, so the
   next layer's forward overlaps the copy), and the unpack hook copies it back when the backward
   reaches the layer;
-* on the CPU it is kept as it is: the boundary tensors are all that remains of the forward, which
-  is what per-layer checkpointing saves. (Spilling them to a memory-mapped file did not lower the
-  process's peak resident memory on the CPU machine we measured: see docs/long-sequences.md.)
+* on the CPU the process's memory is what there is to save, so it is written to an unlinked temporary
+  file (in ``tempfile.gettempdir()``, i.e. ``$TMPDIR``) with plain ``write`` and read back with
+  ``readinto``. Written pages sit in the kernel's page cache, which is not the process's resident
+  memory and which the kernel can write out and evict; memory-mapping the file instead did not lower
+  the peak resident memory (mapped pages count as resident; see docs/long-sequences.md).
 
 In the backward each layer is recomputed from its input (under the same autocast and random-number
 state as the forward) and differentiated at once, so at most one layer's intermediates exist at a
-time. Gradients reach the layer input and the layer's parameters exactly as without offloading.
+time. On the CPU the tensors that recompute saves for its own backward (normalised inputs, queries,
+keys, values, the attention output, ...) are spilled the same way, so while the backward goes
+through the MLP the attention's saved tensors are on file rather than in memory. Values are
+unchanged: a spilled tensor comes back with the same bytes, shape and strides. Gradients reach the
+layer input and the layer's parameters exactly as without offloading.
 """
 
 from __future__ import annotations
 
+import tempfile
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -46,8 +53,93 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+SPILL_MIN_BYTES = 1 << 20
+"""CPU tensors smaller than this stay in memory (a file per tensor costs more than it saves)."""
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill one gap-free, non-overlapping stretch of its storage (any order)."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a dense CPU tensor, in storage order (a view, no copy)."""
+    flat = tensor.detach().as_strided((tensor.numel(),), (1,))
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class SpilledTensor:
+    """A CPU tensor's bytes in an unlinked temporary file; :meth:`load` gives back the same tensor.
+
+    Written with plain ``write``: the pages go to the kernel's page cache, not to the process's
+    resident memory, and the file's space is freed when this object is (the file was unlinked at once).
+    """
+
+    __slots__ = ("_file", "shape", "stride", "dtype")
+
+    def __init__(self, tensor: torch.Tensor, directory: str | None = None) -> None:
+        self.shape, self.stride, self.dtype = tensor.shape, tensor.stride(), tensor.dtype
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._file.write(_raw_bytes(tensor))
+        self._file.flush()
+
+    def load(self) -> torch.Tensor:
+        tensor = torch.empty_strided(self.shape, self.stride, dtype=self.dtype)
+        target = _raw_bytes(tensor)
+        self._file.seek(0)
+        filled = 0
+        while filled < len(target):
+            count = self._file.readinto(target[filled:])
+            if not count:
+                raise OSError(f"activation_offloading: spill file ended after {filled} of {len(target)} bytes")
+            filled += count
+        return tensor
+
+    def __del__(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
+
+class _CpuSpill:
+    """``saved_tensors_hooks`` callbacks that spill large dense CPU tensors to files, except those in ``keep``.
+
+    ``keep``: storage addresses of tensors held in memory anyway (a layer's parameters, buffers and
+    call arguments), whose spilled copy would only add a write and, in the backward, a second copy.
+    """
+
+    def __init__(self, keep: frozenset[int] = frozenset(), min_bytes: int | None = None) -> None:
+        self.keep = keep
+        self.min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if (tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < self.min_bytes
+                or tensor.is_sparse or not _is_dense(tensor) or tensor.untyped_storage().data_ptr() in self.keep):
+            return tensor
+        return SpilledTensor(tensor)
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        return packed.load() if isinstance(packed, SpilledTensor) else packed
+
+
+def _storages(tensors) -> frozenset[int]:
+    return frozenset(t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class _BoundaryOffloader:
-    """``saved_tensors_hooks`` callbacks that move saved CUDA tensors to pinned CPU memory and back."""
+    """``saved_tensors_hooks`` callbacks that move saved layer inputs out of the device's memory and back.
+
+    CUDA tensors go to pinned CPU memory on a side stream; CPU tensors go to a temporary file
+    (:class:`SpilledTensor`).
+    """
 
     def __init__(self) -> None:
         self._stream = None
@@ -57,7 +149,7 @@ class _BoundaryOffloader:
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if tensor.device.type != "cuda":
-            return tensor  # CPU: the boundary tensor is kept as it is
+            return _CpuSpill().pack(tensor)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=tensor.device)
         self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
@@ -73,6 +165,8 @@ class _BoundaryOffloader:
     def unpack(packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
+        if isinstance(packed, SpilledTensor):
+            return packed.load()
         host, device, copied = packed
         torch.cuda.current_stream(device).wait_event(copied)
         return host.to(device, non_blocking=True)
@@ -86,8 +180,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, run: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, run: Callable[[torch.Tensor], torch.Tensor], keep: frozenset[int], hidden_states: torch.Tensor,
+                *params: torch.Tensor):
         ctx.run = run
+        ctx.keep = keep
         # parameters are leaves held by the model anyway: kept by reference, not saved (saving would send
         # every weight through the offload hooks)
         ctx.param_refs = params
@@ -109,23 +205,31 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (saved,) = ctx.saved_tensors
-        params = ctx.needs_input_grad[2:]
-        hidden_states = saved.detach().requires_grad_(ctx.needs_input_grad[1])
-        devices = [saved.device] if ctx.device_type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        hidden_states = saved
+        del saved
+        params = ctx.needs_input_grad[3:]
+        needs_input_grad = ctx.needs_input_grad[2]
+        hidden_states = hidden_states.detach().requires_grad_(needs_input_grad)
+        devices = [hidden_states.device] if ctx.device_type == "cuda" else []
+        # on the CPU the recompute's own saved tensors go to files too: while the backward runs through the
+        # MLP, the attention's queries, keys, values and output wait on file instead of in memory
+        spill = _CpuSpill(ctx.keep | _storages([hidden_states])) if ctx.device_type == "cpu" else None
+        hooks = torch.autograd.graph.saved_tensors_hooks(spill.pack, spill.unpack) if spill else nullcontext()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), hooks:
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, saved.device)
+                torch.cuda.set_rng_state(ctx.cuda_rng, hidden_states.device)
             with torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
                 output = ctx.run(hidden_states)
-        inputs = ([hidden_states] if ctx.needs_input_grad[1] else []) + [
+        inputs = ([hidden_states] if needs_input_grad else []) + [
             p for p, needed in zip(ctx.param_refs, params) if needed
         ]
         grads = iter(torch.autograd.grad(output, inputs, grad_output, allow_unused=True)) if inputs else iter(())
-        grad_hidden = next(grads) if ctx.needs_input_grad[1] else None
+        del output, inputs
+        grad_hidden = next(grads) if needs_input_grad else None
         grad_params = [next(grads) if needed else None for needed in params]
         ctx.run = ctx.param_refs = None
-        return (None, grad_hidden, *grad_params)
+        return (None, None, grad_hidden, *grad_params)
 
 
 @contextmanager
@@ -159,9 +263,12 @@ def _offloaded_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kw
             return plain_forward(self, layer_input, *args, **kwargs)
 
     params = [p for p in self.parameters() if p.requires_grad]
+    # held in memory anyway while the layer's backward runs: never worth a spilled copy
+    keep = _storages([*self.parameters(), *self.buffers(), *args, *kwargs.values(),
+                      *(t for value in kwargs.values() if isinstance(value, tuple) for t in value)])
     offloader = self._posttrain_offloader
     with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
-        return _OffloadedCheckpoint.apply(run, hidden_states, *params)
+        return _OffloadedCheckpoint.apply(run, keep, hidden_states, *params)
 
 
 def enable_activation_offloading(model: nn.Module) -> int:

@@ -6,12 +6,15 @@ import copy
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import transformers
 
 from posttrain.errors import ConfigError
+from posttrain.models import offload
+from posttrain.models.lm_head import forward_without_logits
 from posttrain.models.offload import activation_offloading_enabled, decoder_layers, enable_activation_offloading
 from posttrain.models.tiling import enable_tiled_mlp, position_wise_mlps
 
@@ -124,6 +127,70 @@ def test_offloading_recomputes_with_the_forward_dropout():
     model = copy.deepcopy(plain)
     enable_activation_offloading(model)
     assert_same(reference, loss_and_grads(model, seed=3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
+def test_spilled_tensors_come_back_with_the_same_bytes_shape_and_strides(dtype):
+    base = (torch.randn(3, 5, 7, 4) * 100).to(dtype)
+    for tensor in (base, base.transpose(1, 2), base.permute(3, 0, 2, 1), base[1:]):
+        loaded = offload.SpilledTensor(tensor).load()
+        assert loaded.dtype == dtype and loaded.shape == tensor.shape and loaded.stride() == tensor.stride()
+        assert torch.equal(loaded, tensor)
+
+
+def test_cpu_offloading_moves_layer_inputs_out_of_process_memory():
+    """On the CPU a large boundary tensor goes to a file: the offloader holds no reference to it."""
+    layer_input = torch.randn(1024, 512)  # 2 MiB, above offload.SPILL_MIN_BYTES
+    expected = layer_input.clone()
+    alive = weakref.ref(layer_input)
+    offloader = offload._BoundaryOffloader()
+    packed = offloader.pack(layer_input)
+    del layer_input
+    assert alive() is None  # its memory was given back
+    assert torch.equal(offloader.unpack(packed), expected)
+    small = torch.randn(4, 4)
+    assert offloader.pack(small) is small  # not worth a file
+
+
+class CountingSpill(offload.SpilledTensor):
+    __slots__ = ("storage",)
+    made = []
+
+    def __init__(self, tensor, directory=None):
+        super().__init__(tensor, directory)
+        self.storage = tensor.untyped_storage().data_ptr()
+        CountingSpill.made.append(self)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_spilling_every_saved_tensor_gives_the_plain_loss_and_gradients(monkeypatch, arch, tiled):
+    """With every size spilled, layer inputs and the recompute's saved tensors go through files; values unchanged."""
+    plain = build(arch)
+    reference = loss_and_grads(plain)
+    model = copy.deepcopy(plain)
+    enable_activation_offloading(model)
+    if tiled:
+        enable_tiled_mlp(model, sequence_tile_size=8)
+    monkeypatch.setattr(offload, "SPILL_MIN_BYTES", 0)
+    monkeypatch.setattr(offload, "SpilledTensor", CountingSpill)
+    CountingSpill.made = []
+    assert_same(reference, loss_and_grads(model))
+    assert_same(reference, loss_and_grads(model))
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # more than the 2 x 3 layer inputs: the recompute's own saved tensors were spilled as well, never a weight
+    assert len(CountingSpill.made) > 2 * 3 * 4
+    assert not parameters & {spilled.storage for spilled in CountingSpill.made}
+
+
+def test_the_head_forward_keeps_no_layer_output_alive():
+    """Only the final hidden state comes back: the layer outputs are not held until the head is done."""
+    model = build()
+    input_ids = torch.randint(2, VOCAB, (2, 9))
+    hidden_states = forward_without_logits(model, input_ids).hidden_states
+    assert sum(state is not None for state in hidden_states) == 1
+    expected = model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(hidden_states[-1], expected)
 
 
 def test_offloading_and_tiling_leave_weights_and_eval_alone():
