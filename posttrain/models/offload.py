@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import tempfile
 import types
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
@@ -121,9 +122,15 @@ class _CpuSpill:
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if (tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < self.min_bytes
-                or tensor.is_sparse or not _is_dense(tensor) or tensor.untyped_storage().data_ptr() in self.keep):
+                or type(tensor) is not torch.Tensor or tensor.layout != torch.strided or tensor.is_quantized
+                or not _is_dense(tensor) or tensor.untyped_storage().data_ptr() in self.keep):
             return tensor
-        return SpilledTensor(tensor)
+        try:
+            return SpilledTensor(tensor)
+        except OSError as error:  # e.g. a full or read-only $TMPDIR: keep it, as the plain path would
+            warnings.warn(f"activation_offloading could not spill a saved tensor to {tempfile.gettempdir()} "
+                          f"({error}); keeping it in memory. Point TMPDIR at a disk with free space.", stacklevel=2)
+            return tensor
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:

@@ -152,6 +152,16 @@ def test_cpu_offloading_moves_layer_inputs_out_of_process_memory():
     assert offloader.pack(small) is small  # not worth a file
 
 
+def test_a_failed_spill_keeps_the_tensor_with_a_warning(monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(offload.tempfile, "TemporaryFile", no_space)
+    layer_input = torch.randn(1024, 512)
+    with pytest.warns(UserWarning, match="TMPDIR"):
+        assert offload._BoundaryOffloader().pack(layer_input) is layer_input
+
+
 class CountingSpill(offload.SpilledTensor):
     __slots__ = ("storage",)
     made = []
