@@ -28,11 +28,17 @@ import tempfile
 import time
 from typing import Callable
 
+from benchmarks.workloads import LONG_PREFIXES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 OK, OVER_CAP, KILLED, TIMEOUT, FAILED = "ok", "over cap", "killed at cap", "timeout", "failed"
+OUT_OF_GPU_MEMORY = "out of GPU memory"
+# prompt tokens of a GRPO row of the long workloads: the 64-word prompt in the chat template, with the
+# generation prompt (seen as the (2, 1, C, 69 + C) attention mask of a shared-prompt forward)
+GRPO_PROMPT_TOKENS = 69
 
 
 def _descendants(pid: int) -> list[int]:
@@ -62,11 +68,12 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def run_capped(cmd: list[str], cap_mb: float, timeout_s: float, env: dict | None = None,
-               poll_s: float = 0.05) -> dict:
+               poll_s: float = 0.05, gpu_cap_mb: float | None = None) -> dict:
     """Run ``cmd`` (which prints one ``RESULT {json}`` line) under a resident-memory cap.
 
     Returns ``{"status", "result", "polled_peak_rss_mb", "wall_s", "error"}``; ``status`` is one of
-    ok, over cap (finished, but its own peak RSS passed the cap), killed at cap, timeout, failed.
+    ok, over cap (finished, but its own peak RSS, or its peak GPU memory past ``gpu_cap_mb``, passed
+    the cap), killed at cap, timeout, out of GPU memory (a CUDA allocation failed), failed.
     """
     started = time.perf_counter()
     polled_peak, status = 0.0, None
@@ -95,9 +102,10 @@ def run_capped(cmd: list[str], cap_mb: float, timeout_s: float, env: dict | None
     error = None
     if status is None:
         if result is None:
-            status = FAILED
             error = "\n".join((stderr or stdout).strip().splitlines()[-15:]) or f"exit code {proc.returncode}"
-        elif result["peak_rss_mb"] > cap_mb:
+            status = OUT_OF_GPU_MEMORY if "OutOfMemoryError" in error or "CUDA out of memory" in error else FAILED
+        elif result["peak_rss_mb"] > cap_mb or (
+                gpu_cap_mb is not None and (result.get("peak_gpu_mb") or 0.0) > gpu_cap_mb):
             status = OVER_CAP
         else:
             status = OK
@@ -105,11 +113,12 @@ def run_capped(cmd: list[str], cap_mb: float, timeout_s: float, env: dict | None
 
 
 def sweep(lengths: list[int], make_command: Callable[[int], list[str]], cap_mb: float, timeout_s: float,
-          env: dict | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+          env: dict | None = None, on_row: Callable[[dict], None] | None = None,
+          gpu_cap_mb: float | None = None) -> list[dict]:
     """Run each length in turn (shortest first) and stop after the first that does not fit."""
     rows = []
     for length in sorted(lengths):
-        run = run_capped(make_command(length), cap_mb, timeout_s, env=env)
+        run = run_capped(make_command(length), cap_mb, timeout_s, env=env, gpu_cap_mb=gpu_cap_mb)
         result = run["result"] or {}
         row = {
             "length": length, "status": run["status"],
@@ -118,6 +127,7 @@ def sweep(lengths: list[int], make_command: Callable[[int], list[str]], cap_mb: 
             "peak_rss_mb": result.get("peak_rss_mb", run["polled_peak_rss_mb"]),
             "polled_peak_rss_mb": run["polled_peak_rss_mb"], "peak_gpu_mb": result.get("peak_gpu_mb"),
             "first_step_loss": result.get("first_step_loss"), "losses": result.get("losses"), "wall_s": run["wall_s"], "error": run["error"],
+            **{key: result.get(key) for key in ("device", "model_params", "model_layers", "attention_width")},
         }
         rows.append(row)
         if on_row is not None:
@@ -125,6 +135,51 @@ def sweep(lengths: list[int], make_command: Callable[[int], list[str]], cap_mb: 
         if run["status"] != OK:
             break
     return rows
+
+
+def step_sequence_lengths(method: str, length: int) -> list[int]:
+    """Tokens of each sequence one step of the ``long-<length>`` workload trains on: one row for SFT,
+    a chosen and a rejected row for DPO, two prompt + completion rows for GRPO and RLOO."""
+    if method in ("grpo", "rloo"):
+        return [GRPO_PROMPT_TOKENS + length] * 2
+    if method == "dpo":
+        return [length, length]
+    return [length]
+
+
+def model_flops(params: int, layers: int, attention_width: int, sequence_lengths: list[int],
+                passes: float = 3.0) -> float:
+    """Model FLOPs of ``passes`` forward-equivalents (3: forward and backward) over causal sequences.
+
+    Per sequence of n tokens: ``2 * params * n`` for the matrix products of the weights (the tied
+    head counted once, the embedding lookup free) plus ``2 * layers * attention_width * n**2`` for
+    ``QK^T`` and ``AV`` under the causal mask (each ``2 n^2 d`` in full, half of it causal); times
+    ``passes``. Recomputation (checkpointing, offloading, tiling) is not counted, as MFU does not.
+    """
+    tokens = sum(sequence_lengths)
+    squares = sum(n * n for n in sequence_lengths)
+    return passes * (2.0 * params * tokens + 2.0 * layers * attention_width * squares)
+
+
+def step_model_flops(method: str, length: int, params: int, layers: int, attention_width: int) -> float:
+    """One step's model FLOPs: forward and backward over the trained rows, plus DPO's reference forward.
+    GRPO's sampling is left out (its decoding is bound by memory bandwidth, not FLOPs)."""
+    passes = 4.0 if method == "dpo" else 3.0
+    return model_flops(params, layers, attention_width, step_sequence_lengths(method, length), passes)
+
+
+def mfu(flops_per_step: float, sec_per_step: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: achieved FLOPs per second over the card's peak."""
+    return flops_per_step / sec_per_step / (peak_tflops * 1e12)
+
+
+def add_mfu(method: str, rows: list[dict], peak_tflops: float) -> None:
+    """Set ``model_flops_per_step`` and ``mfu`` on each timed row that reports its model's shape."""
+    for row in rows:
+        if row.get("model_params") and row.get("sec_per_step"):
+            row["model_flops_per_step"] = step_model_flops(method, row["length"], row["model_params"],
+                                                           row["model_layers"], row["attention_width"])
+            row["mfu"] = mfu(row["model_flops_per_step"], row["sec_per_step"], peak_tflops)
 
 
 def longest_fit(rows: list[dict]) -> int | None:
@@ -141,7 +196,10 @@ def options_label(options: dict) -> str:
 
 def series_label(entry: dict) -> str:
     levers = entry.get("label") or ""
-    return f"{entry['method']} {entry['impl']} (checkpointing {entry['checkpointing']}{', ' + levers if levers else ''})"
+    where = "" if entry.get("device", "cpu") == "cpu" and entry.get("model", "h256") == "h256" else \
+        f", {entry.get('model', 'h256')} on {entry.get('device', 'cpu')}"
+    return (f"{entry['method']} {entry['impl']} (checkpointing {entry['checkpointing']}"
+            f"{', ' + levers if levers else ''}{where})")
 
 
 def format_table(entries: list[dict], cap_mb: float) -> str:
@@ -154,11 +212,18 @@ def format_table(entries: list[dict], cap_mb: float) -> str:
             tok = f"{row['tokens_per_sec']:>8.0f}" if row["tokens_per_sec"] else f"{'-':>8}"
             rss = f"{row['peak_rss_mb']:>12,.0f}" if row["peak_rss_mb"] is not None else f"{'-':>12}"
             loss = f"{row['first_step_loss']:>9.5f}" if row.get("first_step_loss") is not None else f"{'-':>9}"
+            gpu = ""
+            if entry.get("device") == "cuda":
+                gpu = f" GPU {row['peak_gpu_mb']:,.0f} MB" if row.get("peak_gpu_mb") is not None else " GPU -"
+                gpu += f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
             lines.append(f"{entry['method']:<6} {entry['impl']:<10} {entry['checkpointing']:<5} "
-                         f"{(entry.get('label') or '-')[:28]:<28} {row['length']:>7} {sec} {tok} {rss} {loss} {row['status']:<14}")
+                         f"{(entry.get('label') or '-')[:28]:<28} {row['length']:>7} {sec} {tok} {rss} {loss} "
+                         f"{row['status']:<14}{gpu}")
         fit = entry["longest_fit"]
-        lines.append(f"{'':<6} {entry['impl']:<10} longest length within {entry.get('memory_cap_mb', cap_mb):,.0f} MB: "
-                     f"{fit if fit is not None else 'none'}")
+        within = f"{entry.get('memory_cap_mb', cap_mb):,.0f} MB"
+        if entry.get("gpu_memory_cap_mb") is not None:
+            within = f"{entry['gpu_memory_cap_mb']:,.0f} MB of GPU memory"
+        lines.append(f"{'':<6} {entry['impl']:<10} longest length within {within}: {fit if fit is not None else 'none'}")
     return "\n".join(lines)
 
 
@@ -172,17 +237,19 @@ def plot(entries: list[dict], cap_mb: float, path: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    on_gpu = any(entry.get("device") == "cuda" for entry in entries)
+    key = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
     for entry in entries:
-        fitting = [row for row in entry["rows"] if row["status"] == OK]
-        line, = ax.plot([r["length"] for r in fitting], [r["peak_rss_mb"] for r in fitting], marker="o",
+        fitting = [row for row in entry["rows"] if row["status"] == OK and row.get(key) is not None]
+        line, = ax.plot([r["length"] for r in fitting], [r[key] for r in fitting], marker="o",
                         label=series_label(entry))
-        stopped = [row for row in entry["rows"] if row["status"] != OK and row["peak_rss_mb"]]
+        stopped = [row for row in entry["rows"] if row["status"] != OK and row.get(key)]
         for row in stopped:  # where the sweep stopped: the memory seen then, marked with a cross
-            ax.plot([row["length"]], [row["peak_rss_mb"]], marker="x", markersize=10, color=line.get_color())
+            ax.plot([row["length"]], [row[key]], marker="x", markersize=10, color=line.get_color())
     ax.axhline(cap_mb, color="grey", linestyle="--", linewidth=1, label=f"cap {cap_mb:,.0f} MB")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per row (GRPO: completion tokens)")
-    ax.set_ylabel("peak RSS (MB)")
+    ax.set_ylabel("peak GPU memory (MB)" if on_gpu else "peak RSS (MB)")
     ax.set_title("Peak memory against sequence length (x: stopped)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -199,9 +266,11 @@ def method_options(method: str, length: int) -> dict:
     return {}
 
 
-def worker_command(impl: str, method: str, length: int, steps: int, options: dict) -> list[str]:
+def worker_command(impl: str, method: str, length: int, steps: int, options: dict, workload_prefix: str = "long",
+                   worker_args: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "benchmarks.worker", "--impl", impl, "--method", method,
-            "--workload", f"long-{length}", "--steps", str(steps), "--options", json.dumps(options)]
+            "--workload", f"{workload_prefix}-{length}", "--steps", str(steps), "--options", json.dumps(options),
+            *worker_args]
 
 
 def child_env(impl: str, trl_path: str | None) -> dict:
@@ -234,9 +303,30 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--append", action="store_true",
                         help="keep the other series already in --out (same method, library and checkpointing is replaced)")
+    parser.add_argument("--model", choices=sorted(LONG_PREFIXES), default="h256",
+                        help="h256: the small big-vocabulary model; qwen2.5-0.5b: a random model of Qwen2.5-0.5B's shape")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: train on the GPU, report peak GPU memory and MFU (stops at once without CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="load the model in bfloat16 and train with bf16=True")
+    parser.add_argument("--gpu-memory-cap-gb", type=float, default=None,
+                        help="with --device cuda: each run may allocate at most this much GPU memory")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the card's peak dense bf16 TFLOPS for MFU (H100 SXM: 989)")
     args = parser.parse_args(argv)
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("length_sweep: --device cuda needs a CUDA GPU and torch sees none "
+                  "(torch.cuda.is_available() is False); run it on a GPU machine or use --device cpu",
+                  file=sys.stderr)
+            return 2
     cap_mb = args.memory_cap_gb * 1024
+    gpu_cap_mb = args.gpu_memory_cap_gb * 1024 if args.gpu_memory_cap_gb is not None and args.device == "cuda" else None
+    worker_args: tuple[str, ...] = ("--model-dtype", "bfloat16") if args.bf16 else ()
+    if gpu_cap_mb is not None:
+        worker_args += ("--gpu-memory-cap-mb", str(gpu_cap_mb))
     lengths = [int(x) for x in args.lengths.split(",")]
     entries = []
     for method in args.methods.split(","):
@@ -244,7 +334,7 @@ def main(argv=None) -> int:
             env = child_env(impl, args.trl_path)
             checkpointing = effective_checkpointing(impl, args.checkpointing)
             entry = {"method": method, "impl": impl, "checkpointing": checkpointing, "memory_cap_mb": cap_mb,
-                     "steps": args.steps}
+                     "steps": args.steps, "model": args.model, "device": args.device, "gpu_memory_cap_mb": gpu_cap_mb}
             if impl == "trl" and subprocess.run([sys.executable, "-c", "import trl"], cwd=ROOT, env=env,
                                                 capture_output=True).returncode != 0:
                 print(f"  [{method}] trl: not importable; install the bench extra or pass --trl-path", flush=True)
@@ -253,6 +343,8 @@ def main(argv=None) -> int:
             options = {} if args.checkpointing == "defaults" else {"activation_checkpointing": args.checkpointing == "on"}
             options.update(json.loads(args.posttrain_options if impl == "posttrain" else args.trl_options))
             entry["label"] = options_label(options)
+            if args.bf16:
+                options["bf16"] = True
 
             def show(row, method=method, impl=impl):
                 detail = f"{row['sec_per_step']:.2f} s/step" if row["sec_per_step"] is not None else (row["error"] or "")
@@ -260,8 +352,13 @@ def main(argv=None) -> int:
                 print(f"  [{method}] {impl} {row['length']}: {row['status']}, {rss}, {detail.splitlines()[-1][:80] if detail else ''}",
                       flush=True)
 
-            rows = sweep(lengths, lambda n: worker_command(impl, method, n, args.steps, {**method_options(method, n), **options}),
-                         cap_mb, args.timeout_s, env=env, on_row=show)
+            def command(n, method=method, impl=impl, options=options):
+                return worker_command(impl, method, n, args.steps, {**method_options(method, n), **options},
+                                      workload_prefix=LONG_PREFIXES[args.model], worker_args=worker_args)
+
+            rows = sweep(lengths, command, cap_mb, args.timeout_s, env=env, on_row=show, gpu_cap_mb=gpu_cap_mb)
+            if args.device == "cuda":
+                add_mfu(method, rows, args.peak_tflops)
             entries.append({**entry, "options": options, "rows": rows, "longest_fit": longest_fit(rows)})
 
     if args.append and os.path.exists(args.out):

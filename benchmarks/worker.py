@@ -42,7 +42,8 @@ def _common_kwargs(workload, steps, out):
     )
 
 
-def build_trainer(impl: str, method: str, workload, steps: int, out: str, options: dict):
+def build_trainer(impl: str, method: str, workload, steps: int, out: str, options: dict,
+                  model_dtype: str = "float32"):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -56,26 +57,27 @@ def build_trainer(impl: str, method: str, workload, steps: int, out: str, option
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     torch.manual_seed(0)  # the same random score head for both libraries
     if method == "reward":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype="float32")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=model_dtype)
         model.config.pad_token_id = tok.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    kwargs = _common_kwargs(workload, steps, out)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype)
+    # options (e.g. bf16, activation_offloading) override the common values
+    kwargs = {**_common_kwargs(workload, steps, out), **options}
     if impl == "posttrain":
         import posttrain as lib
     else:
         import trl as lib
     if method == "sft":
         data = load_dataset("json", data_files=chat_dataset_file(workload), split="train")
-        config = lib.SFTConfig(max_length=workload.max_length, **kwargs, **options)
+        config = lib.SFTConfig(max_length=workload.max_length, **kwargs)
         return lib.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
     if method == "dpo":
         data = load_dataset("json", data_files=preference_dataset_file(workload), split="train")
-        config = lib.DPOConfig(max_length=workload.max_length, beta=0.1, **kwargs, **options)
+        config = lib.DPOConfig(max_length=workload.max_length, beta=0.1, **kwargs)
         return lib.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
     if method == "reward":
         data = load_dataset("json", data_files=preference_dataset_file(workload), split="train")
-        config = lib.RewardConfig(max_length=workload.max_length, **kwargs, **options)
+        config = lib.RewardConfig(max_length=workload.max_length, **kwargs)
         return lib.RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
     if method in ("grpo", "rloo"):
         data = load_dataset("json", data_files=prompt_dataset_file(workload), split="train")
@@ -91,6 +93,14 @@ def build_trainer(impl: str, method: str, workload, steps: int, out: str, option
 
 
 ONLINE_NEW_TOKENS = 32
+
+
+def model_shape(model) -> dict:
+    """Parameters (a tied embedding counted once), layers and attention width (heads x head size)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"model_params": sum(p.numel() for p in model.parameters()), "model_layers": config.num_hidden_layers,
+            "attention_width": config.num_attention_heads * head_dim}
 
 
 def distinct_token_reward(completions, **kwargs):
@@ -109,15 +119,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--options", default="{}", help="JSON of extra config fields")
+    parser.add_argument("--model-dtype", default="float32", help="dtype the model is loaded in (e.g. bfloat16)")
+    parser.add_argument("--gpu-memory-cap-mb", type=float, default=None,
+                        help="limit this process's CUDA allocations to this many MB (an allocation past it fails)")
     args = parser.parse_args(argv)
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gpu_memory_cap_mb is not None and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_cap_mb * 2**20 / total))
     workload = workload_by_name(args.workload)
     with tempfile.TemporaryDirectory() as out:
-        trainer = build_trainer(args.impl, args.method, workload, args.steps, out, json.loads(args.options))
+        trainer = build_trainer(args.impl, args.method, workload, args.steps, out, json.loads(args.options),
+                                model_dtype=args.model_dtype)
         timer = _timing_callback()
         trainer.add_callback(timer)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -137,6 +154,8 @@ def main(argv=None) -> int:
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "first_step_loss": losses[0] if losses else None,
+        # what the sweep's model-FLOPs estimate needs (tied embeddings count once)
+        **model_shape(trainer.model),
         "losses": losses,
         "rewards": rewards,
     }

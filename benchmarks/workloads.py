@@ -30,9 +30,20 @@ class Workload:
     max_length: int
     description: str
     max_positions: int = 2048  # the model's max_position_embeddings
+    shape: str = "h256"  # a key of MODEL_SHAPES
 
 
 LONG_MAX_POSITIONS = 131_072
+
+# Qwen2 shapes (all with tied embeddings): the small benchmark model, and Qwen2.5-0.5B's for the GPU sweep
+MODEL_SHAPES = {
+    "h256": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=1024),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+}
+# workload name prefix (``<prefix>-<tokens>``) of each shape's length-sweep workload
+LONG_PREFIXES = {"h256": "long", "qwen2.5-0.5b": "long05b"}
 
 
 WORKLOADS = {
@@ -43,24 +54,31 @@ WORKLOADS = {
 }
 
 
-def long_workload(length: int) -> Workload:
+def long_workload(length: int, shape: str = "h256") -> Workload:
     """The big-vocabulary model with positions extended, one row of ``length`` tokens per step.
+
+    ``shape``: the small benchmark model (``long-<tokens>``) or a randomly initialised model shaped
+    like Qwen2.5-0.5B (``long05b-<tokens>``: hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864).
 
     The assistant turn is twice ``length`` words so that truncation to ``max_length`` gives rows of
     exactly ``length`` tokens for SFT, and prompt + completion of ``length`` tokens for DPO (each
     preference completion is half the assistant length). Online methods sample from the 64-word prompt.
     """
-    return Workload(f"long-{length}", 151_936, 64, 2 * length, 8, 1, length,
-                    f"Qwen2 h256 L4, vocab 151,936, one {length}-token row per step", LONG_MAX_POSITIONS)
+    sizes = MODEL_SHAPES[shape]
+    return Workload(f"{LONG_PREFIXES[shape]}-{length}", 151_936, 64, 2 * length, 8, 1, length,
+                    f"Qwen2 h{sizes['hidden_size']} L{sizes['num_hidden_layers']}, vocab 151,936, "
+                    f"one {length}-token row per step", LONG_MAX_POSITIONS, shape)
 
 
 def workload_by_name(name: str) -> Workload:
     """A named workload, or ``long-<tokens>`` for the length sweep."""
     if name in WORKLOADS:
         return WORKLOADS[name]
-    if name.startswith("long-") and name[5:].isdigit():
-        return long_workload(int(name[5:]))
-    raise SystemExit(f"unknown workload {name!r}: one of {sorted(WORKLOADS)} or long-<tokens>")
+    prefix, _, length = name.rpartition("-")
+    for shape, shape_prefix in LONG_PREFIXES.items():
+        if prefix == shape_prefix and length.isdigit():
+            return long_workload(int(length), shape)
+    raise SystemExit(f"unknown workload {name!r}: one of {sorted(WORKLOADS)}, long-<tokens> or long05b-<tokens>")
 
 
 def _build_tokenizer(vocab_size: int):
@@ -82,6 +100,7 @@ def _build_tokenizer(vocab_size: int):
 def model_dir(workload: Workload) -> str:
     """Create (once) and return the directory of the workload's random Qwen2 and tokenizer."""
     suffix = "" if workload.max_positions == 2048 else f"-pos{workload.max_positions}"
+    suffix += "" if workload.shape == "h256" else f"-{workload.shape}"
     path = os.path.join(CACHE, f"model-{workload.vocab_size}{suffix}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
@@ -91,11 +110,12 @@ def model_dir(workload: Workload) -> str:
     tok = _build_tokenizer(workload.vocab_size)
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=workload.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=1024, tie_word_embeddings=True, max_position_embeddings=workload.max_positions,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+        vocab_size=workload.vocab_size, tie_word_embeddings=True, max_position_embeddings=workload.max_positions,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None, **MODEL_SHAPES[workload.shape],
     )
     model = Qwen2ForCausalLM(config)
+    if workload.shape != "h256":
+        model = model.to(torch.bfloat16)  # half the file; the worker loads it in the dtype it is asked for
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -59,6 +59,13 @@ from posttrain.trainers.base import (
     router_aux_loss_requested,
 )
 from posttrain.trainers.config import PosttrainConfig, parse_pad_to_multiple_of
+from posttrain.trainers.dpo_sequences import (
+    PaddingFreePreferenceCollator,
+    per_sequence_token_logps,
+    per_sequence_values,
+    rows_from_flat,
+    wants_per_sequence_forward,
+)
 from posttrain.trainers.reference import (
     ReferenceSyncCallback,
     add_precomputed_columns,
@@ -144,6 +151,12 @@ class DPOConfig(PosttrainConfig):
     pad_to_multiple_of: int | str | None = field(
         default=None, metadata={"help": "Pad each batch's length to a multiple of this ('auto': no padding)."}
     )
+    per_sequence_forward: bool | None = field(
+        default=None,
+        metadata={"help": "Run policy and reference over one sequence at a time, unpadded and with no T x T "
+                  "attention mask (same values, less memory for long rows). None: on for batches of 2,048 tokens "
+                  "or longer. Not with padding_free or a Mixture-of-Experts router loss."},
+    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "Weight of a Mixture-of-Experts policy's load-balancing loss, added to the loss "
@@ -187,6 +200,9 @@ class DPOConfig(PosttrainConfig):
                               fix="use 'keep_end' or 'keep_start'")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise ConfigError(f"ld_alpha must lie in [0, 1], got {self.ld_alpha}", field="ld_alpha", fix="e.g. 0.5")
+        if self.per_sequence_forward and self.padding_free:
+            raise ConfigError("per_sequence_forward and padding_free are two layouts of the same batch",
+                              field="per_sequence_forward", fix="drop one of per_sequence_forward and padding_free")
         if self.sync_ref_model and self.precompute_ref_log_probs:
             raise ConfigError(
                 "sync_ref_model moves the reference during training, so its log-probs cannot be precomputed",
@@ -242,6 +258,10 @@ class DPOTrainer(PosttrainTrainer):
             disable_dropout(model)
         self._init_metrics()
         self.aux_loss_enabled = router_aux_loss_requested(model, adds_router_loss=True)
+        if args.per_sequence_forward and self.aux_loss_enabled:
+            raise ConfigError("per_sequence_forward cannot give a Mixture-of-Experts router loss over the whole batch",
+                              field="per_sequence_forward", fix="leave per_sequence_forward unset: such a "
+                              "model keeps the batched forward")
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.reference = resolve_reference(
             model, ref_model, args, adapter_is_new=peft_config is not None, precompute=args.precompute_ref_log_probs
@@ -368,11 +388,30 @@ class DPOTrainer(PosttrainTrainer):
                 field="precompute_ref_log_probs",
                 fix="pass every evaluation set as eval_dataset when creating the trainer, or turn precomputation off",
             )
+        chunk_size = self.args.logits_chunk_size
+        if self._per_sequence(batch):
+            return per_sequence_token_logps(
+                lambda ids, completion: self.reference.token_logps(model, ids, completion, chunk_size=chunk_size),
+                batch["input_ids"], batch["completion_mask"], batch.get("attention_mask"))
         ref = self.reference.token_logps(
             model, batch["input_ids"], batch["completion_mask"], batch.get("attention_mask"), batch.get("position_ids"),
-            chunk_size=self.args.logits_chunk_size,
+            chunk_size=chunk_size,
         )
         return self._as_rows(ref, batch)
+
+    def _policy_token_logps(self, model, batch) -> TokenLogps:
+        chunk_size = self.args.logits_chunk_size
+        if self._per_sequence(batch):
+            return per_sequence_token_logps(
+                lambda ids, completion: token_logps(model, ids, completion, chunk_size=chunk_size),
+                batch["input_ids"], batch["completion_mask"], batch.get("attention_mask"))
+        values = token_logps(model, batch["input_ids"], batch["completion_mask"], batch.get("attention_mask"),
+                             batch.get("position_ids"), chunk_size=chunk_size)
+        return self._as_rows(values, batch)
+
+    def _per_sequence(self, batch) -> bool:
+        # an MoE router loss is not additive over sequences: such a policy keeps the batched forward
+        return not self.aux_loss_enabled and wants_per_sequence_forward(self.args.per_sequence_forward, batch)
 
     # -- loss
 
@@ -410,13 +449,7 @@ class DPOTrainer(PosttrainTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         pairs = _num_pairs(inputs)
-        policy = self._as_rows(
-            token_logps(
-                model, inputs["input_ids"], inputs["completion_mask"], inputs.get("attention_mask"),
-                inputs.get("position_ids"), chunk_size=self.args.logits_chunk_size,
-            ),
-            inputs,
-        )
+        policy = self._policy_token_logps(model, inputs)
         policy_chosen, policy_rejected = self._sequence_logps(policy, inputs)
         # LD-DPO weighs the sums; a likelihood (sft, RPO) counts every token once
         chosen_plain = policy.sequence_sums()[:pairs] if args.ld_alpha is not None else None
@@ -470,7 +503,14 @@ class DPOTrainer(PosttrainTrainer):
         if not self.args.use_weighting:
             return None
         # WPO needs sum_v p_v^2 at every completion token: one extra gradient-free pass over the head
-        log_sum_sq = token_log_sum_sq_probs(model, inputs, chunk_size=self.args.logits_chunk_size)
+        chunk_size = self.args.logits_chunk_size
+        if self._per_sequence(inputs):
+            log_sum_sq = per_sequence_values(
+                lambda ids, completion: token_log_sum_sq_probs(model, {"input_ids": ids, "completion_mask": completion},
+                                                               chunk_size=chunk_size),
+                inputs["input_ids"], inputs["completion_mask"], inputs.get("attention_mask"))
+        else:
+            log_sum_sq = token_log_sum_sq_probs(model, inputs, chunk_size=chunk_size)
         if "sequence_mask" in inputs:
             log_sum_sq = rows_from_flat(log_sum_sq, inputs["sequence_mask"], 0.0)
         weights = wpo_weights(policy.logps.detach(), log_sum_sq, policy.mask)
@@ -541,44 +581,6 @@ def _num_pairs(batch: dict[str, Any]) -> int:
     mask = batch.get("sequence_mask")
     rows = mask.shape[0] if mask is not None else batch["input_ids"].shape[0]
     return rows // 2
-
-
-# ----------------------------------------------------------------------------- batch layouts
-
-
-class PaddingFreePreferenceCollator:
-    """The 2B sequences of a preference batch concatenated into one row, with no padding.
-
-    Returns ``input_ids``, ``completion_mask``, ``position_ids`` (restarting at 0 at each sequence),
-    all (1, N), and ``sequence_mask`` (2B, L): where each token sits in the padded layout, so
-    per-token results can be put back into rows (:func:`rows_from_flat`). No attention mask: the
-    model separates the sequences by their position ids (needs ``use_cache=False``, which
-    :func:`~posttrain.models.lm_head.forward_hidden_states` passes).
-    """
-
-    def __init__(self, padded: PreferenceCollator) -> None:
-        self.padded = padded
-
-    def __call__(self, rows) -> dict[str, torch.Tensor]:
-        batch = self.padded(rows)
-        present = batch.pop("attention_mask").bool()
-        lengths = present.sum(-1).tolist()
-        batch["input_ids"] = batch["input_ids"][present].unsqueeze(0)
-        batch["completion_mask"] = batch["completion_mask"][present].unsqueeze(0)
-        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-        batch["sequence_mask"] = present.long()
-        return batch
-
-
-def rows_from_flat(values: torch.Tensor, sequence_mask: torch.Tensor, fill: float | bool) -> torch.Tensor:
-    """Per-token values of a padding-free row, (1, N-1) aligned with ``input_ids[:, 1:]``, put back
-    into the padded layout (R, L-1) given by ``sequence_mask`` (R, L); padding gets ``fill``.
-
-    Token 0 of the row is never a target, so it gets ``fill`` too.
-    """
-    per_token = torch.cat([values.new_full((1,), fill), values[0]])
-    rows = values.new_full(sequence_mask.shape, fill).masked_scatter(sequence_mask.bool(), per_token)
-    return rows[:, 1:]
 
 
 @torch.no_grad()

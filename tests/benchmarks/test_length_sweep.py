@@ -63,7 +63,7 @@ def test_timeout_and_failure_stop_the_sweep():
 
 def test_main_writes_table_json_and_plot_and_appends_series(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(length_sweep, "worker_command",
-                        lambda impl, method, length, steps, options: fake_command(length, hold_s=20.0 if length >= 400 else 0.0))
+                        lambda impl, method, length, steps, options, **where: fake_command(length, hold_s=20.0 if length >= 400 else 0.0))
     out = tmp_path / "sweep.json"
     args = ["--methods", "sft", "--impls", "posttrain", "--lengths", "10,40,400,800", "--memory-cap-gb", str(200 / 1024),
             "--out", str(out)]
@@ -134,7 +134,7 @@ def test_long_workloads_are_named_by_their_length():
 def test_each_lever_is_its_own_series(tmp_path, monkeypatch):
     """Runs with different memory options append as separate series (named by the options), losses kept."""
     monkeypatch.setattr(length_sweep, "worker_command",
-                        lambda impl, method, length, steps, options: fake_command(length))
+                        lambda impl, method, length, steps, options, **where: fake_command(length))
     out = tmp_path / "sweep.json"
     base = ["--methods", "sft", "--impls", "posttrain", "--lengths", "10", "--memory-cap-gb", "1", "--out", str(out),
             "--append"]
@@ -145,3 +145,76 @@ def test_each_lever_is_its_own_series(tmp_path, monkeypatch):
     assert [e["label"] for e in entries] == ["", "sequence_tile_size=512+tiled_mlp", "activation_offloading"]
     assert "activation_offloading" in length_sweep.series_label(entries[-1])
     assert entries[0]["rows"][0]["losses"] is None and entries[0]["rows"][0]["first_step_loss"] == 1.0
+
+
+# ----------------------------------------------------------------------------- the GPU sweep
+
+
+def test_model_flops_worked_out_by_hand():
+    # 10 parameters, 2 layers, attention width 4, sequences of 3 and 5 tokens:
+    # forward = 2*10*(3+5) + 2*2*4*(9+25) = 160 + 544 = 704; forward and backward = 3 * 704
+    assert length_sweep.model_flops(10, 2, 4, [3, 5]) == 2112
+    assert length_sweep.model_flops(10, 2, 4, [3, 5], passes=1.0) == 704
+    # DPO: a chosen and a rejected row, trained (3 passes) plus the reference forward (1)
+    assert length_sweep.step_model_flops("dpo", 3, 10, 2, 4) == 4 * (2 * 10 * 6 + 2 * 2 * 4 * 18)
+    assert length_sweep.step_model_flops("sft", 3, 10, 2, 4) == 3 * (2 * 10 * 3 + 2 * 2 * 4 * 9)
+    prompt = length_sweep.GRPO_PROMPT_TOKENS
+    assert length_sweep.step_sequence_lengths("grpo", 100) == [prompt + 100, prompt + 100]
+    # 989e12 FLOPs in 2 s on a 989 TFLOPS card: half its peak
+    assert length_sweep.mfu(989e12, 2.0, 989.0) == pytest.approx(0.5)
+
+
+def test_mfu_is_added_to_each_timed_row():
+    rows = [{"length": 3, "sec_per_step": 0.5, "model_params": 10, "model_layers": 2, "attention_width": 4},
+            {"length": 5, "sec_per_step": None, "model_params": 10, "model_layers": 2, "attention_width": 4}]
+    length_sweep.add_mfu("sft", rows, peak_tflops=1e-12)  # a peak of 1 FLOP/s
+    assert rows[0]["model_flops_per_step"] == 3 * (2 * 10 * 3 + 2 * 2 * 4 * 9)
+    assert rows[0]["mfu"] == pytest.approx(rows[0]["model_flops_per_step"] / 0.5)
+    assert "mfu" not in rows[1]
+
+
+def test_a_cuda_sweep_without_a_gpu_stops_with_one_line(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert length_sweep.main(["--device", "cuda", "--model", "qwen2.5-0.5b", "--bf16"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "CUDA" in captured.err and "Traceback" not in captured.err
+
+
+def test_the_gpu_script_without_a_gpu_stops_with_one_line():
+    import os
+    import subprocess
+
+    script = os.path.join(length_sweep.ROOT, "benchmarks", "gpu_length_sweep.sh")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1
+    assert "no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_gpu_runs_over_their_cap_do_not_fit():
+    out_of_memory = [sys.executable, "-c", "import sys; sys.exit('torch.OutOfMemoryError: CUDA out of memory.')"]
+    run = length_sweep.run_capped(out_of_memory, cap_mb=1000, timeout_s=60, gpu_cap_mb=500)
+    assert run["status"] == length_sweep.OUT_OF_GPU_MEMORY
+    over = [sys.executable, "-c", 'print(\'RESULT {"peak_rss_mb": 10, "peak_gpu_mb": 600}\')']
+    assert length_sweep.run_capped(over, cap_mb=1000, timeout_s=60, gpu_cap_mb=500)["status"] == length_sweep.OVER_CAP
+    assert length_sweep.run_capped(over, cap_mb=1000, timeout_s=60, gpu_cap_mb=700)["status"] == length_sweep.OK
+
+
+def test_the_half_billion_workload_has_qwen2_5_0_5b_shape():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from benchmarks.workloads import MODEL_SHAPES, workload_by_name
+
+    workload = workload_by_name("long05b-2048")
+    assert (workload.shape, workload.max_length, workload.vocab_size) == ("qwen2.5-0.5b", 2048, 151_936)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, tie_word_embeddings=True, **MODEL_SHAPES[workload.shape]))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(494e6, rel=0.01)  # Qwen2.5-0.5B: 0.49B
+    cmd = length_sweep.worker_command("posttrain", "dpo", 2048, 2, {}, workload_prefix="long05b",
+                                      worker_args=("--model-dtype", "bfloat16"))
+    assert cmd[cmd.index("--workload") + 1] == "long05b-2048" and cmd[-2:] == ["--model-dtype", "bfloat16"]
