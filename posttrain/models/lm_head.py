@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -25,6 +26,7 @@ from posttrain.ops.logprobs import (
     fused_linear_nll,
     naive_token_logps,
 )
+from posttrain.ops.tied_embedding import TiedGradient, tied_embedding
 
 logger = logging.getLogger("posttrain")
 
@@ -113,6 +115,36 @@ def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None
     if type(head) is not nn.Linear or uses_full_logits(base):
         return None
     return OutputHead(head.weight, head.bias, head_transform(base, temperature))
+
+
+@contextmanager
+def tied_embedding_lookups(model: nn.Module) -> Iterator[TiedGradient | None]:
+    """While it is open, the model's input-embedding lookups go through :func:`posttrain.ops.tied_embedding.tied_embedding`
+    and share the yielded hand-off with the chunked head; ``None`` (nothing changed) unless the weights are tied,
+    trained, and both modules are plain ``nn.Embedding`` / ``nn.Linear`` layers in a graph-building forward."""
+    base = unwrap_model(model)
+    get_input, get_output = getattr(base, "get_input_embeddings", None), getattr(base, "get_output_embeddings", None)
+    embeddings = get_input() if callable(get_input) else None
+    head = get_output() if callable(get_output) else None
+    if not (torch.is_grad_enabled() and type(embeddings) is nn.Embedding and type(head) is nn.Linear
+            and head.weight is embeddings.weight and type(head.weight) is nn.Parameter and head.weight.requires_grad
+            and embeddings.max_norm is None and not embeddings.scale_grad_by_freq and not embeddings.sparse):
+        yield None
+        return
+    tied = TiedGradient()
+
+    def lookup(module, args, output):
+        # the module's own output (and its graph) is dropped: the same rows, with a backward that shares the head's gradient
+        # a lookup without a graph (no_grad) has no backward to complete the head's gradient
+        if not args or not torch.is_grad_enabled():
+            return output
+        return tied_embedding(module.weight, args[0], module.padding_idx, tied)
+
+    handle = embeddings.register_forward_hook(lookup)
+    try:
+        yield tied
+    finally:
+        handle.remove()
 
 
 def transform_logits(raw_logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
@@ -341,26 +373,14 @@ def token_logps(
         logits = outputs.logits[:, :-1][mask].float() / temperature
         flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy, entropy_grad)
     else:
-        selected = None
-        if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
-            start = prompt_width - 1
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            positions = position_ids if position_ids is not None else torch.arange(
-                input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            if not mask[:, :start].any() and bool(attention_mask[:, start].all()):
-                tail = shared_prompt_hidden_states(model, input_ids, attention_mask, positions, prompt_width)
-                if tail is not None:
-                    selected = tail[mask[:, start:]]
-        if selected is None:
-            outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
-            router_loss = router_loss_term(model, outputs)
-            selected = outputs.hidden_states[-1][:, :-1][mask]
+        with tied_embedding_lookups(model) as tied:
+            selected, router_loss = _selected_hidden_states(model, input_ids, mask, attention_mask, position_ids,
+                                                            prompt_width)
         head = output_head(model, temperature=temperature)
         if head is not None:
             flat_logps, flat_entropy, flat_match = chunked_token_logps(
                 selected, head.weight, targets, bias=head.bias, head=head.transform,
-                chunk_size=chunk_size, with_entropy=with_entropy,
+                chunk_size=chunk_size, with_entropy=with_entropy, tied=tied,
             )
         else:  # a wrapped head (e.g. LoRA on lm_head): call the module itself
             logits = transform_logits(unwrap_model(model).get_output_embeddings()(selected),
@@ -372,6 +392,22 @@ def token_logps(
     entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy)
     match = torch.zeros(shape, dtype=torch.bool, device=mask.device).masked_scatter(mask, flat_match)
     return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match, router_loss=router_loss)
+
+
+def _selected_hidden_states(model, input_ids, mask, attention_mask, position_ids, prompt_width):
+    """(N, d) final hidden states at the positions of ``mask`` (B, L-1), and the forward's router loss term."""
+    if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
+        start = prompt_width - 1
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = position_ids if position_ids is not None else torch.arange(
+            input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if not mask[:, :start].any() and bool(attention_mask[:, start].all()):
+            tail = shared_prompt_hidden_states(model, input_ids, attention_mask, positions, prompt_width)
+            if tail is not None:
+                return tail[mask[:, start:]], 0.0
+    outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
+    return outputs.hidden_states[-1][:, :-1][mask], router_loss_term(model, outputs)
 
 
 def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, entropy_grad: bool = False):
