@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -26,7 +25,7 @@ from posttrain.ops.logprobs import (
     fused_linear_nll,
     naive_token_logps,
 )
-from posttrain.ops.tied_embedding import TiedGradient, tied_embedding
+from posttrain.ops.tied_embedding import tied_embedding_lookups
 
 logger = logging.getLogger("posttrain")
 
@@ -115,36 +114,6 @@ def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None
     if type(head) is not nn.Linear or uses_full_logits(base):
         return None
     return OutputHead(head.weight, head.bias, head_transform(base, temperature))
-
-
-@contextmanager
-def tied_embedding_lookups(model: nn.Module) -> Iterator[TiedGradient | None]:
-    """While it is open, the model's input-embedding lookups go through :func:`posttrain.ops.tied_embedding.tied_embedding`
-    and share the yielded hand-off with the chunked head; ``None`` (nothing changed) unless the weights are tied,
-    trained, and both modules are plain ``nn.Embedding`` / ``nn.Linear`` layers in a graph-building forward."""
-    base = unwrap_model(model)
-    get_input, get_output = getattr(base, "get_input_embeddings", None), getattr(base, "get_output_embeddings", None)
-    embeddings = get_input() if callable(get_input) else None
-    head = get_output() if callable(get_output) else None
-    if not (torch.is_grad_enabled() and type(embeddings) is nn.Embedding and type(head) is nn.Linear
-            and head.weight is embeddings.weight and type(head.weight) is nn.Parameter and head.weight.requires_grad
-            and embeddings.max_norm is None and not embeddings.scale_grad_by_freq and not embeddings.sparse):
-        yield None
-        return
-    tied = TiedGradient()
-
-    def lookup(module, args, output):
-        # the module's own output (and its graph) is dropped: the same rows, with a backward that shares the head's gradient
-        # a lookup without a graph (no_grad) has no backward to complete the head's gradient
-        if not args or not torch.is_grad_enabled():
-            return output
-        return tied_embedding(module.weight, args[0], module.padding_idx, tied)
-
-    handle = embeddings.register_forward_hook(lookup)
-    try:
-        yield tied
-    finally:
-        handle.remove()
 
 
 def transform_logits(raw_logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
@@ -373,7 +342,7 @@ def token_logps(
         logits = outputs.logits[:, :-1][mask].float() / temperature
         flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy, entropy_grad)
     else:
-        with tied_embedding_lookups(model) as tied:
+        with tied_embedding_lookups(unwrap_model(model)) as tied:
             selected, router_loss = _selected_hidden_states(model, input_ids, mask, attention_mask, position_ids,
                                                             prompt_width)
         head = output_head(model, temperature=temperature)

@@ -131,23 +131,21 @@ def _exp_in_place(logits: torch.Tensor, with_entropy: bool = False):
     Returns (log-sum-exp, argmax, row sums, entropy or None). With ``e = exp(z - max)`` and
     ``S = sum(e)``, the entropy is ``log S - sum(e * (z - max)) / S``: see :func:`_exp_in_place_parts`.
     """
-    row_max, argmax, row_sum, weighted = _exp_in_place_parts(logits, row_max=None, with_entropy=with_entropy)
+    row_max, argmax = logits.max(dim=-1)
+    row_sum, weighted = _exp_in_place_parts(logits, row_max, with_entropy)
     log_sum = row_sum.log()
     entropy = log_sum - weighted / row_sum if with_entropy else None
     return row_max + log_sum, argmax, row_sum, entropy
 
 
-def _exp_in_place_parts(logits: torch.Tensor, row_max: torch.Tensor | None, with_entropy: bool):
-    """Turn ``logits`` (R, V') into ``e = exp(logits - shift)`` in place, ``shift`` = the row max (or ``row_max``).
+def _exp_in_place_parts(logits: torch.Tensor, shift: torch.Tensor, with_entropy: bool):
+    """Turn ``logits`` (R, V') into ``e = exp(logits - shift)`` in place, ``shift`` (R,).
 
-    Returns (row max, argmax, ``sum(e)``, ``sum(e * (logits - shift))`` or None). The last needs the
-    shifted logits and their exponentials at once, so those rows are exponentiated a small block at a
-    time into a kept buffer and copied back (no extra full-size buffer, no second exp pass).
+    Returns (``sum(e)``, ``sum(e * (logits - shift))`` or None). The second needs the shifted logits
+    and their exponentials at once, so those rows are exponentiated a small block at a time into a
+    kept buffer and copied back (no extra full-size buffer, no second exp pass).
     """
-    slice_max, argmax = logits.max(dim=-1)
-    if row_max is None:
-        row_max = slice_max
-    logits.sub_(row_max[:, None])
+    logits.sub_(shift[:, None])
     weighted = None
     if with_entropy:
         weighted = logits.new_empty(logits.shape[0])
@@ -158,7 +156,7 @@ def _exp_in_place_parts(logits: torch.Tensor, row_max: torch.Tensor | None, with
             shifted.copy_(exps)
     else:
         logits.exp_()
-    return slice_max, argmax, logits.sum(dim=-1), weighted
+    return logits.sum(dim=-1), weighted
 
 
 def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, with_entropy: bool):
@@ -188,7 +186,7 @@ def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, wi
         slice_max, argmax = logits.max(dim=-1)
         # a slice whose logits are all -inf contributes exp(-inf) = 0 rather than NaN
         shift = slice_max.nan_to_num(nan=float("nan"), posinf=float("inf"), neginf=0.0)
-        _, _, slice_sum, weighted = _exp_in_place_parts(logits, shift, with_entropy)
+        slice_sum, weighted = _exp_in_place_parts(logits, shift, with_entropy)
         if running is None:
             running = [slice_max, argmax, slice_sum, weighted]
             continue
@@ -199,7 +197,8 @@ def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, wi
         new_scale = (slice_max - new_max).exp().nan_to_num(nan=0.0)
         if with_entropy:
             weighted_sum = torch.where(row_sum > 0, old_scale * (weighted_sum + row_sum * (row_max - new_max)), 0.0)
-            weighted_sum = weighted_sum + torch.where(slice_sum > 0, new_scale * (weighted + slice_sum * (shift - new_max)), 0.0)
+            carried = new_scale * (weighted + slice_sum * (shift - new_max))
+            weighted_sum = weighted_sum + torch.where(slice_sum > 0, carried, 0.0)
         row_sum = row_sum * old_scale + slice_sum * new_scale
         best = torch.where(slice_max > row_max, argmax + first, best)
         running = [new_max, best, row_sum, weighted_sum]
@@ -277,7 +276,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
             hidden_chunk, g, chunk_targets = hidden[start:stop], grad_logps[start:stop], targets[start:stop]
             chunk_lse = lse[start:stop, None]
-            chunk_grad_hidden = hidden_chunk.new_zeros(stop - start, hidden.shape[1], dtype=acc) if need_hidden else None
+            chunk_grad_hidden = (hidden_chunk.new_zeros(stop - start, hidden.shape[1], dtype=acc)
+                                 if need_hidden else None)
             # the vocabulary a slice at a time: the logits of a block fit in SLICE_BYTES, and each
             # row of the weight gradient is written by one product over the chunk's rows, as before
             width = slice_width(stop - start, vocab)

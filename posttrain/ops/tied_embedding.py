@@ -15,7 +15,11 @@ autograd's ``dW_head + dW_lookup`` adds them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 
 class TiedGradient:
@@ -71,8 +75,39 @@ class _TiedEmbedding(torch.autograd.Function):
         return head_grad.index_add_(0, rows, row_sums.to(head_grad.dtype)), None, None, None
 
 
-def tied_embedding(weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | None, tied: TiedGradient) -> torch.Tensor:
+def tied_embedding(weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | None,
+                   tied: TiedGradient) -> torch.Tensor:
     """``weight[ids]`` ((..., ) -> (..., d)), as ``nn.Embedding(padding_idx=padding_idx)`` computes it, whose
     backward completes the head gradient that ``tied`` holds instead of building a second (V, d) one."""
     tied.lookups += 1
     return _TiedEmbedding.apply(weight, ids, padding_idx, tied)
+
+
+@contextmanager
+def tied_embedding_lookups(model: nn.Module) -> Iterator[TiedGradient | None]:
+    """While it is open, the input-embedding lookups of ``model`` (a transformers model, unwrapped) go
+    through :func:`tied_embedding` and share the yielded hand-off with the chunked head; ``None``
+    (nothing changed) unless the weights are tied, trained, and both modules are plain ``nn.Embedding`` /
+    ``nn.Linear`` layers in a graph-building forward."""
+    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embeddings = get_input() if callable(get_input) else None
+    head = get_output() if callable(get_output) else None
+    if not (torch.is_grad_enabled() and type(embeddings) is nn.Embedding and type(head) is nn.Linear
+            and head.weight is embeddings.weight and type(head.weight) is nn.Parameter and head.weight.requires_grad
+            and embeddings.max_norm is None and not embeddings.scale_grad_by_freq and not embeddings.sparse):
+        yield None
+        return
+    tied = TiedGradient()
+
+    def lookup(module, args, output):
+        # the module's own output (and its graph) is dropped: the same rows, with a backward that completes
+        # the head's gradient; a lookup without a graph (no_grad) has no backward to complete it
+        if not args or not torch.is_grad_enabled():
+            return output
+        return tied_embedding(module.weight, args[0], module.padding_idx, tied)
+
+    handle = embeddings.register_forward_hook(lookup)
+    try:
+        yield tied
+    finally:
+        handle.remove()

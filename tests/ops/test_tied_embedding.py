@@ -150,7 +150,7 @@ def _frozen(model):
 def test_other_heads_and_embeddings_take_the_plain_path(variant):
     model = variant(_model(True, torch.float64))
     input_ids, completion_mask, weights = _batch()
-    with lm_head.tied_embedding_lookups(model) as tied:
+    with lm_head.tied_embedding_lookups(lm_head.unwrap_model(model)) as tied:
         assert tied is None
     got = _grads(model, _chunked_loss(model, input_ids, completion_mask, weights))
     with _without_hand_off():
