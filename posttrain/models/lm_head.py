@@ -116,6 +116,21 @@ def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None
     return OutputHead(head.weight, head.bias, head_transform(base, temperature))
 
 
+def runs_compiled(model: nn.Module) -> bool:
+    """Whether ``model``, a wrapper around it or the model inside runs a ``torch.compile``d forward (a hook
+    added for one call would make it recompile)."""
+    for _ in range(8):
+        if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        if not isinstance(inner, nn.Module) or inner is model:
+            return False
+        model = inner
+    return False
+
+
 def transform_logits(raw_logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
     """Apply ``transform`` to ``lm_head(h)`` out of place, in float32: (..., V) -> (..., V)."""
     logits = raw_logits.float()
@@ -342,7 +357,7 @@ def token_logps(
         logits = outputs.logits[:, :-1][mask].float() / temperature
         flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy, entropy_grad)
     else:
-        with tied_embedding_lookups(unwrap_model(model)) as tied:
+        with tied_embedding_lookups(None if runs_compiled(model) else unwrap_model(model)) as tied:
             selected, router_loss = _selected_hidden_states(model, input_ids, mask, attention_mask, position_ids,
                                                             prompt_width)
         head = output_head(model, temperature=temperature)

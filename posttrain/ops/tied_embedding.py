@@ -84,17 +84,18 @@ def tied_embedding(weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | N
 
 
 @contextmanager
-def tied_embedding_lookups(model: nn.Module) -> Iterator[TiedGradient | None]:
+def tied_embedding_lookups(model: nn.Module | None) -> Iterator[TiedGradient | None]:
     """While it is open, the input-embedding lookups of ``model`` (a transformers model, unwrapped) go
     through :func:`tied_embedding` and share the yielded hand-off with the chunked head; ``None``
     (nothing changed) unless the weights are tied, trained, and both modules are plain ``nn.Embedding`` /
-    ``nn.Linear`` layers in a graph-building forward."""
+    ``nn.Linear`` layers in a graph-building forward (``model`` None: nothing changed either)."""
     get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     embeddings = get_input() if callable(get_input) else None
     head = get_output() if callable(get_output) else None
     if not (torch.is_grad_enabled() and type(embeddings) is nn.Embedding and type(head) is nn.Linear
             and head.weight is embeddings.weight and type(head.weight) is nn.Parameter and head.weight.requires_grad
-            and embeddings.max_norm is None and not embeddings.scale_grad_by_freq and not embeddings.sparse):
+            and embeddings.max_norm is None and not embeddings.scale_grad_by_freq and not embeddings.sparse
+            and getattr(embeddings, "_compiled_call_impl", None) is None):
         yield None
         return
     tied = TiedGradient()

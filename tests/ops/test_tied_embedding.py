@@ -177,3 +177,22 @@ def test_only_graph_building_lookups_of_a_tied_model_join_the_hand_off():
         assert tied.lookups == 1
     tied_model(input_ids=input_ids)  # closed: the hook is gone
     assert tied.lookups == 1
+
+
+def test_a_compiled_forward_takes_the_plain_path(monkeypatch):
+    """A hook added for each call would make a compiled forward recompile: no hand-off there."""
+    model = _model(True)
+    model._compiled_call_impl = model._call_impl  # what Module.compile() sets, without compiling anything
+    entered = []
+    real = lm_head.tied_embedding_lookups
+
+    def spy(base):
+        entered.append(base)
+        return real(base)
+
+    monkeypatch.setattr(lm_head, "tied_embedding_lookups", spy)
+    input_ids, completion_mask, weights = _batch()
+    _chunked_loss(model, input_ids, completion_mask, weights.float()).backward()
+    assert entered == [None]
+    assert lm_head.runs_compiled(torch.compile(_model(True)))  # the wrapper (compiles lazily, on a call)
+    assert not lm_head.runs_compiled(_model(True))
