@@ -25,6 +25,7 @@ from posttrain.ops.logprobs import (
     fused_linear_nll,
     naive_token_logps,
 )
+from posttrain.ops.tied_embedding import tied_embedding_lookups
 
 logger = logging.getLogger("posttrain")
 
@@ -113,6 +114,21 @@ def output_head(model: nn.Module, temperature: float = 1.0) -> OutputHead | None
     if type(head) is not nn.Linear or uses_full_logits(base):
         return None
     return OutputHead(head.weight, head.bias, head_transform(base, temperature))
+
+
+def runs_compiled(model: nn.Module) -> bool:
+    """Whether ``model``, a wrapper around it or the model inside runs a ``torch.compile``d forward (a hook
+    added for one call would make it recompile)."""
+    for _ in range(8):
+        if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        if not isinstance(inner, nn.Module) or inner is model:
+            return False
+        model = inner
+    return False
 
 
 def transform_logits(raw_logits: torch.Tensor, transform: HeadTransform) -> torch.Tensor:
@@ -343,26 +359,14 @@ def token_logps(
         logits = outputs.logits[:, :-1][mask].float() / temperature
         flat_logps, flat_entropy, flat_match = _logps_from_logits(logits, targets, with_entropy, entropy_grad)
     else:
-        selected = None
-        if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
-            start = prompt_width - 1
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            positions = position_ids if position_ids is not None else torch.arange(
-                input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            if not mask[:, :start].any() and bool(attention_mask[:, start].all()):
-                tail = shared_prompt_hidden_states(model, input_ids, attention_mask, positions, prompt_width)
-                if tail is not None:
-                    selected = tail[mask[:, start:]]
-        if selected is None:
-            outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
-            router_loss = router_loss_term(model, outputs)
-            selected = outputs.hidden_states[-1][:, :-1][mask]
+        with tied_embedding_lookups(None if runs_compiled(model) else unwrap_model(model)) as tied:
+            selected, router_loss = _selected_hidden_states(model, input_ids, mask, attention_mask, position_ids,
+                                                            prompt_width)
         head = output_head(model, temperature=temperature)
         if head is not None:
             flat_logps, flat_entropy, flat_match = chunked_token_logps(
                 selected, head.weight, targets, bias=head.bias, head=head.transform,
-                chunk_size=chunk_size, with_entropy=with_entropy,
+                chunk_size=chunk_size, with_entropy=with_entropy, tied=tied,
             )
         else:  # a wrapped head (e.g. LoRA on lm_head): call the module itself
             logits = transform_logits(unwrap_model(model).get_output_embeddings()(selected),
@@ -374,6 +378,22 @@ def token_logps(
     entropy = flat_entropy.new_zeros(shape).masked_scatter(mask, flat_entropy)
     match = torch.zeros(shape, dtype=torch.bool, device=mask.device).masked_scatter(mask, flat_match)
     return TokenLogps(logps=logps, mask=mask, entropy=entropy, argmax_match=match, router_loss=router_loss)
+
+
+def _selected_hidden_states(model, input_ids, mask, attention_mask, position_ids, prompt_width):
+    """(N, d) final hidden states at the positions of ``mask`` (B, L-1), and the forward's router loss term."""
+    if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
+        start = prompt_width - 1
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = position_ids if position_ids is not None else torch.arange(
+            input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if not mask[:, :start].any() and bool(attention_mask[:, start].all()):
+            tail = shared_prompt_hidden_states(model, input_ids, attention_mask, positions, prompt_width)
+            if tail is not None:
+                return tail[mask[:, start:]], 0.0
+    outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
+    return outputs.hidden_states[-1][:, :-1][mask], router_loss_term(model, outputs)
 
 
 def _logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, entropy_grad: bool = False):

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.ops.tied_embedding import TiedGradient
+
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -49,20 +51,22 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_workspaces: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
 
-def _workspace(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable (rows, cols) buffer for one chunk of logits.
+def _workspace(rows: int, cols: int, device: torch.device, dtype: torch.dtype, purpose: str = "logits") -> torch.Tensor:
+    """A reusable (rows, cols) buffer for one chunk of logits (or another per-chunk temporary, by ``purpose``).
 
     On the CPU, allocating a fresh chunk for every chunk of every step makes the allocator map and
-    fault in hundreds of megabytes each time; one buffer kept per device and dtype costs that once.
+    fault in hundreds of megabytes each time; one buffer kept per device, dtype and purpose costs that
+    once. (Freed blocks of a few megabytes are worse still: glibc raises its mmap threshold to their
+    size and keeps later ones in its heap, which grows by fragments and is not returned.)
     Accelerators' caching allocators already recycle freed blocks, and a buffer kept alive there
     would only add its size to the peak at the optimizer step, so they get a fresh tensor.
     """
     if torch.device(device).type != "cpu":
         return torch.empty(rows, cols, device=device, dtype=dtype)
-    key = (torch.device(device), dtype)
+    key = (torch.device(device), dtype, purpose)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < rows * cols:
         _workspaces.pop(key, None)
@@ -79,6 +83,16 @@ def release_workspaces() -> None:
 def auto_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per chunk so that one float32 chunk of logits takes about ``budget_bytes``."""
     return max(64, min(16384, budget_bytes // (4 * max(1, vocab_size))))
+
+
+SLICE_BYTES = 16 * 2**20
+
+
+def slice_width(rows: int, vocab_size: int, budget_bytes: int | None = None) -> int:
+    """Vocabulary columns per block of :func:`chunked_token_logps`: ``rows`` x width float32 logits take about
+    ``budget_bytes`` (default :data:`SLICE_BYTES`; at least 512 columns, at most the vocabulary)."""
+    budget = SLICE_BYTES if budget_bytes is None else budget_bytes
+    return min(vocab_size, max(512, budget // (4 * max(1, rows))))
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadTransform):
@@ -115,26 +129,83 @@ def _exp_in_place(logits: torch.Tensor, with_entropy: bool = False):
     """Turn ``logits`` into ``exp(logits - rowmax)`` in place.
 
     Returns (log-sum-exp, argmax, row sums, entropy or None). With ``e = exp(z - max)`` and
-    ``S = sum(e)``, the entropy is ``log S - sum(e * (z - max)) / S``: it needs the shifted logits and
-    their exponentials at once, so those rows are exponentiated a small block at a time into a
-    temporary and copied back (no extra full-size buffer, no second exp pass).
+    ``S = sum(e)``, the entropy is ``log S - sum(e * (z - max)) / S``: see :func:`_exp_in_place_parts`.
     """
     row_max, argmax = logits.max(dim=-1)
-    logits.sub_(row_max[:, None])
+    row_sum, weighted = _exp_in_place_parts(logits, row_max, with_entropy)
+    log_sum = row_sum.log()
+    entropy = log_sum - weighted / row_sum if with_entropy else None
+    return row_max + log_sum, argmax, row_sum, entropy
+
+
+def _exp_in_place_parts(logits: torch.Tensor, shift: torch.Tensor, with_entropy: bool):
+    """Turn ``logits`` (R, V') into ``e = exp(logits - shift)`` in place, ``shift`` (R,).
+
+    Returns (``sum(e)``, ``sum(e * (logits - shift))`` or None). The second needs the shifted logits
+    and their exponentials at once, so those rows are exponentiated a small block at a time into a
+    kept buffer and copied back (no extra full-size buffer, no second exp pass).
+    """
+    logits.sub_(shift[:, None])
     weighted = None
     if with_entropy:
         weighted = logits.new_empty(logits.shape[0])
         for start in range(0, logits.shape[0], ENTROPY_ROW_BLOCK):
             shifted = logits[start : start + ENTROPY_ROW_BLOCK]
-            exps = torch.exp(shifted)
+            exps = torch.exp(shifted, out=_workspace(*shifted.shape, logits.device, logits.dtype, "entropy"))
             weighted[start : start + ENTROPY_ROW_BLOCK] = (exps.unsqueeze(1) @ shifted.unsqueeze(2)).reshape(-1)
             shifted.copy_(exps)
     else:
         logits.exp_()
-    row_sum = logits.sum(dim=-1)
+    return logits.sum(dim=-1), weighted
+
+
+def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, with_entropy: bool):
+    """Log-sum-exp, target logit, argmax and entropy (or None) of the rows ``hidden`` (R, d) over the whole
+    vocabulary, computed a slice of ``weight`` at a time (:func:`slice_width` columns) with a running max
+    (the online softmax of Milakov and Gimelshein, 2018): the logits held at once are one (R, width) block.
+
+    Per slice, ``e = exp(z - m_s)`` with the slice's max ``m_s``; the running ``S = sum e`` and
+    ``A = sum e * (z - m)`` are carried to a new max ``m'`` by ``S <- S exp(m - m')`` and
+    ``A <- (A + S (m - m')) exp(m - m')``. Then ``lse = m + log S`` and ``H = log S - A / S``; with one
+    slice this is exactly :func:`_exp_in_place`.
+    """
+    vocab = weight.shape[0]
+    width = slice_width(hidden.shape[0], vocab)
+    running = None
+    target_logits = None
+    for first in range(0, vocab, width):
+        last = min(first + width, vocab)
+        logits, _ = _chunk_logits(hidden, weight[first:last], bias[first:last] if bias is not None else None, head)
+        if width >= vocab:
+            target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+        else:
+            if target_logits is None:
+                target_logits = logits.new_zeros(hidden.shape[0])
+            in_slice = ((targets >= first) & (targets < last)).nonzero().squeeze(1)
+            target_logits[in_slice] = logits[in_slice, targets[in_slice] - first]
+        slice_max, argmax = logits.max(dim=-1)
+        # a slice whose logits are all -inf contributes exp(-inf) = 0 rather than NaN
+        shift = slice_max.nan_to_num(nan=float("nan"), posinf=float("inf"), neginf=0.0)
+        slice_sum, weighted = _exp_in_place_parts(logits, shift, with_entropy)
+        if running is None:
+            running = [slice_max, argmax, slice_sum, weighted]
+            continue
+        row_max, best, row_sum, weighted_sum = running
+        new_max = torch.maximum(row_max, slice_max)
+        old_scale = (row_max - new_max).exp().nan_to_num(nan=0.0)
+        # from the slice's own max: a slice of -inf logits (shift 0, sum 0) gets scale 0, never inf
+        new_scale = (slice_max - new_max).exp().nan_to_num(nan=0.0)
+        if with_entropy:
+            weighted_sum = torch.where(row_sum > 0, old_scale * (weighted_sum + row_sum * (row_max - new_max)), 0.0)
+            carried = new_scale * (weighted + slice_sum * (shift - new_max))
+            weighted_sum = weighted_sum + torch.where(slice_sum > 0, carried, 0.0)
+        row_sum = row_sum * old_scale + slice_sum * new_scale
+        best = torch.where(slice_max > row_max, argmax + first, best)
+        running = [new_max, best, row_sum, weighted_sum]
+    row_max, argmax, row_sum, weighted_sum = running
     log_sum = row_sum.log()
-    entropy = log_sum - weighted / row_sum if with_entropy else None
-    return row_max + log_sum, argmax, row_sum, entropy
+    entropy = log_sum - weighted_sum / row_sum if with_entropy else None
+    return row_max + log_sum, target_logits, argmax, entropy
 
 
 def _logits_grad_to_z(grad_logits: torch.Tensor, tanh_grad: torch.Tensor | None, head: HeadTransform) -> torch.Tensor:
@@ -156,7 +227,7 @@ def _accumulate_param_grads(grad_z, hidden_chunk, weight, bias, grad_weight, gra
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, head, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, head, with_entropy, tied):
         n = hidden.shape[0]
         acc = _accumulation_dtype(hidden)
         logps = hidden.new_empty(n, dtype=acc)
@@ -165,9 +236,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         argmax_match = torch.empty(n, dtype=torch.bool, device=hidden.device)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            logits, _ = _chunk_logits(hidden[start:stop], weight, bias, head)
-            target_logits = logits.gather(1, targets[start:stop, None]).squeeze(1)
-            chunk_lse, argmax, _, chunk_entropy = _exp_in_place(logits, with_entropy)
+            chunk_lse, target_logits, argmax, chunk_entropy = _sliced_softmax_stats(
+                hidden[start:stop], weight, bias, targets[start:stop], head, with_entropy)
             if with_entropy:
                 entropy[start:stop] = chunk_entropy
             logps[start:stop] = target_logits - chunk_lse
@@ -181,6 +251,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             ctx.mark_non_differentiable(entropy)
         ctx.chunk_size = chunk_size
         ctx.head = head
+        ctx.tied = tied
         ctx.mark_non_differentiable(argmax_match)
         # an output no loss uses gets no gradient (None), so logging the entropy costs nothing in backward
         ctx.set_materialize_grads(False)
@@ -191,7 +262,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets, lse, *saved_entropy = ctx.saved_tensors
         head = ctx.head
         if grad_logps is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         acc = _accumulation_dtype(hidden)
@@ -200,30 +271,49 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_logps = torch.zeros_like(lse) if grad_logps is None else grad_logps.to(acc)
         if grad_entropy is not None:
             grad_entropy = grad_entropy.to(acc)
+        vocab = weight.shape[0]
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
-            logits, tanh_grad = _chunk_logits(hidden[start:stop], weight, bias, head)
-            g = grad_logps[start:stop]
-            log_probs = logits.sub_(lse[start:stop, None])
-            if grad_entropy is None:
-                # d log p(t) / d logits = onehot(t) - softmax(logits)
-                grad_logits = log_probs.exp_().mul_(-g[:, None])
-            else:
-                # d H / d logits_j = -p_j (log p_j + H), added to the log-prob term's -g p_j
-                probs = log_probs.exp()
-                h = saved_entropy[0][start:stop]
-                grad_logits = log_probs.add_(h[:, None]).mul_(grad_entropy[start:stop, None]).add_(g[:, None])
-                grad_logits.mul_(probs).neg_()
-            grad_logits.scatter_add_(1, targets[start:stop, None], g[:, None])
-            grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
+            hidden_chunk, g, chunk_targets = hidden[start:stop], grad_logps[start:stop], targets[start:stop]
+            chunk_lse = lse[start:stop, None]
+            chunk_grad_hidden = (hidden_chunk.new_zeros(stop - start, hidden.shape[1], dtype=acc)
+                                 if need_hidden else None)
+            # the vocabulary a slice at a time: the logits of a block fit in SLICE_BYTES, and each
+            # row of the weight gradient is written by one product over the chunk's rows, as before
+            width = slice_width(stop - start, vocab)
+            for first in range(0, vocab, width):
+                last = min(first + width, vocab)
+                weight_slice = weight[first:last]
+                bias_slice = bias[first:last] if bias is not None else None
+                logits, tanh_grad = _chunk_logits(hidden_chunk, weight_slice, bias_slice, head)
+                log_probs = logits.sub_(chunk_lse)
+                if grad_entropy is None:
+                    # d log p(t) / d logits = onehot(t) - softmax(logits)
+                    grad_logits = log_probs.exp_().mul_(-g[:, None])
+                else:
+                    # d H / d logits_j = -p_j (log p_j + H), added to the log-prob term's -g p_j
+                    probs = log_probs.exp()
+                    h = saved_entropy[0][start:stop]
+                    grad_logits = log_probs.add_(h[:, None]).mul_(grad_entropy[start:stop, None]).add_(g[:, None])
+                    grad_logits.mul_(probs).neg_()
+                in_slice = ((chunk_targets >= first) & (chunk_targets < last)).nonzero().squeeze(1)
+                grad_logits.index_put_((in_slice, chunk_targets[in_slice] - first), g[in_slice], accumulate=True)
+                grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
+                if need_hidden:
+                    chunk_grad_hidden.addmm_(grad_z, weight_slice.to(acc))
+                _accumulate_param_grads(grad_z, hidden_chunk, weight_slice, bias_slice,
+                                        grad_weight[first:last] if need_weight else None,
+                                        grad_bias[first:last] if need_bias else None, need_weight, need_bias)
             if need_hidden:
-                grad_hidden[start:stop] = (grad_z @ weight.to(acc)).to(hidden.dtype)
-            _accumulate_param_grads(grad_z, hidden[start:stop], weight, bias, grad_weight, grad_bias, need_weight, need_bias)
+                grad_hidden[start:stop] = chunk_grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
+            # a tied input embedding's lookup adds its rows into this one and returns the sum
+            if ctx.tied is not None and need_hidden and ctx.tied.deposit(grad_weight):
+                grad_weight = None
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def chunked_token_logps(
@@ -235,6 +325,7 @@ def chunked_token_logps(
     head: HeadTransform = HeadTransform(),
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    tied: TiedGradient | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probability of each target token, plus its entropy and whether it was the argmax.
 
@@ -245,6 +336,9 @@ def chunked_token_logps(
         head: the model's logit transform (scale, soft-cap, temperature).
         chunk_size: rows per chunk; peak extra memory is ``chunk_size * V`` floats. ``None`` picks
             it from the vocabulary so that a chunk takes about 256 MiB.
+        tied: where ``weight`` is also the input embedding of the forward that made ``hidden``, the
+            hand-off its lookup was made with (:mod:`posttrain.ops.tied_embedding`): the head's
+            gradient of ``weight`` then reaches autograd through that lookup, not as a second (V, d) tensor.
 
     Returns:
         ``logps`` (N,) float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``;
@@ -258,7 +352,7 @@ def chunked_token_logps(
         empty = hidden.new_zeros(0, dtype=torch.float32)
         # keep the graph connected so that backward through an empty selection still works
         return empty + 0.0 * hidden.sum(), empty, torch.zeros(0, dtype=torch.bool, device=hidden.device)
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, head, with_entropy)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, head, with_entropy, tied)
 
 
 class _FusedLinearNLL(torch.autograd.Function):

@@ -99,7 +99,7 @@ def test_chunked_logps_on_cuda_match_float64_logits(tiny_model_dir):
     expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     expected = expected * targets[:, 1:]
     assert result.logps.device.type == "cuda"
-    assert not any(device.type == "cuda" for device, _ in logprobs._workspaces)  # the caching allocator recycles
+    assert not any(key[0].type == "cuda" for key in logprobs._workspaces)  # the caching allocator recycles
     torch.testing.assert_close(result.logps.double(), expected, atol=1e-4, rtol=1e-4)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         low = token_logps(model, input_ids, targets, torch.ones_like(input_ids), chunk_size=16)

@@ -185,5 +185,73 @@ def test_logit_buffer_is_kept_on_the_cpu_only():
     # other devices have caching allocators: a kept buffer would only raise the peak at the optimizer step
     on_meta = logprobs._workspace(4, 8, torch.device("meta"), torch.float32)
     assert on_meta.shape == (4, 8) and on_meta.device.type == "meta"
-    assert [device.type for device, _ in logprobs._workspaces] == ["cpu"]
+    assert [key[0].type for key in logprobs._workspaces] == ["cpu"]
     logprobs.release_workspaces()
+
+
+def _one_slice_per_six_columns(monkeypatch):
+    from posttrain.ops import logprobs
+
+    monkeypatch.setattr(logprobs, "slice_width", lambda rows, vocab, budget_bytes=None: 6)  # 37 = 6 x 6 + 1
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_vocabulary_slices_match_the_float64_softmax(head, monkeypatch):
+    """Across vocabulary slices (a running max and rescaled sums), the log-probs, entropy, argmax and the
+    gradients of a loss on both equal full-width float64 autograd."""
+    _one_slice_per_six_columns(monkeypatch)
+    hidden, weight, bias, targets = _inputs(n=13, d=5, v=37, seed=5)
+    targets[0] = 36  # the one-column tail slice
+    g = torch.Generator().manual_seed(6)
+    upstream_logps, upstream_entropy = torch.randn(2, hidden.shape[0], dtype=torch.float64, generator=g)
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    expected, logits = _naive(*leaves, targets, head)
+    log_probs = torch.log_softmax(logits, -1)
+    expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    (expected * upstream_logps + expected_entropy * upstream_entropy).sum().backward()
+
+    leaves2 = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, entropy, match = chunked_token_logps(leaves2[0], leaves2[1], targets, bias=leaves2[2], head=head,
+                                                chunk_size=4, with_entropy=True)
+    (logps * upstream_logps + entropy * upstream_entropy).sum().backward()
+    torch.testing.assert_close(logps, expected.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(entropy, expected_entropy.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(match, logits.argmax(-1) == targets)
+    for got, want in zip((t.grad for t in leaves2), (t.grad for t in leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_masked_vocabulary_slice_gets_no_probability(monkeypatch):
+    """A whole slice of -inf logits (a masked vocabulary) adds exp(-inf) = 0, not NaN, to the running sums."""
+    _one_slice_per_six_columns(monkeypatch)
+    hidden, weight, bias, targets = _inputs(n=13, d=5, v=37, seed=8)
+    bias[:6] = float("-inf")  # the first slice: the running max starts at -inf
+    bias[18:24] = float("-inf")
+    targets[(targets < 6) | ((targets >= 18) & (targets < 24))] = 30
+    upstream = torch.randn(13, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    expected, logits = _naive(*leaves, targets, HeadTransform())
+    (expected * upstream).sum().backward()
+    leaves2 = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, _, match = chunked_token_logps(leaves2[0], leaves2[1], targets, bias=leaves2[2], chunk_size=4)
+    (logps * upstream).sum().backward()
+    torch.testing.assert_close(logps, expected.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(match, logits.argmax(-1) == targets)
+    for got, want in zip((t.grad for t in leaves2), (t.grad for t in leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_logits_held_at_once_are_one_vocabulary_slice(monkeypatch):
+    """With a big vocabulary the logits buffer is a (rows, slice) block within SLICE_BYTES, not (rows, V)."""
+    from posttrain.ops import logprobs
+
+    monkeypatch.setattr(logprobs, "SLICE_BYTES", 256 * 2**10)
+    logprobs.release_workspaces()
+    hidden, weight, bias, targets = _inputs(n=64, d=4, v=3000, seed=7)
+    leaves = [t.float().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, _, _ = chunked_token_logps(leaves[0], leaves[1], targets, bias=leaves[2], chunk_size=64, with_entropy=True)
+    logps.sum().backward()
+    held = max(buffer.numel() for buffer in logprobs._workspaces.values())
+    logprobs.release_workspaces()
+    assert held <= 64 * 1024  # 64 rows x 1,024 columns: 256 KiB of float32
