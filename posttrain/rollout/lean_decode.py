@@ -53,6 +53,17 @@ def _rms_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
     return norm
 
 
+def _sdpa_groups_masked_heads() -> bool:
+    """Whether transformers' SDPA attention passes ``enable_gqa`` with a mask (a forced setting, XPU or MPS
+    backends) rather than packing a single query token's heads; True when the helper is not found."""
+    try:
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+    except ImportError:
+        return True
+    probe = torch.empty(0, 1, 0, 1)
+    return use_gqa_in_sdpa(probe, probe, probe)
+
+
 def _forward_replaced(model: torch.nn.Module) -> bool:
     """Whether ``forward`` was replaced on an instance, as accelerate does to run a model under autocast for
     mixed precision. The lean step never calls ``forward``; it matches such a model only when the caller
@@ -148,6 +159,10 @@ class LeanDecoder:
         sin = self._sin_signed[positions].unsqueeze(1).unsqueeze(1)
         masked_out = (attention_mask == 0)[:, None, None, :]
         mask = None
+        # transformers' SDPA attention passes no mask when no column is padded and lets SDPA group the query
+        # heads (enable_gqa); with a mask it packs each key/value head's query heads as a query of that many
+        # positions instead. The two round differently, so the lean step makes the same choice
+        pack_queries = bool(masked_out.any()) and not _sdpa_groups_masked_heads()
         for index, layer in enumerate(self._layers):
             x = layer.input_norm(hidden)
             q = layer.q(x).view(batch, 1, layer.num_heads, layer.head_dim).transpose(1, 2)
@@ -163,9 +178,15 @@ class LeanDecoder:
                 # additive mask built once per token, not once per layer: SDPA turns a boolean mask into exactly
                 # this (0 where attended, -inf elsewhere) at every call; in the query's dtype, as SDPA requires
                 mask = torch.zeros(masked_out.shape, dtype=q.dtype, device=q.device).masked_fill_(masked_out, float("-inf"))
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads
-            )
+            groups = layer.num_heads // layer.num_kv_heads
+            if groups > 1 and pack_queries:
+                packed = q.reshape(batch, layer.num_kv_heads, groups, layer.head_dim)
+                out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=layer.scaling)
+                out = out.reshape(batch, layer.num_heads, 1, layer.head_dim)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=groups > 1
+                )
             hidden = hidden + layer.o(out.transpose(1, 2).reshape(batch, 1, -1))
             x = layer.post_attention_norm(hidden)
             hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))

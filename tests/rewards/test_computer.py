@@ -287,3 +287,34 @@ def test_async_failures_and_bad_returns_are_named():
         RewardComputer([broken])(PROMPTS, COMPLETIONS, IDS, columns={})
     with pytest.raises(RewardFunctionError, match="'short' returned 1 values for 3"):
         RewardComputer([short])(PROMPTS, COMPLETIONS, IDS, columns={})
+
+
+def test_the_slow_call_watch_starts_one_thread_not_one_per_call_and_still_reports_a_later_hang(monkeypatch, caplog):
+    import threading
+
+    started = []
+    original_start = threading.Thread.start
+
+    def counting_start(thread):
+        started.append(thread)
+        original_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    hang = threading.Event()
+
+    def sometimes_hanging(prompts, completions, **kwargs):
+        for _ in range(200 if hang.is_set() else 0):  # returns once the warning is out
+            if any("has not returned" in r.getMessage() for r in caplog.records):
+                break
+            time.sleep(0.01)
+        return [1.0] * len(completions)
+
+    computer = RewardComputer([sometimes_hanging], slow_call_seconds=0.2)
+    with caplog.at_level("WARNING"):
+        for _ in range(5):
+            computer(PROMPTS, COMPLETIONS, IDS, columns={})
+        assert not [r for r in caplog.records if "has not returned" in r.getMessage()]
+        hang.set()
+        computer(PROMPTS, COMPLETIONS, IDS, columns={})
+    assert len(started) == 1  # a thread per call cost up to 4 ms of each generation step on a busy CPU
+    assert len([r for r in caplog.records if "has not returned" in r.getMessage()]) == 1
