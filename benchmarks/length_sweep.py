@@ -202,6 +202,23 @@ def series_label(entry: dict) -> str:
             f"{', ' + levers if levers else ''}{where})")
 
 
+def merge_series(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``earlier`` entries followed by ``new`` ones; a new entry of a series already there takes over its
+    rows of the lengths it ran and keeps the others (so a sweep can be extended one length at a time)."""
+    merged = [dict(entry) for entry in earlier]
+    for entry in new:
+        same = [index for index, old in enumerate(merged) if series_label(old) == series_label(entry)]
+        if not same:
+            merged.append(entry)
+            continue
+        old = merged.pop(same[0])
+        ran = {row["length"] for row in entry["rows"]}
+        rows = sorted([row for row in old["rows"] if row["length"] not in ran] + entry["rows"],
+                      key=lambda row: row["length"])
+        merged.append({**entry, "rows": rows, "longest_fit": longest_fit(rows)})
+    return merged
+
+
 def format_table(entries: list[dict], cap_mb: float) -> str:
     header = (f"{'method':<6} {'impl':<10} {'ckpt':<5} {'levers':<28} {'length':>7} {'s/step':>8} {'tok/s':>8} "
               f"{'peak RSS MB':>12} {'loss 1':>9} {'status':<14}")
@@ -302,7 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "length_sweep.json"))
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--append", action="store_true",
-                        help="keep the other series already in --out (same method, library and checkpointing is replaced)")
+                        help="keep the series already in --out; a rerun of the same series (method, library, "
+                             "checkpointing, levers) adds its lengths to it, replacing those run again")
     parser.add_argument("--model", choices=sorted(LONG_PREFIXES), default="h256",
                         help="h256: the small big-vocabulary model; qwen2.5-0.5b: a random model of Qwen2.5-0.5B's shape")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -363,9 +381,7 @@ def main(argv=None) -> int:
 
     if args.append and os.path.exists(args.out):
         with open(args.out) as handle:
-            kept = [e for e in json.load(handle).get("entries", [])
-                    if not any(series_label(e) == series_label(new) for new in entries)]
-        entries = kept + entries
+            entries = merge_series(json.load(handle).get("entries", []), entries)
     print()
     print(format_table(entries, cap_mb))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

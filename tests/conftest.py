@@ -26,6 +26,21 @@ def _seed_and_cwd(tmp_path, monkeypatch):
     yield
 
 
+def _perturb_parameters(model, scale=0.05, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
+@pytest.fixture
+def perturb():
+    """``perturb(model, scale=0.05, seed=1)``: seeded noise added to every parameter in place (and the model
+    returned), for a policy that differs from its reference, whose log-ratios are then far from 0."""
+    return _perturb_parameters
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """Directory of the project's tiny random Qwen2 and its tokenizer (created once, cached)."""

@@ -81,11 +81,16 @@ def test_main_writes_table_json_and_plot_and_appends_series(tmp_path, monkeypatc
     pytest.importorskip("matplotlib")
     assert (tmp_path / "sweep.png").stat().st_size > 0
 
-    # another checkpointing setting is a second series; rerunning the same one replaces it
+    # another checkpointing setting is a second series; rerunning the same one adds its lengths to it
     assert length_sweep.main(args + ["--checkpointing", "on", "--append", "--lengths", "10"]) == 0
-    assert length_sweep.main(args + ["--checkpointing", "on", "--append", "--lengths", "10,40"]) == 0
+    assert length_sweep.main(args + ["--checkpointing", "on", "--append", "--lengths", "40"]) == 0
     entries = json.loads(out.read_text())["entries"]
     assert [(e["checkpointing"], e["longest_fit"]) for e in entries] == [("off", 40), ("on", 40)]
+    assert [row["length"] for row in entries[1]["rows"]] == [10, 40]
+    assert length_sweep.main(args + ["--checkpointing", "on", "--append", "--lengths", "40,400"]) == 0
+    entries = json.loads(out.read_text())["entries"]
+    assert [row["length"] for row in entries[1]["rows"]] == [10, 40, 400]
+    assert [row["status"] for row in entries[1]["rows"]][2] != "ok" and entries[1]["longest_fit"] == 40
 
 
 def test_trl_path_reaches_only_the_trl_processes(tmp_path, monkeypatch):

@@ -71,6 +71,25 @@ def test_chunked_logps_gradcheck_float64():
     )
 
 
+def _logps_and_entropy_backward(hidden, weight, bias, targets, head, upstream_logps, upstream_entropy):
+    """Log-probs, entropy, argmax match and the gradients of ``sum(logps * up_l + entropy * up_e)`` for
+    (hidden, weight, bias): full-width float64 autograd (expected) and :func:`chunked_token_logps` (got)."""
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, logits = _naive(*leaves, targets, head)
+    log_probs = torch.log_softmax(logits, -1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    (logps * upstream_logps + entropy * upstream_entropy).sum().backward()
+    expected = {"logps": logps.detach(), "entropy": entropy.detach(), "match": logits.argmax(-1) == targets,
+                "grads": [t.grad for t in leaves]}
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps, entropy, match = chunked_token_logps(leaves[0], leaves[1], targets, bias=leaves[2], head=head,
+                                                chunk_size=4, with_entropy=True)
+    (logps.double() * upstream_logps + entropy.double() * upstream_entropy).sum().backward()
+    got = {"logps": logps.detach(), "entropy": entropy.detach(), "match": match, "grads": [t.grad for t in leaves]}
+    return expected, got
+
+
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("with_logps_grad", [True, False])
 def test_entropy_gradient_matches_the_float64_softmax(head, with_logps_grad):
@@ -81,17 +100,8 @@ def test_entropy_gradient_matches_the_float64_softmax(head, with_logps_grad):
     upstream_logps = torch.randn(hidden.shape[0], dtype=torch.float64, generator=g) if with_logps_grad else 0.0
     upstream_entropy = torch.randn(hidden.shape[0], dtype=torch.float64, generator=g)
 
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    expected_logps, logits = _naive(*leaves, targets, head)
-    log_probs = torch.log_softmax(logits, -1)
-    expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
-    (expected_logps * upstream_logps + expected_entropy * upstream_entropy).sum().backward()
-
-    leaves2 = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    logps, entropy, _ = chunked_token_logps(leaves2[0], leaves2[1], targets, bias=leaves2[2], head=head,
-                                            chunk_size=4, with_entropy=True)
-    (logps.double() * upstream_logps + entropy.double() * upstream_entropy).sum().backward()
-    for got, want in zip((t.grad for t in leaves2), (t.grad for t in leaves)):
+    expected, got = _logps_and_entropy_backward(hidden, weight, bias, targets, head, upstream_logps, upstream_entropy)
+    for got, want in zip(got["grads"], expected["grads"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -205,20 +215,11 @@ def test_vocabulary_slices_match_the_float64_softmax(head, monkeypatch):
     g = torch.Generator().manual_seed(6)
     upstream_logps, upstream_entropy = torch.randn(2, hidden.shape[0], dtype=torch.float64, generator=g)
 
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    expected, logits = _naive(*leaves, targets, head)
-    log_probs = torch.log_softmax(logits, -1)
-    expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
-    (expected * upstream_logps + expected_entropy * upstream_entropy).sum().backward()
-
-    leaves2 = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    logps, entropy, match = chunked_token_logps(leaves2[0], leaves2[1], targets, bias=leaves2[2], head=head,
-                                                chunk_size=4, with_entropy=True)
-    (logps * upstream_logps + entropy * upstream_entropy).sum().backward()
-    torch.testing.assert_close(logps, expected.detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(entropy, expected_entropy.detach(), rtol=1e-10, atol=1e-12)
-    assert torch.equal(match, logits.argmax(-1) == targets)
-    for got, want in zip((t.grad for t in leaves2), (t.grad for t in leaves)):
+    expected, got = _logps_and_entropy_backward(hidden, weight, bias, targets, head, upstream_logps, upstream_entropy)
+    torch.testing.assert_close(got["logps"], expected["logps"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got["entropy"], expected["entropy"], rtol=1e-10, atol=1e-12)
+    assert torch.equal(got["match"], expected["match"])
+    for got, want in zip(got["grads"], expected["grads"]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 

@@ -40,14 +40,6 @@ def _config(tmp_path, **overrides):
     return DPOConfig(**values)
 
 
-def _perturbed(model, scale=0.05, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
-    return model
-
-
 def _batch(trainer, n=4, dataset=None):
     dataset = dataset if dataset is not None else trainer.train_dataset
     return trainer.data_collator([dataset[i] for i in range(n)])
@@ -113,8 +105,8 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards(tiny_model_dir, t
     ],
     ids=["sigmoid", "rpo", "sigmoid+ipo", "hinge", "ld_alpha", "ld_alpha+rpo", "ld_alpha+sft", "wpo"],
 )
-def test_loss_equals_hand_computation_from_two_models(tiny_model_dir, tmp_path, options):
-    policy = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+def test_loss_equals_hand_computation_from_two_models(perturb, tiny_model_dir, tmp_path, options):
+    policy = perturb(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=_config(tmp_path, **options),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
@@ -224,14 +216,14 @@ def test_conversational_loss_matches_an_independent_computation(tiny_model_dir, 
     assert loss == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_gradient_accumulation_matches_one_large_batch(tiny_model_dir, tmp_path):
+def test_gradient_accumulation_matches_one_large_batch(perturb, tiny_model_dir, tmp_path):
     data = _preferences(4)
     params = {}
     for name, batch_size, accumulation in (("large", 4, 1), ("accumulated", 1, 4)):
         args = _config(tmp_path / name, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                        max_steps=1, optim="sgd", learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0,
                        lr_scheduler_type="constant", loss_type=["sigmoid", "ipo"], rpo_alpha=1.0)
-        trainer = DPOTrainer(model=_perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir)),
+        trainer = DPOTrainer(model=perturb(AutoModelForCausalLM.from_pretrained(tiny_model_dir)),
                              ref_model=tiny_model_dir, args=args, train_dataset=data)
         start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
@@ -242,8 +234,8 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_model_dir, tmp_path)
         torch.testing.assert_close(params["accumulated"][name], update, rtol=1e-4, atol=1e-6)
 
 
-def test_padding_free_gives_the_padded_loss(tiny_model_dir, tmp_path):
-    policy = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+def test_padding_free_gives_the_padded_loss(perturb, tiny_model_dir, tmp_path):
+    policy = perturb(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     losses = {}
     for padding_free in (False, True):
         trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=tiny_model_dir,
@@ -310,8 +302,8 @@ def test_existing_adapter_keeps_a_frozen_copy_of_itself_as_reference(tiny_model_
 
 
 @pytest.mark.parametrize("explicit_reference", [False, True])
-def test_precomputed_reference_log_probs(tiny_model_dir, tmp_path, explicit_reference):
-    policy = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) if explicit_reference else tiny_model_dir
+def test_precomputed_reference_log_probs(perturb, tiny_model_dir, tmp_path, explicit_reference):
+    policy = perturb(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) if explicit_reference else tiny_model_dir
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     snapshot = copy.deepcopy(reference)
     trainer = DPOTrainer(model=policy, ref_model=reference if explicit_reference else None,

@@ -31,18 +31,10 @@ def _config(tmp_path, **overrides):
     return DPOConfig(**values)
 
 
-def _perturbed(model, scale=0.05, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
-    return model
-
-
 @pytest.mark.parametrize("extra", [{}, {"rpo_alpha": 1.0, "use_weighting": True}, {"ld_alpha": 0.5}])
-def test_per_sequence_forward_gives_the_padded_loss_and_gradients(tiny_model_dir, tmp_path, extra):
+def test_per_sequence_forward_gives_the_padded_loss_and_gradients(perturb, tiny_model_dir, tmp_path, extra):
     # float64, and a reference that differs from the policy: the log-ratios are far from 0
-    policy = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64))
+    policy = perturb(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     results = {}
     for per_sequence in (False, True):
