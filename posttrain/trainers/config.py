@@ -11,6 +11,7 @@ It adds three things to the Trainer's vocabulary:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -172,6 +173,37 @@ class PosttrainConfig(TrainingArguments):
                 "fp16 mixed precision needs a CUDA GPU and this machine has none", field="fp16",
                 fix="drop --fp16 (float32 is used automatically on CPU)",
             )
+
+
+_gloo_teardown_registered = False
+
+
+def destroy_gloo_group_at_exit() -> None:
+    """Destroy a live gloo process group when the interpreter exits, while it is still intact.
+
+    A process that exits with its gloo group alive can abort during interpreter finalisation ("terminate
+    called without an active exception", exit code -6) when gloo's worker threads drop the tensors they
+    still hold: a two-process CPU run that trained correctly then fails under torchrun now and then.
+    Registered once, and only for gloo; a script that destroys the group itself is left as it is.
+    """
+    global _gloo_teardown_registered
+    if _gloo_teardown_registered or not _gloo_group_alive():
+        return
+    _gloo_teardown_registered = True
+    atexit.register(_destroy_gloo_group)
+
+
+def _gloo_group_alive() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+
+
+def _destroy_gloo_group() -> None:
+    if _gloo_group_alive():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def adopt_process_launch(config: TrainingArguments) -> int:
