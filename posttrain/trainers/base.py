@@ -28,7 +28,7 @@ from transformers import (
 
 from posttrain.errors import ConfigError
 from posttrain.models.wrappers import is_peft_model
-from posttrain.trainers.config import PosttrainConfig, configure_tokenizer, destroy_gloo_group_at_exit, note_alias_once
+from posttrain.trainers.config import PosttrainConfig, configure_tokenizer, note_alias_once, settle_gloo_workers_at_exit
 
 logger = logging.getLogger("posttrain")
 
@@ -327,7 +327,7 @@ class PosttrainTrainer(Trainer):
         if not hasattr(self, "_metrics"):
             self._init_metrics()
         super().__init__(*args, **kwargs)
-        destroy_gloo_group_at_exit()
+        settle_gloo_workers_at_exit()
         self.metrics_file = MetricsFileCallback()
         self.add_callback(self.metrics_file)
         self._install_run_safety()

@@ -175,22 +175,29 @@ class PosttrainConfig(TrainingArguments):
             )
 
 
-_gloo_teardown_registered = False
+GLOO_EXIT_SETTLE_SECONDS = 0.05
+_gloo_exit_settle_registered = False
+gloo_exit_settled = False  # set by the exit handler, for tests
 
 
-def destroy_gloo_group_at_exit() -> None:
-    """Destroy a live gloo process group when the interpreter exits, while it is still intact.
+def settle_gloo_workers_at_exit() -> None:
+    """At interpreter exit, give gloo's worker threads the GIL before finalisation starts.
 
-    A process that exits with its gloo group alive can abort during interpreter finalisation ("terminate
-    called without an active exception", exit code -6) when gloo's worker threads drop the tensors they
-    still hold: a two-process CPU run that trained correctly then fails under torchrun now and then.
-    Registered once, and only for gloo; a script that destroys the group itself is left as it is.
+    A gloo worker thread drops each finished collective's tensors on its own, just after the
+    collective completes; a tensor that Python has seen then needs the GIL. When the main thread
+    reaches interpreter finalisation first, the worker's attempt to take the GIL ends the thread
+    with a forced unwind that aborts the process ("terminate called without an active exception",
+    exit code -6; seen in a core dump as ``ProcessGroupGloo::AsyncWork`` being destroyed), so a
+    two-process CPU run that trained correctly fails under torchrun now and then. An exit handler,
+    registered once while the interpreter is intact and only for gloo, sleeps for
+    :data:`GLOO_EXIT_SETTLE_SECONDS`, which lets those threads finish. It starts no collective, so a
+    process whose peers have failed exits as promptly as before.
     """
-    global _gloo_teardown_registered
-    if _gloo_teardown_registered or not _gloo_group_alive():
+    global _gloo_exit_settle_registered
+    if _gloo_exit_settle_registered or not _gloo_group_alive():
         return
-    _gloo_teardown_registered = True
-    atexit.register(_destroy_gloo_group)
+    _gloo_exit_settle_registered = True
+    atexit.register(_settle_gloo_workers)
 
 
 def _gloo_group_alive() -> bool:
@@ -199,11 +206,13 @@ def _gloo_group_alive() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
 
 
-def _destroy_gloo_group() -> None:
+def _settle_gloo_workers() -> None:
+    global gloo_exit_settled
     if _gloo_group_alive():
-        import torch.distributed as dist
+        import time
 
-        dist.destroy_process_group()
+        time.sleep(GLOO_EXIT_SETTLE_SECONDS)  # releases the GIL to the worker threads
+        gloo_exit_settled = True
 
 
 def adopt_process_launch(config: TrainingArguments) -> int:
