@@ -95,7 +95,9 @@ def tied_embedding_lookups(model: nn.Module | None) -> Iterator[TiedGradient | N
     if not (torch.is_grad_enabled() and type(embeddings) is nn.Embedding and type(head) is nn.Linear
             and head.weight is embeddings.weight and type(head.weight) is nn.Parameter and head.weight.requires_grad
             and embeddings.max_norm is None and not embeddings.scale_grad_by_freq and not embeddings.sparse
-            and getattr(embeddings, "_compiled_call_impl", None) is None):
+            and getattr(embeddings, "_compiled_call_impl", None) is None
+            # DeepSpeed ZeRO-3 partitions the weight and reduces its gradient through its own hooks
+            and not hasattr(head.weight, "ds_id")):
         yield None
         return
     tied = TiedGradient()

@@ -146,7 +146,12 @@ def _frozen(model):
     return model
 
 
-@pytest.mark.parametrize("variant", [_with_scaled_embedding, _with_lora_head, _frozen])
+def _zero3_partitioned(model):
+    model.get_input_embeddings().weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    return model
+
+
+@pytest.mark.parametrize("variant", [_with_scaled_embedding, _with_lora_head, _frozen, _zero3_partitioned])
 def test_other_heads_and_embeddings_take_the_plain_path(variant):
     model = variant(_model(True, torch.float64))
     input_ids, completion_mask, weights = _batch()
