@@ -429,13 +429,14 @@ def weighted_target_nll(
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         logits = outputs.logits[:, :-1][mask].float()
     else:
-        outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
+        with tied_embedding_lookups(None if runs_compiled(model) else unwrap_model(model)) as tied:
+            outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
         selected = final_hidden_states(outputs, input_ids)[:, :-1][mask]
         head = output_head(model)
         if head is not None:
             loss, argmax_match, _ = fused_linear_nll(
                 selected, head.weight, targets, token_weights,
-                bias=head.bias, head=head.transform, chunk_size=chunk_size,
+                bias=head.bias, head=head.transform, chunk_size=chunk_size, tied=tied,
             )
             return loss + router_loss_term(model, outputs, token_weights), argmax_match
         logits = transform_logits(unwrap_model(model).get_output_embeddings()(selected), head_transform(model))

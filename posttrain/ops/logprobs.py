@@ -357,7 +357,7 @@ def chunked_token_logps(
 
 class _FusedLinearNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size, head, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size, head, with_entropy, tied):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         compute_grads = need_hidden or need_weight or need_bias
         n = hidden.shape[0]
@@ -398,19 +398,26 @@ class _FusedLinearNLL(torch.autograd.Function):
         if not with_entropy:
             entropy.fill_(float("nan"))
         ctx.mark_non_differentiable(argmax_match, entropy)
+        ctx.tied = tied
+        ctx.spent = False
         return loss, argmax_match, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_match, _grad_entropy):
+        if ctx.spent:
+            raise RuntimeError(
+                "fused_linear_nll: a second backward through the same loss (retain_graph=True). Its gradients "
+                "are computed in forward and scaled in place by the one backward; compute the loss again instead.")
+        ctx.spent = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight * scale.to(grad_weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias * scale.to(grad_bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        # scaled in place: a copy would be a second (V, d) tensor at the backward's peak
+        for grad in (grad_hidden, grad_weight, grad_bias):
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
+        # a tied input embedding's lookup adds its rows into the head's gradient and returns the sum
+        if grad_weight is not None and ctx.tied is not None and grad_hidden is not None and ctx.tied.deposit(grad_weight):
+            grad_weight = None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def fused_linear_nll(
@@ -423,14 +430,17 @@ def fused_linear_nll(
     head: HeadTransform = HeadTransform(),
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    tied: TiedGradient | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted negative log-likelihood ``sum_i token_weights[i] * -log p(targets[i] | hidden[i])``.
 
     Gradients are computed in forward (when autograd needs them), so the loss must be used
-    linearly afterwards (scaled, summed with other losses), which is how training uses it.
+    linearly afterwards (scaled, summed with other losses), which is how training uses it, and
+    backward runs through it once.
 
     Args:
         hidden: (N, d); weight: (V, d); targets: (N,); token_weights: (N,), e.g. ``1 / num_tokens``.
+        tied: as for :func:`chunked_token_logps`, the hand-off of a tied input embedding's lookup.
 
     Returns:
         ``loss`` scalar float32; ``argmax_match`` (N,) bool and ``entropy`` (N,) float32 (NaN unless
@@ -440,7 +450,7 @@ def fused_linear_nll(
     if hidden.shape[0] == 0:
         zero = 0.0 * hidden.sum()
         return zero.float(), torch.zeros(0, dtype=torch.bool, device=hidden.device), hidden.new_zeros(0)
-    return _FusedLinearNLL.apply(hidden, weight, bias, targets, token_weights, chunk_size, head, with_entropy)
+    return _FusedLinearNLL.apply(hidden, weight, bias, targets, token_weights, chunk_size, head, with_entropy, tied)
 
 
 def naive_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

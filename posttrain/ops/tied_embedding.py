@@ -109,7 +109,9 @@ def tied_embedding_lookups(model: nn.Module | None) -> Iterator[TiedGradient | N
             return output
         return tied_embedding(module.weight, args[0], module.padding_idx, tied)
 
-    handle = embeddings.register_forward_hook(lookup)
+    # first among the module's hooks, so that the others (NEFTune's noise, `enable_input_require_grads`)
+    # see and change this lookup's output rather than the one it replaces
+    handle = embeddings.register_forward_hook(lookup, prepend=True)
     try:
         yield tied
     finally:

@@ -201,3 +201,77 @@ def test_a_compiled_forward_takes_the_plain_path(monkeypatch):
     assert entered == [None]
     assert lm_head.runs_compiled(torch.compile(_model(True)))  # the wrapper (compiles lazily, on a call)
     assert not lm_head.runs_compiled(_model(True))
+
+
+def _sft_loss(model, input_ids, completion_mask, weights, scale=0.37):
+    """The SFT loss through the fused head (gradients made in forward), scaled as gradient accumulation scales it."""
+    mask = lm_head.target_positions(completion_mask)
+    token_weights = weights.expand(mask.shape)[mask]
+    loss, _ = lm_head.weighted_target_nll(model, input_ids, mask, token_weights, chunk_size=7)
+    return loss * scale
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sft_gradients_equal_plain_autograd_in_float64(tied):
+    model = _model(tied, torch.float64)
+    input_ids, completion_mask, weights = _batch()
+    got = _grads(model, _sft_loss(model, input_ids, completion_mask, weights))
+    want = _grads(model, -0.37 * _reference_loss(model, input_ids, completion_mask, weights))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_sft_float32_gradient_is_bit_identical_to_two_dense_gradients_summed():
+    model = _model(True)
+    input_ids, completion_mask, weights = _batch()
+    weights = weights.float()
+    got = _grads(model, _sft_loss(model, input_ids, completion_mask, weights))
+    with _without_hand_off():
+        want = _grads(model, _sft_loss(model, input_ids, completion_mask, weights))
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sft_backward_builds_one_dense_gradient_per_weight_matrix(tied):
+    model = _model(tied)
+    input_ids, completion_mask, weights = _batch()
+    counter = _DenseWeightShapedOutputs([model.get_input_embeddings().weight, model.get_output_embeddings().weight])
+    with counter:  # the fused head makes its gradient in forward; backward scales it in place
+        _sft_loss(model, input_ids, completion_mask, weights.float()).backward()
+    assert len(counter.storages) == (1 if tied else 2)
+
+
+def test_sft_loss_refuses_a_second_backward():
+    model = _model(True)
+    input_ids, completion_mask, weights = _batch()
+    loss = _sft_loss(model, input_ids, completion_mask, weights.float())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("loss_of", [_sft_loss, _chunked_loss])
+def test_neftune_noise_reaches_the_hand_off_lookup(loss_of):
+    """NEFTune adds noise to the embedding output in a hook: it must noise the lookup that replaces it."""
+    from transformers.integrations.neftune import activate_neftune
+
+    model = _model(True)
+    input_ids, completion_mask, weights = _batch()
+    weights = weights.float()
+    quiet = loss_of(model, input_ids, completion_mask, weights)
+    activate_neftune(model, 5.0)
+    model.train()
+
+    def noised_grads():
+        torch.manual_seed(7)  # the same noise for both paths
+        return _grads(model, loss_of(model, input_ids, completion_mask, weights))
+
+    torch.manual_seed(7)
+    loud = loss_of(model, input_ids, completion_mask, weights)
+    assert not torch.isclose(loud, quiet, rtol=1e-4), "the noise was dropped"
+    got = noised_grads()
+    with _without_hand_off():
+        want = noised_grads()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

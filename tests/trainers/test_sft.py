@@ -225,3 +225,17 @@ def test_prompt_learning_adapters_train_and_score_the_real_tokens(tiny_model_dir
     assert metrics["eval_loss"] == pytest.approx(-token_logps[targets].mean().item(), rel=1e-5)
     correct = logits.argmax(-1)[targets] == batch["input_ids"][:, 1:][targets]
     assert metrics["eval_mean_token_accuracy"] == pytest.approx(correct.double().mean().item())
+
+
+def test_neftune_noise_changes_the_loss_of_a_tied_model(tiny_model_dir, tmp_path):
+    """NEFTune's hook noises the embedding lookup that the tied-gradient hand-off puts in its place."""
+    first_losses = []
+    for alpha in (None, 50.0):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        trainer = SFTTrainer(model=model, train_dataset=_messages(8),
+                             args=_config(tmp_path, max_steps=1, neftune_noise_alpha=alpha, seed=3))
+        trainer.train()
+        first_losses.append(trainer.state.log_history[0]["loss"])
+        assert not model.get_input_embeddings()._forward_hooks  # deactivated after training
+    assert abs(first_losses[1] - first_losses[0]) > 1e-3, first_losses
