@@ -275,3 +275,42 @@ def test_neftune_noise_reaches_the_hand_off_lookup(loss_of):
         want = noised_grads()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def _gpt2(dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, pad_token_id=PAD,
+                        bos_token_id=0, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).to(dtype)  # ties wte and lm_head; positions added after the lookup
+
+
+def _llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True, pad_token_id=PAD)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama])
+@pytest.mark.parametrize("loss_of", [_sft_loss, _chunked_loss])
+def test_other_tied_architectures(make, loss_of):
+    model = make(torch.float64)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    input_ids, completion_mask, weights = _batch()
+    got = _grads(model, loss_of(model, input_ids, completion_mask, weights))
+    scale = -0.37 if loss_of is _sft_loss else 1.0
+    want = _grads(model, scale * _reference_loss(model, input_ids, completion_mask, weights))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+    model = make(torch.float32)
+    with lm_head.tied_embedding_lookups(model) as tied:
+        assert tied is not None  # the hand-off is taken, not the plain path
+    got = _grads(model, loss_of(model, input_ids, completion_mask, weights.float()))
+    with _without_hand_off():
+        want = _grads(model, loss_of(model, input_ids, completion_mask, weights.float()))
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
