@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from posttrain.errors import ConfigError
 
@@ -253,14 +254,39 @@ def _own_checkpointing_off(layer: nn.Module):
             layer.gradient_checkpointing = own
 
 
+def plain_without_grad(forward: Callable) -> Callable:
+    """Mark ``forward`` as a memory lever's replacement forward that, without gradients, is the module's own.
+
+    The rollout engine's lean decode step reads a model's weights instead of calling its forwards, which is
+    only equivalent for forwards it knows; these (activation offloading, the tiled MLP) it may skip.
+    """
+    forward._posttrain_plain_without_grad = True
+    return forward
+
+
+def runs_plain_without_grad(module: nn.Module) -> bool:
+    """Whether ``module``'s forward was replaced by one marked with :func:`plain_without_grad`."""
+    replaced = vars(module).get("forward")
+    return getattr(getattr(replaced, "__func__", replaced), "_posttrain_plain_without_grad", False)
+
+
+def _is_kv_cache(value: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
+@plain_without_grad
 def _offloaded_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     plain_forward = type(self).forward
     if not (self.training and torch.is_grad_enabled()):
         return plain_forward(self, hidden_states, *args, **kwargs)  # no backward to prepare for
     # as under transformers' own checkpointing: a KV cache would be written a second time by the recompute
-    # (a training forward only fills one it made itself; prompt sharing is off while layers are offloaded)
-    for name in ("cache", "past_key_values", "past_key_value"):
-        if kwargs.get(name) is not None:
+    # (a training forward only fills one it made itself; prompt sharing is off while layers are offloaded).
+    # Some models pass it by position (GPT-2's blocks take it second), so it is found by type, not by name
+    args = tuple(None if _is_kv_cache(value) else value for value in args)
+    for name, value in kwargs.items():
+        if name in ("cache", "past_key_values", "past_key_value", "layer_past") or _is_kv_cache(value):
             kwargs[name] = None
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
@@ -269,6 +295,11 @@ def _offloaded_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kw
         with _own_checkpointing_off(self):
             return plain_forward(self, layer_input, *args, **kwargs)
 
+    if getattr(self._posttrain_model_config, "output_router_logits", False):
+        # a MoE model's router logits are collected by hooks for its load-balancing loss; inside the offloaded
+        # function (which runs without a graph) they would be collected detached and that loss would train
+        # nothing. Plain non-reentrant checkpointing keeps their graph; the layer input then stays in memory
+        return checkpoint(run, hidden_states, use_reentrant=False)
     params = [p for p in self.parameters() if p.requires_grad]
     # held in memory anyway while the layer's backward runs: never worth a spilled copy
     keep = _storages([*self.parameters(), *self.buffers(), *args, *kwargs.values(),
@@ -292,10 +323,15 @@ def enable_activation_offloading(model: nn.Module) -> int:
             fix="drop activation_offloading (use gradient_checkpointing=True) for this model",
         )
     offloader = _BoundaryOffloader()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for layer in layers:
         if getattr(layer, _MARK, False):
             continue
         layer._posttrain_offloader = offloader
+        # read at every forward: a trainer may turn the router loss on or off after this
+        layer._posttrain_model_config = text_config
         layer.forward = types.MethodType(_offloaded_forward, layer)
         setattr(layer, _MARK, True)
     return len(layers)

@@ -67,8 +67,12 @@ def _sdpa_groups_masked_heads() -> bool:
 def _forward_replaced(model: torch.nn.Module) -> bool:
     """Whether ``forward`` was replaced on an instance, as accelerate does to run a model under autocast for
     mixed precision. The lean step never calls ``forward``; it matches such a model only when the caller
-    already runs under autocast (the trainers sample under ``accelerator.autocast()``)."""
-    return any("forward" in vars(module) for module in model.modules())
+    already runs under autocast (the trainers sample under ``accelerator.autocast()``). The layers and MLPs
+    wrapped by ``activation_offloading`` and ``tiled_mlp`` do not count: for one token per row without
+    gradients they run their own forward."""
+    from posttrain.models.offload import runs_plain_without_grad
+
+    return any("forward" in vars(module) and not runs_plain_without_grad(module) for module in model.modules())
 
 
 class _Layer:

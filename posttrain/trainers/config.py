@@ -113,8 +113,9 @@ class PosttrainConfig(TrainingArguments):
     )
     tiled_mlp: bool = field(
         default=False,
-        metadata={"help": "Run each gated MLP (gate/up/down projections) over tiles of sequence_tile_size tokens, "
-                  "each recomputed in the backward, so no (tokens x intermediate) tensor is held whole."},
+        metadata={"help": "Run each dense MLP (Llama-style gate/up/down, Phi-3's fused gate_up, GPT-2's c_fc/c_proj) over "
+                  "tiles of sequence_tile_size tokens, each recomputed in the backward, so no (tokens x intermediate) "
+                  "tensor is held whole. Mixture-of-experts blocks are not tiled."},
     )
     sequence_tile_size: int = field(
         default=2048, metadata={"help": "Tokens per tile for tiled_mlp."}

@@ -17,6 +17,7 @@ from posttrain.models import offload
 from posttrain.models.lm_head import forward_without_logits
 from posttrain.models.offload import activation_offloading_enabled, decoder_layers, enable_activation_offloading
 from posttrain.models.tiling import enable_tiled_mlp, position_wise_mlps
+from posttrain.models.tiny import MATRIX_ARCHITECTURES, build_tiny_model, build_tokenizer_variant
 
 VOCAB = 61
 
@@ -97,6 +98,68 @@ def test_levers_give_the_plain_loss_and_gradients(arch, levers, checkpointing):
     assert_same(reference, loss_and_grads(model))  # and again: nothing left over from the first step
     if "offload" in levers:
         assert len(recorder.packed) == 2 * 3  # one layer input per layer and step went through the hooks
+
+
+@pytest.fixture(scope="module")
+def own_pad_tokenizer():
+    return build_tokenizer_variant("own_pad")
+
+
+def matrix_loss_and_grads(model: torch.nn.Module, pad_id: int):
+    """Loss and gradients over a right-padded batch (pads masked and unlabelled), in the model's default
+    training configuration: ``use_cache`` on, so a model that makes a KV cache in training passes it to its layers."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, model.config.vocab_size, (2, 29), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    # three pads: with Gemma 2's 4-token sliding window no query sees only pads (its float64 SDPA would give NaN)
+    attention_mask[1, -3:] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad_id)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask,
+                 labels=input_ids.masked_fill(attention_mask == 0, -100)).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
+
+
+@pytest.mark.parametrize("arch", list(MATRIX_ARCHITECTURES))
+def test_levers_give_the_plain_loss_and_gradients_on_every_architecture(arch, own_pad_tokenizer):
+    """GPT-2 passes its KV cache to each block by position (which the recompute must not write twice), Gemma 2
+    soft-caps, Granite scales, Phi-3 fuses gate and up, the MoE models route; all in float64."""
+    plain = build_tiny_model(arch, own_pad_tokenizer, num_hidden_layers=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                             attn_pdrop=0.0) if arch == "gpt2" else build_tiny_model(arch, own_pad_tokenizer,
+                                                                                     num_hidden_layers=2)
+    if arch in MOE_ARCHITECTURES:
+        plain.set_experts_implementation("eager")  # the grouped-matmul experts take no float64
+    plain = plain.double().train()
+    assert plain.config.use_cache
+    reference = matrix_loss_and_grads(plain, own_pad_tokenizer.pad_token_id)
+    model = copy.deepcopy(plain)
+    assert enable_activation_offloading(model) == 2
+    assert_same(reference, matrix_loss_and_grads(model, own_pad_tokenizer.pad_token_id))
+    if arch in MOE_ARCHITECTURES:
+        with pytest.raises(ConfigError, match="mixture-of-experts"):
+            enable_tiled_mlp(model, sequence_tile_size=8)
+    else:
+        assert enable_tiled_mlp(model, sequence_tile_size=8) == 2  # 29 tokens: 4 tiles, the last one short
+    assert_same(reference, matrix_loss_and_grads(model, own_pad_tokenizer.pad_token_id))
+    assert_same(reference, matrix_loss_and_grads(model, own_pad_tokenizer.pad_token_id))
+
+
+def test_moe_layers_are_offloaded_unless_the_router_loss_needs_their_graph(own_pad_tokenizer):
+    """With ``output_router_logits`` the layers fall back to in-memory checkpointing (the router loss's gradient
+    needs the logits' graph); without it they go through the offload hooks like dense layers."""
+    model = build_tiny_model("qwen3_moe", own_pad_tokenizer, num_hidden_layers=2).train()
+    enable_activation_offloading(model)
+    recorder = record_offloads(model)
+    assert model.config.output_router_logits
+    matrix_loss_and_grads(model, own_pad_tokenizer.pad_token_id)
+    assert recorder.packed == []
+    model.config.output_router_logits = False  # as router_aux_loss_coef=0.0 sets it, after the layers were wrapped
+    matrix_loss_and_grads(model, own_pad_tokenizer.pad_token_id)
+    assert len(recorder.packed) == 2
 
 
 def test_offloaded_layers_keep_only_their_input():

@@ -98,6 +98,26 @@ def test_engine_samples_the_same_tokens_with_and_without_the_lean_step(arch, tok
     assert torch.equal(batches[0].completion_mask, batches[1].completion_mask)
 
 
+def test_memory_levers_keep_the_lean_step(tokenizer, prompts):
+    """activation_offloading and tiled_mlp replace layer and MLP forwards; without gradients those are the
+    modules' own, so sampling keeps the lean step and draws the same tokens as the unwrapped model."""
+    from posttrain.models.offload import enable_activation_offloading
+    from posttrain.models.tiling import enable_tiled_mlp
+
+    plain = build("qwen2", tokenizer)
+    levered = build("qwen2", tokenizer)
+    enable_activation_offloading(levered)
+    enable_tiled_mlp(levered, 4)  # shorter than the prompts: the prefill is tiled, the decode steps are not
+    assert LeanDecoder.build(levered) is not None
+    sampling = SamplingParams(max_completion_length=10, temperature=1.0)
+    batches = [HFRolloutEngine(model, tokenizer).generate(prompts, num_generations=3, sampling=sampling,
+                                                          generator=torch.Generator().manual_seed(3))
+               for model in (plain, levered)]
+    assert torch.equal(batches[0].completion_ids, batches[1].completion_ids)
+    levered.forward = levered.forward  # any other replaced forward still turns the lean step off
+    assert LeanDecoder.build(levered) is None
+
+
 def test_lora_adapters_apply_in_the_lean_step_and_can_be_disabled(tokenizer, prompts):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(build("qwen2", tokenizer),

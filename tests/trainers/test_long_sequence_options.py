@@ -100,3 +100,26 @@ def test_sft_lora_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
     assert adapters
     for name in adapters:
         assert torch.allclose(levered[2][name], plain[2][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3_moe"])
+def test_sft_with_levers_is_the_same_run_on_other_architectures(arch, tmp_path):
+    """GPT-2 (a KV cache passed to its blocks by position, Conv1D MLPs) and a MoE model whose router loss SFT adds."""
+    from posttrain.models.tiny import build_tiny_model, build_tokenizer_variant
+
+    tokenizer = build_tokenizer_variant("own_pad")
+    # tiled_mlp on the MoE model tiles nothing (no dense MLP) and is refused; offloading alone there
+    levers = LEVERS if arch == "gpt2" else {"activation_offloading": True}
+
+    def run(options):
+        overrides = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if arch == "gpt2" else {}
+        model = build_tiny_model(arch, tokenizer, **overrides)
+        args = SFTConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=2, **COMMON,
+                         **options)
+        return _losses_and_weights(SFTTrainer(model, args=args, train_dataset=_chats(), processing_class=tokenizer))
+
+    plain, levered = run({}), run(levers)
+    assert levered[0] == (True, arch == "gpt2")
+    assert levered[1] == pytest.approx(plain[1], rel=1e-5)
+    for name, value in plain[2].items():
+        assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
