@@ -32,7 +32,7 @@ def _losses_and_weights(trainer):
     layers_offloaded = activation_offloading_enabled(trainer.model)
     tiled = any(hasattr(m, "_posttrain_sequence_tile_size") for m in position_wise_mlps(trainer.model))
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h.get("loss", h.get("loss/policy")) for h in trainer.state.log_history if "loss" in h or "loss/policy" in h]
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     return (layers_offloaded, tiled), losses, weights
 
@@ -121,5 +121,45 @@ def test_sft_with_levers_is_the_same_run_on_other_architectures(arch, tmp_path):
     plain, levered = run({}), run(levers)
     assert levered[0] == (True, arch == "gpt2")
     assert levered[1] == pytest.approx(plain[1], rel=1e-5)
+    for name, value in plain[2].items():
+        assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def _sum_length_reward(completions, **kwargs):
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) / 10.0 for c in completions]
+
+
+@pytest.mark.parametrize("method", ["reward", "rloo", "online_dpo", "ppo"])
+def test_the_other_methods_with_levers_are_the_same_run(method, tiny_model_dir, tmp_path):
+    from posttrain import (OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer,
+                           RLOOConfig, RLOOTrainer)
+    from posttrain.models.tiny import tiny_model_path
+
+    prompts = Dataset.from_list([{"prompt": f"What is {i} + {i % 5}?"} for i in range(8)])
+
+    def run(options):
+        out = str(tmp_path / str(len(options)))
+        if method == "reward":
+            trainer = RewardTrainer(model=tiny_model_dir, train_dataset=_preferences(8), args=RewardConfig(
+                output_dir=out, per_device_train_batch_size=4, **COMMON, **options))
+        elif method == "rloo":
+            trainer = RLOOTrainer(tiny_model_dir, reward_funcs=_sum_length_reward, train_dataset=prompts, args=RLOOConfig(
+                output_dir=out, per_device_train_batch_size=4, num_generations=2, max_completion_length=6, **COMMON,
+                **options))
+        elif method == "online_dpo":
+            trainer = OnlineDPOTrainer(tiny_model_dir, reward_funcs=_sum_length_reward, train_dataset=prompts,
+                                       args=OnlineDPOConfig(output_dir=out, per_device_train_batch_size=2,
+                                                            max_completion_length=5, **COMMON, **options))
+        else:
+            ppo_fields = {k: v for k, v in COMMON.items() if k != "max_steps"}
+            trainer = PPOTrainer(model=tiny_model_dir, reward_model=tiny_model_path(reward=True), train_dataset=prompts,
+                                 args=PPOConfig(output_dir=out, per_device_train_batch_size=4, total_episodes=8,
+                                                response_length=6, num_ppo_epochs=2, num_mini_batches=2,
+                                                num_sample_generations=0, **ppo_fields, **options))
+        return _losses_and_weights(trainer)
+
+    plain, levered = run({}), run(LEVERS)
+    assert plain[0] == (False, False) and levered[0] == (True, True)
+    assert levered[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-7)
     for name, value in plain[2].items():
         assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
