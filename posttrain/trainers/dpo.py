@@ -48,6 +48,7 @@ from posttrain.models.lm_head import (
     token_logps,
 )
 from posttrain.models.moe import configure_router_aux_loss
+from posttrain.models.packed_attention import use_packed_attention
 from posttrain.ops.distributed import all_reduce_sum
 from posttrain.trainers.base import (
     PosttrainTrainer,
@@ -303,6 +304,8 @@ class DPOTrainer(PosttrainTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.loss_is_scaled_for_ga = True
+        if args.padding_free:  # packed rows attend per sequence, without a (tokens x tokens) mask
+            use_packed_attention(self.model, self.reference.model)
         self.reference.prepare(self.accelerator)
         if args.precompute_ref_log_probs:
             self._precompute_reference()

@@ -33,6 +33,7 @@ from posttrain.models.lm_head import (
     weighted_target_nll,
 )
 from posttrain.models.moe import configure_router_aux_loss
+from posttrain.models.packed_attention import use_packed_attention
 from posttrain.ops.predictions import chunked_argmax, head_logits
 from posttrain.trainers.base import (
     PosttrainTrainer,
@@ -251,6 +252,8 @@ class SFTTrainer(PosttrainTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.loss_is_scaled_for_ga = True
+        if args.padding_free or args.packing or args.eval_packing:
+            use_packed_attention(self.model)  # packed rows attend per sequence, without a (tokens x tokens) mask
 
     # -- data
 

@@ -242,6 +242,9 @@ def test_padding_free_gives_the_padded_loss(perturb, tiny_model_dir, tmp_path):
                              args=_config(tmp_path, padding_free=padding_free, rpo_alpha=1.0), train_dataset=_preferences(8))
         batch = _batch(trainer)
         assert ("attention_mask" in batch) != padding_free
+        # packed rows: the policy and the reference attend per sequence (no (tokens x tokens) mask)
+        expected = "posttrain_packed_sdpa" if padding_free else "sdpa"
+        assert [m.config._attn_implementation for m in (trainer.model, trainer.ref_model)] == [expected] * 2
         losses[padding_free] = trainer.compute_loss(trainer.model, batch).item()
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 

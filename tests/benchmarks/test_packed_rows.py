@@ -1,0 +1,17 @@
+"""The packed-rows benchmark runs both settings in their own processes and reports the same loss for both."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import packed_rows
+
+
+def test_both_settings_run_and_agree(tmp_path, capsys):
+    out = tmp_path / "packed.json"
+    assert packed_rows.main(["--sequences", "3", "--sequence-tokens", "24", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["setting"] for r in results] == ["masked", "packed"]
+    assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
+    assert all(r["seconds"] > 0 and r["peak_rise_mb"] >= 0 for r in results)
+    assert "packed/masked:" in capsys.readouterr().out
