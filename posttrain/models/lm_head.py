@@ -17,14 +17,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from posttrain.ops.logprobs import (
-    HeadTransform,
-    _chunk_logits,
-    chunked_token_logps,
-    entropy_from_logits,
-    fused_linear_nll,
-    naive_token_logps,
-)
+from posttrain.models.packed_attention import padding_free_layout
+from posttrain.ops.logprobs import (HeadTransform, _chunk_logits, chunked_token_logps, entropy_from_logits,
+                                    fused_linear_nll, naive_token_logps)
 from posttrain.ops.tied_embedding import tied_embedding_lookups
 
 logger = logging.getLogger("posttrain")
@@ -382,6 +377,10 @@ def token_logps(
 
 def _selected_hidden_states(model, input_ids, mask, attention_mask, position_ids, prompt_width):
     """(N, d) final hidden states at the positions of ``mask`` (B, L-1), and the forward's router loss term."""
+    packed = padding_free_layout(model, input_ids, attention_mask, position_ids, mask)
+    if packed is not None:  # long padded rows as one packed row: each attends to itself, no (B, 1, L, L) mask
+        outputs = forward_without_logits(model, packed[0], None, packed[1])
+        return outputs.hidden_states[-1][0, packed[2]], router_loss_term(model, outputs)
     if prompt_width and 0 < prompt_width < input_ids.shape[1] and can_share_prompt(model):
         start = prompt_width - 1
         if attention_mask is None:

@@ -109,6 +109,44 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return torch.cat(outputs, dim=1), None
 
 
+PADDING_FREE_MIN_LENGTH = 2048
+"""Padded batches at least this wide are run padding-free: below it, one SDPA call per row costs more than the mask."""
+
+
+def padding_free_layout(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None, selected: torch.Tensor):
+    """A padded batch ``(B, L)`` as one packed row, for a model that attends with :data:`PACKED_SDPA`.
+
+    Returns ``(input_ids (1, n), position_ids (1, n), index)`` where ``index`` gives, for each position of
+    ``selected`` ``(B, L - 1)`` in order, its place in the packed row; ``None`` where the batch is narrower than
+    :data:`PADDING_FREE_MIN_LENGTH`, has no padding, a row with a hole or positions that do not count from 0 at
+    its first token, a selected position on padding, or the model attends otherwise. Each row then attends to
+    itself alone, with no ``(B, 1, L, L)`` mask and no compute on padding.
+    """
+    if attention_mask is None or input_ids.dim() != 2 or input_ids.shape[1] < PADDING_FREE_MIN_LENGTH:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    while hasattr(base, "module") and isinstance(base.module, nn.Module):  # DDP and similar wrappers
+        base = base.module
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) != PACKED_SDPA:
+        return None
+    if getattr(model, "_is_prompt_learning", False) or bool(attention_mask.all()):
+        return None
+    valid = attention_mask.bool()
+    lengths = valid.sum(1)
+    first = valid.int().argmax(1)
+    columns = torch.arange(valid.shape[1], device=valid.device)
+    within = columns[None] - first[:, None]
+    if bool((lengths == 0).any()) or not torch.equal((within >= 0) & (within < lengths[:, None]), valid):
+        return None
+    if position_ids is not None and not torch.equal(position_ids.expand_as(valid)[valid], within[valid]):
+        return None
+    if not bool(valid[:, :-1][selected].all()):
+        return None
+    place = valid.flatten().cumsum(0).view_as(valid) - 1
+    return input_ids[valid][None], within[valid][None], place[:, :-1][selected]
+
+
 def register_packed_sdpa() -> None:
     """Make :data:`PACKED_SDPA` known to transformers (idempotent)."""
     from transformers import AttentionInterface, AttentionMaskInterface

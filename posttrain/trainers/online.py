@@ -30,6 +30,7 @@ from torch.utils.data import Sampler
 
 from posttrain.data.prompts import RepeatedBlockSampler, prepare_prompt_dataset
 from posttrain.errors import ConfigError
+from posttrain.models.packed_attention import use_packed_attention
 from posttrain.report.completions import COMPLETION_ROW_KEYS, CompletionsLog, nan_to_none, prompt_text
 from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
 from posttrain.trainers.base import (
@@ -157,6 +158,8 @@ class OnlineTrainer(RolloutEngineMixin, ResumableOnlineLoop, PosttrainTrainer):
             callbacks=callbacks, optimizers=optimizers,
         )
         self.loss_is_scaled_for_ga = True  # compute_loss normalises for accumulation itself
+        # long padded rollouts are scored padding-free, each row alone (posttrain.models.packed_attention)
+        use_packed_attention(self.model, self.reference.model if self.reference is not None else None)
         if self.reference is not None:
             self.reference.prepare(self.accelerator)
             if args.sync_ref_model:

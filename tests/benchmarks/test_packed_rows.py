@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import packed_rows
 
 
@@ -15,3 +17,12 @@ def test_both_settings_run_and_agree(tmp_path, capsys):
     assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
     assert all(r["seconds"] > 0 and r["peak_rise_mb"] >= 0 for r in results)
     assert "packed/masked:" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two processes over 2 x 2,100 tokens, about 10 s
+def test_the_padded_batch_runs_padding_free_at_its_width(tmp_path):
+    out = tmp_path / "padded.json"
+    # 2,100 columns: past PADDING_FREE_MIN_LENGTH, so the packed setting takes the padding-free layout
+    assert packed_rows.main(["--padded", "--sequences", "2", "--sequence-tokens", "2100", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5

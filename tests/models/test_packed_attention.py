@@ -207,3 +207,82 @@ def test_a_peft_model_is_switched_through_its_base_model(own_pad_tokenizer):
     assert any("lora_" in name for name in grads)
     for name, grad in reference_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-10, msg=name)
+
+
+# ----------------------------------------------------------------------------- long padded batches, padding-free
+
+
+def padded_batch(vocab_size: int):
+    """Three rows of a left-padded prompt (widths 3, 5, 1) and a right-padded completion (6, 2, 4 tokens)."""
+    prompts, completions = (3, 5, 1), (6, 2, 4)
+    width = max(prompts) + max(completions)
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.zeros(3, width, dtype=torch.long)
+    attention_mask = torch.zeros(3, width, dtype=torch.long)
+    completion_mask = torch.zeros(3, width, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        start, stop = max(prompts) - prompt, max(prompts) + completion
+        input_ids[row, start:stop] = torch.randint(5, vocab_size, (stop - start,), generator=generator)
+        attention_mask[row, start:stop] = 1
+        completion_mask[row, max(prompts):stop] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, completion_mask, attention_mask, position_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "qwen3_moe"])
+def test_long_padded_batches_are_scored_padding_free(arch, own_pad_tokenizer, monkeypatch):
+    """token_logps of a padded batch (as online methods score rollouts): one packed row with the packed attention
+    gives the padded forward's log-probs, entropies and gradients, and no (B, 1, L, L) mask is built."""
+    from posttrain.models import packed_attention
+    from posttrain.models.lm_head import token_logps
+
+    monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", 8)  # the batch is 11 wide
+    plain = float64_model(arch, own_pad_tokenizer)
+    batch = padded_batch(plain.config.vocab_size)
+    model = copy.deepcopy(plain)
+    use_packed_attention(model)
+    recorder = MaskRecorder(monkeypatch)
+    results, router_losses = [], []
+    for candidate in (plain, model):
+        candidate.zero_grad(set_to_none=True)
+        scored = token_logps(candidate, *batch, with_entropy=True)
+        (scored.logps.sum() + 0.1 * scored.entropy.sum() + scored.router_loss).backward()  # MoE: the router loss too
+        grads = {name: p.grad.clone() for name, p in candidate.named_parameters() if p.grad is not None}
+        results.append((scored.logps.detach(), scored.entropy.detach(), grads))
+        router_losses.append(scored.router_loss)
+    assert [type(mask) for mask in recorder.masks] == [PackedSequences]
+    assert recorder.masks[0].bounds == ((0, 9), (9, 16), (16, 21))
+    (logps, entropy, grads), (packed_logps, packed_entropy, packed_grads) = results
+    assert bool((logps != 0).any())
+    torch.testing.assert_close(packed_logps, logps, rtol=0, atol=1e-10)
+    torch.testing.assert_close(packed_entropy, entropy, rtol=0, atol=1e-10)
+    assert packed_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-10, msg=name)
+    if arch == "qwen3_moe":  # the load-balancing loss over the same tokens, padding excluded either way
+        assert torch.is_tensor(router_losses[0]) and router_losses[0].item() > 0
+        torch.testing.assert_close(router_losses[1], router_losses[0], rtol=0, atol=1e-10)
+
+
+def test_the_padding_free_layout_is_used_only_where_it_is_the_same(own_pad_tokenizer, monkeypatch):
+    from posttrain.models import packed_attention
+    from posttrain.models.lm_head import target_positions
+    from posttrain.models.packed_attention import padding_free_layout
+
+    model = build_tiny_model("qwen2", own_pad_tokenizer)
+    input_ids, completion_mask, attention_mask, position_ids = padded_batch(model.config.vocab_size)
+    selected = target_positions(completion_mask, position_ids)
+    assert padding_free_layout(model, input_ids, attention_mask, position_ids, selected) is None  # plain sdpa
+    use_packed_attention(model)
+    assert padding_free_layout(model, input_ids, attention_mask, position_ids, selected) is None  # narrower than 2,048
+    monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", 8)
+    packed_ids, packed_positions, index = padding_free_layout(model, input_ids, attention_mask, position_ids, selected)
+    assert packed_ids.shape == (1, 21) and torch.equal(packed_ids[0], input_ids[attention_mask.bool()])
+    assert packed_positions[0].tolist() == list(range(9)) + list(range(7)) + list(range(5))
+    assert index.shape == (int(selected.sum()),)
+    assert padding_free_layout(model, input_ids, attention_mask, None, selected) is not None  # positions counted
+    holed = attention_mask.clone()
+    holed[0, 6] = 0
+    shifted = position_ids + 1
+    for mask, positions in ((holed, position_ids), (attention_mask, shifted), (torch.ones_like(attention_mask), None)):
+        assert padding_free_layout(model, input_ids, mask, positions, selected) is None

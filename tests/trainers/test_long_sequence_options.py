@@ -163,3 +163,37 @@ def test_the_other_methods_with_levers_are_the_same_run(method, tiny_model_dir, 
     assert levered[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-7)
     for name, value in plain[2].items():
         assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_grpo_scores_long_padded_rollouts_padding_free_with_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Rollouts of different lengths (EOS on) are padded; past PADDING_FREE_MIN_LENGTH columns the policy and the
+    reference score them as one packed row. The threshold is lowered here so that the tiny run takes that path."""
+    from posttrain.models import packed_attention
+
+    prompts = Dataset.from_list([{"prompt": f"What is {i} + 1? Answer:"} for i in range(4)])
+    calls = []
+    original = packed_attention.padding_free_layout
+
+    def spy(*args, **kwargs):
+        layout = original(*args, **kwargs)
+        calls.append(layout is not None)
+        return layout
+
+    monkeypatch.setattr("posttrain.models.lm_head.padding_free_layout", spy)
+
+    def run(min_length):
+        monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", min_length)
+        calls.clear()
+        args = GRPOConfig(output_dir=str(tmp_path / str(min_length)), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=12, beta=0.1, **COMMON)
+        trainer = GRPOTrainer(tiny_model_dir, reward_funcs=_length_reward, args=args, train_dataset=prompts)
+        assert trainer.model.config._attn_implementation == "posttrain_packed_sdpa"
+        result = _losses_and_weights(trainer)
+        return result, list(calls)
+
+    (plain, plain_calls), (packed, packed_calls) = run(10**9), run(1)
+    assert plain_calls and not any(plain_calls)
+    assert sum(packed_calls) >= 2  # the policy and the reference on the padded rollouts (step 2 has no padding)
+    assert packed[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-7)
+    for name, value in plain[2].items():
+        assert torch.allclose(packed[2][name], value, rtol=1e-4, atol=1e-6), name
