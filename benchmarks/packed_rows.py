@@ -4,6 +4,7 @@
     python -m benchmarks.packed_rows --sequences 8 --sequence-tokens 2048
     python -m benchmarks.packed_rows --sft --sequences 8 --sequence-tokens 1024   # SFTTrainer, big vocabulary
     python -m benchmarks.packed_rows --padded --sequences 4 --sequence-tokens 8192  # a padded rollout batch
+    python -m benchmarks.packed_rows --sft --padded --sequences 4 --sequence-tokens 4096   # padded SFT batches
 
 A padding-free row holds ``--sequences`` sequences of ``--sequence-tokens`` tokens, position ids
 restarting at 0. ``masked`` is transformers' SDPA (a ``(1, 1, T, T)`` mask over the row),
@@ -13,8 +14,9 @@ Qwen2 (hidden 64, 2 layers), the rise of peak RSS over the model. With ``--sft``
 ``padding_free=True`` on the benchmarks' big-vocabulary model, two steps, the process's peak RSS
 (for ``masked`` the trainer's switch to packed attention is undone after it is built). With
 ``--padded``: a padded batch of ``--sequences`` rows, log-probs of its completions and their backward
-(``token_logps``, as online methods score rollouts); ``packed`` runs it as one packed row. Prints a
-table and writes JSON.
+(``token_logps``, as online methods score rollouts); ``packed`` runs it as one packed row; with
+``--sft --padded``, SFTTrainer on padded batches whose rows are 0, 300, 600, ... tokens shorter.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _padded_rows(model, rows: int, width: int) -> dict:
             "loss": -scored.logps.sum().item() / int(scored.mask.sum())}
 
 
-def _sft_child(setting: str, sequences: int, sequence_tokens: int, steps: int) -> dict:
+def _sft_child(setting: str, sequences: int, sequence_tokens: int, steps: int, padded: bool = False) -> dict:
     import tempfile
 
     import torch
@@ -98,10 +100,11 @@ def _sft_child(setting: str, sequences: int, sequence_tokens: int, steps: int) -
     path = model_dir(long_workload(2 * sequences * sequence_tokens))  # positions for the whole row
     words = [f"w{i}" for i in range(97)]
     rows = [{"messages": [{"role": "user", "content": f"w{i} w{i + 1}"},
-                          {"role": "assistant", "content": " ".join(words[(i + j) % 97] for j in range(sequence_tokens))}]}
+                          {"role": "assistant", "content": " ".join(words[(i + j) % 97] for j in range(
+                              sequence_tokens - (300 * (i % sequences) if padded else 0)))}]}
             for i in range(sequences * steps)]
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, per_device_train_batch_size=sequences, padding_free=True, max_length=None,
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=sequences, padding_free=not padded, max_length=None,
                          max_steps=steps, learning_rate=1e-5, logging_steps=1, save_strategy="no", disable_tqdm=True,
                          report_to="none", seed=0)
         trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained(path), args=args, train_dataset=Dataset.from_list(rows),
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = (_sft_child(args.child, args.sequences, args.sequence_tokens, args.steps) if args.sft
+        result = (_sft_child(args.child, args.sequences, args.sequence_tokens, args.steps, args.padded) if args.sft
                   else _model_child(args.child, args.sequences, args.sequence_tokens, args.padded))
         print("RESULT " + json.dumps(result))
         return 0
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
         results.append({"setting": setting, **json.loads(done.stdout.split("RESULT ", 1)[1])})
     memory_key = "peak_rss_mb" if args.sft else "peak_rise_mb"
     what = "SFTTrainer, big-vocabulary model, s/step" if args.sft else "Qwen2 h64 L2, one forward and backward, s"
+    if args.sft and args.padded:
+        what += "; rows of the batch shorter by 0, 300, 600, ... tokens"
     layout = (f"a padded batch of {args.sequences} rows x {args.sequence_tokens} columns" if args.padded
               else f"{args.sequences} sequences x {args.sequence_tokens} tokens in one packed row")
     print(f"{layout} ({what})")

@@ -428,9 +428,12 @@ def weighted_target_nll(
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         logits = outputs.logits[:, :-1][mask].float()
     else:
+        packed = padding_free_layout(model, input_ids, attention_mask, position_ids, mask)  # long padded rows
+        layout = (packed[0], None, packed[1]) if packed else (input_ids, attention_mask, position_ids)
         with tied_embedding_lookups(None if runs_compiled(model) else unwrap_model(model)) as tied:
-            outputs = forward_without_logits(model, input_ids, attention_mask, position_ids)
-        selected = final_hidden_states(outputs, input_ids)[:, :-1][mask]
+            outputs = forward_without_logits(model, *layout)
+        hidden = final_hidden_states(outputs, layout[0])
+        selected = hidden[0, packed[2]] if packed else hidden[:, :-1][mask]
         head = output_head(model)
         if head is not None:
             loss, argmax_match, _ = fused_linear_nll(

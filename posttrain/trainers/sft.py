@@ -252,8 +252,8 @@ class SFTTrainer(PosttrainTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.loss_is_scaled_for_ga = True
-        if args.padding_free or args.packing or args.eval_packing:
-            use_packed_attention(self.model)  # packed rows attend per sequence, without a (tokens x tokens) mask
+        # packed rows, and padded batches 2,048 columns wide or more, attend per sequence without a (T x T) mask
+        use_packed_attention(self.model)
 
     # -- data
 

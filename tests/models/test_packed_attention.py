@@ -286,3 +286,30 @@ def test_the_padding_free_layout_is_used_only_where_it_is_the_same(own_pad_token
     shifted = position_ids + 1
     for mask, positions in ((holed, position_ids), (attention_mask, shifted), (torch.ones_like(attention_mask), None)):
         assert padding_free_layout(model, input_ids, mask, positions, selected) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3_moe"])  # tied, untied head, MoE router loss
+def test_the_sft_head_scores_long_padded_batches_padding_free(arch, own_pad_tokenizer, monkeypatch):
+    from posttrain.models import packed_attention
+    from posttrain.models.lm_head import target_positions, weighted_target_nll
+
+    monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", 8)
+    plain = float64_model(arch, own_pad_tokenizer)
+    input_ids, completion_mask, attention_mask, position_ids = padded_batch(plain.config.vocab_size)
+    selected = target_positions(completion_mask, position_ids)
+    weights = torch.linspace(0.5, 1.5, int(selected.sum()), dtype=torch.float64)
+    model = copy.deepcopy(plain)
+    use_packed_attention(model)
+    recorder = MaskRecorder(monkeypatch)
+    results = []
+    for candidate in (plain, model):
+        candidate.zero_grad(set_to_none=True)
+        loss, _ = weighted_target_nll(candidate, input_ids, selected, weights, attention_mask, position_ids)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in candidate.named_parameters() if p.grad is not None}))
+    assert [type(mask) for mask in recorder.masks] == [PackedSequences]
+    (loss, grads), (packed_loss, packed_grads) = results
+    torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-10)
+    assert packed_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-10, msg=name)

@@ -197,3 +197,25 @@ def test_grpo_scores_long_padded_rollouts_padding_free_with_the_same_run(tiny_mo
     assert packed[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-7)
     for name, value in plain[2].items():
         assert torch.allclose(packed[2][name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_sft_scores_long_padded_batches_padding_free_with_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
+    from posttrain.models import packed_attention
+
+    calls = []
+    original = packed_attention.padding_free_layout
+    monkeypatch.setattr("posttrain.models.lm_head.padding_free_layout",
+                        lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+
+    def run(min_length):
+        monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", min_length)
+        calls.clear()
+        args = SFTConfig(output_dir=str(tmp_path / str(min_length)), per_device_train_batch_size=2, **COMMON)
+        result = _losses_and_weights(SFTTrainer(tiny_model_dir, args=args, train_dataset=_chats()))
+        return result, [layout is not None for layout in calls]
+
+    (plain, plain_calls), (packed, packed_calls) = run(10**9), run(1)
+    assert plain_calls and not any(plain_calls) and all(packed_calls)  # every batch of _chats() is padded
+    assert packed[1] == pytest.approx(plain[1], rel=1e-5)
+    for name, value in plain[2].items():
+        assert torch.allclose(packed[2][name], value, rtol=1e-4, atol=1e-6), name
