@@ -61,6 +61,7 @@ def test_timeout_and_failure_stop_the_sweep():
     assert "fake failure" in rows[0]["error"]
 
 
+@pytest.mark.slow  # runs child processes and plots
 def test_main_writes_table_json_and_plot_and_appends_series(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(length_sweep, "worker_command",
                         lambda impl, method, length, steps, options, **where: fake_command(length, hold_s=20.0 if length >= 400 else 0.0))
@@ -136,6 +137,7 @@ def test_long_workloads_are_named_by_their_length():
     assert json.loads(cmd[cmd.index("--options") + 1])["max_completion_length"] == 512
 
 
+@pytest.mark.slow  # runs child processes
 def test_each_lever_is_its_own_series(tmp_path, monkeypatch):
     """Runs with different memory options append as separate series (named by the options), losses kept."""
     monkeypatch.setattr(length_sweep, "worker_command",
@@ -188,6 +190,7 @@ def test_a_cuda_sweep_without_a_gpu_stops_with_one_line(monkeypatch, capsys):
     assert "CUDA" in captured.err and "Traceback" not in captured.err
 
 
+@pytest.mark.slow  # starts a shell and Python
 def test_the_gpu_script_without_a_gpu_stops_with_one_line():
     import os
     import subprocess

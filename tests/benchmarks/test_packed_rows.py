@@ -9,6 +9,7 @@ import pytest
 from benchmarks import packed_rows
 
 
+@pytest.mark.slow  # two processes, about 8 s
 def test_both_settings_run_and_agree(tmp_path, capsys):
     out = tmp_path / "packed.json"
     assert packed_rows.main(["--sequences", "3", "--sequence-tokens", "24", "--out", str(out)]) == 0

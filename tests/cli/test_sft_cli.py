@@ -78,6 +78,7 @@ def test_debug_flag_shows_traceback():
         main(["sft", "--no_such_flag", "3", "--debug"])
 
 
+@pytest.mark.slow  # renders the whole help text, about 5 s
 def test_help_lists_config_fields_with_their_docs():
     out = subprocess.run([sys.executable, "-m", "posttrain", "sft", "--help"], capture_output=True, text=True)
     assert out.returncode == 0

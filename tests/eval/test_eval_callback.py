@@ -18,6 +18,7 @@ def _text_length(prompts, completions, **kwargs):
     return [float(len(c[0]["content"])) for c in completions]
 
 
+@pytest.mark.slow  # trains and evaluates
 def test_figures_every_n_steps_match_an_independent_evaluation(tiny_model_dir, tmp_path):
     from posttrain.eval.accuracy import evaluate_task
 

@@ -176,6 +176,7 @@ def test_the_packed_layout_is_read_from_the_mask_function():
     assert _call(packed, attention_mask=torch.ones(1, 10, dtype=torch.bool)) is None
 
 
+@pytest.mark.slow  # a fresh interpreter loads the saved model, about 5 s
 def test_a_saved_model_names_plain_sdpa(own_pad_tokenizer, tmp_path):
     """The implementation is registered in this process only: a saved config must not ask another one for it."""
     model = build_tiny_model("qwen2", own_pad_tokenizer)

@@ -184,6 +184,7 @@ def test_only_graph_building_lookups_of_a_tied_model_join_the_hand_off():
     assert tied.lookups == 1
 
 
+@pytest.mark.slow  # compiles a forward
 def test_a_compiled_forward_takes_the_plain_path(monkeypatch):
     """A hook added for each call would make a compiled forward recompile: no hand-off there."""
     model = _model(True)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import pytest
 from datasets import Dataset
 
 from posttrain import SFTConfig, SFTTrainer
@@ -25,6 +26,7 @@ def _loss_steps(run_dir):
     return [r["step"] for r in read_metrics(str(run_dir)) if "loss" in r]
 
 
+@pytest.mark.slow  # a crashed run and its resume
 def test_resume_after_a_crash_has_no_duplicate_rows(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     _run(tiny_model_dir, run, max_steps=3)  # logged steps 1-3; checkpoint-2 is the newest
@@ -34,6 +36,7 @@ def test_resume_after_a_crash_has_no_duplicate_rows(tiny_model_dir, tmp_path):
     assert not [name for name in os.listdir(run) if name.startswith("metrics.") and name != METRICS_FILE]
 
 
+@pytest.mark.slow  # two runs
 def test_a_new_run_into_an_old_directory_starts_a_new_file(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     _run(tiny_model_dir, run, max_steps=2)

@@ -66,6 +66,7 @@ def test_report_plots_and_model_card(method, tiny_model_dir, tmp_path):
     assert "## Last logged metrics" in card
 
 
+@pytest.mark.slow  # trains, saves and reloads
 def test_lora_run_card_loads_with_peft(tiny_model_dir, tmp_path):
     out = str(tmp_path / "lora")
     trainer = _trainer("sft", tiny_model_dir, out, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

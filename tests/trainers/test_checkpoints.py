@@ -122,6 +122,7 @@ def test_saves_are_renamed_complete_and_rotation_still_works(tiny_model_dir, tmp
         assert json.load(handle)["global_step"] == 6
 
 
+@pytest.mark.slow  # two training runs
 def test_resume_skips_an_incomplete_checkpoint_with_one_warning(tiny_model_dir, tmp_path, caplog):
     run = tmp_path / "run"
     SFTTrainer(model=tiny_model_dir, args=_config(run, max_steps=4), train_dataset=_data()).train()
@@ -157,6 +158,7 @@ def test_resume_values(tmp_path):
         resolve_resume(str(incomplete), str(run))
 
 
+@pytest.mark.slow  # two CLI runs
 def test_cli_resume_true_and_a_missing_path(tiny_model_dir, tmp_path, capsys):
     from posttrain.cli.main import main
 
@@ -180,6 +182,7 @@ def test_cli_resume_true_and_a_missing_path(tiny_model_dir, tmp_path, capsys):
     assert "Traceback" not in err and "--resume_from_checkpoint" in last_line and missing in last_line
 
 
+@pytest.mark.slow  # trains with evaluation
 def test_best_checkpoint_is_kept_and_loaded_at_the_end(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     args = _config(run, max_steps=3, save_steps=1, eval_strategy="steps", eval_steps=1, save_total_limit=1,

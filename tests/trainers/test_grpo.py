@@ -339,7 +339,7 @@ def test_seed_config_trains(tiny_model_dir, tmp_path):
     assert os.path.isfile(tmp_path / "seed" / "model.safetensors")
 
 
-@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("share", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_share_prompt_forward_runs_each_prompt_once_with_the_same_losses(share, tiny_model_dir, tmp_path):
     def run(share_prompt_forward):
         torch.manual_seed(0)
@@ -438,6 +438,7 @@ def test_lora_with_kl_uses_the_base_model_as_reference(tiny_model_dir, tmp_path)
     assert os.path.isfile(tmp_path / "out" / "adapter_config.json")
 
 
+@pytest.mark.slow  # trains and evaluates
 def test_reuse_with_num_iterations_logs_completions_and_evaluates(tiny_model_dir, tmp_path, capsys):
     args = _config(tmp_path, max_steps=2, num_iterations=2, log_completions=True, num_completions_to_print=2,
                    eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
@@ -529,6 +530,7 @@ def test_resume_inside_a_generation_reproduces_the_uninterrupted_run(tiny_model_
     assert any(not torch.equal(p, q) for p, q in zip(saved.parameters(), straight.model.parameters()))
 
 
+@pytest.mark.slow  # two runs
 def test_include_num_input_tokens_seen_counts_the_trained_rollout_tokens(tiny_model_dir, tmp_path):
     seen = {}
     for mode in ("non_padding", "all"):

@@ -173,6 +173,7 @@ def test_adaptive_entropy_moves_the_coefficient_once_per_optimizer_step():
     assert (restored.coef, restored.last_entropy) == (bonus.coef, bonus.last_entropy)
 
 
+@pytest.mark.slow  # three runs
 def test_adaptive_entropy_state_survives_a_resume(tiny_model_dir, tmp_path):
     def run(name, resume=None):
         args = _config(tmp_path, output_dir=str(tmp_path / name), per_device_train_batch_size=2, num_generations=2,

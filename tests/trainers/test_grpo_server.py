@@ -106,6 +106,7 @@ def test_server_mode_samples_what_the_in_process_engine_samples_and_follows_the_
     assert (served - before[0]).abs().max() > 1e-3  # the weights moved, and the server has the moved ones
 
 
+@pytest.mark.slow  # waits for a timeout
 def test_a_server_that_does_not_answer_is_a_clear_config_error(tiny_model_dir, tmp_path):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -168,6 +169,7 @@ def test_trl_defaults_and_the_older_cap_name(tmp_path):
 # ----------------------------------------------------------------------------- the in-process agreement check
 
 
+@pytest.mark.slow  # two runs
 def test_in_process_sampler_and_trainer_agree_and_a_corrupted_sampler_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
     trainer = GRPOTrainer(tiny_model_dir, reward_funcs=RecordingReward(), args=_config(tmp_path / "ok", max_steps=1),
                           train_dataset=_prompts())

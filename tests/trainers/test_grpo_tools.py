@@ -343,6 +343,7 @@ def _same_weights(a, b):
     return all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
 
 
+@pytest.mark.slow  # three runs
 def test_resume_restores_environment_state_and_reproduces_the_run(tiny_model_dir, tokenizer, tmp_path):
     straight = _resumable(tiny_model_dir, tokenizer, tmp_path, "a", SavedCounter)
     assert (tmp_path / "a" / "checkpoint-2" / "environments.json").is_file()
@@ -354,6 +355,7 @@ def test_resume_restores_environment_state_and_reproduces_the_run(tiny_model_dir
     assert [r["environment_state"]["calls"] for r in records[-2:]] == [4, 4]  # each pooled store, 4 rounds
 
 
+@pytest.mark.slow  # three runs
 def test_replay_reproduces_a_resume_whose_environment_state_is_lost(tiny_model_dir, tokenizer, tmp_path):
     straight = _resumable(tiny_model_dir, tokenizer, tmp_path, "a", UnsavedCounter)
     checkpoint = str(tmp_path / "a" / "checkpoint-2")

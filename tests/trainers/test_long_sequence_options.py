@@ -37,8 +37,9 @@ def _losses_and_weights(trainer):
     return (layers_offloaded, tiled), losses, weights
 
 
-@pytest.mark.parametrize("levers", [LEVERS, {"activation_offloading": True, "gradient_checkpointing": True},
-                                    {"tiled_mlp": True, "sequence_tile_size": 4}])
+@pytest.mark.parametrize("levers", [LEVERS, pytest.param({"activation_offloading": True, "gradient_checkpointing": True},
+                                                          marks=pytest.mark.slow),
+                                    pytest.param({"tiled_mlp": True, "sequence_tile_size": 4}, marks=pytest.mark.slow)])
 def test_sft_with_levers_is_the_same_run(tiny_model_dir, tmp_path, levers):
     def run(options):
         args = SFTConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=2, **COMMON, **options)
@@ -51,6 +52,7 @@ def test_sft_with_levers_is_the_same_run(tiny_model_dir, tmp_path, levers):
         assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow  # the levers in DPO's forward are the SFT path's
 def test_dpo_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
     def run(options):
         args = DPOConfig(output_dir=str(tmp_path / str(len(options))), per_device_train_batch_size=2, **COMMON, **options)
@@ -83,6 +85,7 @@ def test_grpo_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
         assert torch.allclose(levered[2][name], value, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow  # about 2 s
 def test_sft_lora_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
     """Frozen embeddings: the first layer's input needs no gradient, the adapters inside the layers do."""
     from peft import LoraConfig
@@ -102,6 +105,7 @@ def test_sft_lora_with_levers_is_the_same_run(tiny_model_dir, tmp_path):
         assert torch.allclose(levered[2][name], plain[2][name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow  # about 6 s; the levers on these architectures are checked in float64 in tests/models
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3_moe"])
 def test_sft_with_levers_is_the_same_run_on_other_architectures(arch, tmp_path):
     """GPT-2 (a KV cache passed to its blocks by position, Conv1D MLPs) and a MoE model whose router loss SFT adds."""
@@ -129,6 +133,7 @@ def _sum_length_reward(completions, **kwargs):
     return [float(len(c if isinstance(c, str) else c[0]["content"])) / 10.0 for c in completions]
 
 
+@pytest.mark.slow  # four methods, two runs each: about 10 s
 @pytest.mark.parametrize("method", ["reward", "rloo", "online_dpo", "ppo"])
 def test_the_other_methods_with_levers_are_the_same_run(method, tiny_model_dir, tmp_path):
     from posttrain import (OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer,

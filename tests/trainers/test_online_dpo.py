@@ -150,6 +150,7 @@ def test_loss_on_fixed_pairs_matches_hand_computation(tiny_model_dir, tmp_path, 
         assert seen["answer"] == ["2", "2", "3", "3"]  # extra columns reach reward functions, one per completion
 
 
+@pytest.mark.slow  # several short runs
 def test_judge_answers_are_checked(tiny_model_dir, tmp_path):
     def bad_judge(prompts, pairs):
         return [0]
@@ -215,6 +216,7 @@ def _resumable_online_dpo(model_dir, tmp_path, name, resume=None):
     return trainer
 
 
+@pytest.mark.slow  # three runs; GRPO's resume test is fast
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     straight = _resumable_online_dpo(tiny_model_dir, tmp_path, "a")
     resumed = _resumable_online_dpo(tiny_model_dir, tmp_path, "b", resume=str(tmp_path / "a" / "checkpoint-2"))
@@ -245,6 +247,7 @@ def test_reward_functions_log_metric_reaches_the_log_and_log_extra_is_announced(
     assert caplog.text.count("log_extra") == 1
 
 
+@pytest.mark.slow  # GRPO's is fast
 def test_rollout_max_batch_tokens_samples_in_slices_with_the_same_run(tiny_model_dir, tmp_path, monkeypatch):
     """Pairs sampled one row at a time give the same run as the whole batch at once (keyed draws)."""
     from posttrain.rollout.hf_engine import HFRolloutEngine

@@ -299,7 +299,8 @@ def _update_logs(trainer: PPOTrainer) -> dict[int, dict]:
 
 
 # logging every 3 updates: the log at update 3 averages metrics of updates 1-2 saved in the checkpoint
-@pytest.mark.parametrize("peft, logging_steps", [(False, 3), (True, 1)], ids=["full", "lora"])
+@pytest.mark.parametrize("peft, logging_steps", [(False, 3), pytest.param(True, 1, marks=pytest.mark.slow)],
+                         ids=["full", "lora"])
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, reward_model_dir, tmp_path, peft, logging_steps):
     """A: 4 updates straight through. B: resumed from A's checkpoint-2 (mid-epoch), runs updates 3-4."""
     run_a = _resumable_run(tiny_model_dir, reward_model_dir, tmp_path, "a", peft=peft, logging_steps=logging_steps)
@@ -457,6 +458,7 @@ def test_a_causal_lm_given_as_reward_model_is_a_clear_error(tiny_model_dir, tmp_
                    reward_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
 
 
+@pytest.mark.slow  # GRPO's is fast
 def test_rollout_max_batch_tokens_samples_in_slices_with_the_same_run(tiny_model_dir, reward_model_dir, tmp_path,
                                                                        monkeypatch):
     """Rollouts sampled one row at a time give the same updates as the whole batch at once (keyed draws)."""

@@ -201,6 +201,7 @@ def _resumable_rloo(model_dir, tmp_path, name, resume=None):
     return trainer
 
 
+@pytest.mark.slow  # three runs; GRPO's resume test is fast
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     straight = _resumable_rloo(tiny_model_dir, tmp_path, "a")
     resumed = _resumable_rloo(tiny_model_dir, tmp_path, "b", resume=str(tmp_path / "a" / "checkpoint-2"))

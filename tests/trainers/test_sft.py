@@ -229,6 +229,7 @@ def test_prompt_learning_adapters_train_and_score_the_real_tokens(tiny_model_dir
     assert metrics["eval_mean_token_accuracy"] == pytest.approx(correct.double().mean().item())
 
 
+@pytest.mark.slow  # two runs; the hook order is checked in tests/ops/test_tied_embedding.py
 def test_neftune_noise_changes_the_loss_of_a_tied_model(tiny_model_dir, tmp_path):
     """NEFTune's hook noises the embedding lookup that the tied-gradient hand-off puts in its place."""
     first_losses = []
