@@ -125,10 +125,9 @@ def padding_free_layout(model: nn.Module, input_ids: torch.Tensor, attention_mas
     """
     if attention_mask is None or input_ids.dim() != 2 or input_ids.shape[1] < PADDING_FREE_MIN_LENGTH:
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    while hasattr(base, "module") and isinstance(base.module, nn.Module):  # DDP and similar wrappers
-        base = base.module
-    if getattr(getattr(base, "config", None), "_attn_implementation", None) != PACKED_SDPA:
+    from posttrain.models.lm_head import unwrap_model  # which imports this module
+
+    if getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None) != PACKED_SDPA:
         return None
     if getattr(model, "_is_prompt_learning", False) or bool(attention_mask.all()):
         return None
@@ -161,9 +160,11 @@ def use_packed_attention(*models: nn.Module | None) -> list[bool]:
     ``None`` entries are skipped (False). Models on another implementation (eager, flash attention, flex)
     keep it: flash attention already reads packed rows from their position ids without a mask.
     """
+    from posttrain.models.lm_head import unwrap_model  # which imports this module
+
     switched = []
     for model in models:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_model(model) if model is not None else None
         current = getattr(getattr(base, "config", None), "_attn_implementation", None)
         if current == "sdpa" and hasattr(base, "set_attn_implementation"):
             register_packed_sdpa()
