@@ -113,15 +113,15 @@ PADDING_FREE_MIN_LENGTH = 2048
 """Padded batches at least this wide are run padding-free: below it, one SDPA call per row costs more than the mask."""
 
 
-def padding_free_layout(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        position_ids: torch.Tensor | None, selected: torch.Tensor):
+def padded_batch_as_packed_row(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                               position_ids: torch.Tensor | None):
     """A padded batch ``(B, L)`` as one packed row, for a model that attends with :data:`PACKED_SDPA`.
 
-    Returns ``(input_ids (1, n), position_ids (1, n), index)`` where ``index`` gives, for each position of
-    ``selected`` ``(B, L - 1)`` in order, its place in the packed row; ``None`` where the batch is narrower than
-    :data:`PADDING_FREE_MIN_LENGTH`, has no padding, a row with a hole or positions that do not count from 0 at
-    its first token, a selected position on padding, or the model attends otherwise. Each row then attends to
-    itself alone, with no ``(B, 1, L, L)`` mask and no compute on padding.
+    Returns ``(input_ids (1, n), position_ids (1, n), attended (B, L) bool)``: the row holds the attended tokens
+    in order (``input_ids[attended]``), each sequence's positions counting from 0. ``None`` where the batch is
+    narrower than :data:`PADDING_FREE_MIN_LENGTH`, has no padding, a row with a hole, an empty row or positions
+    that do not count from 0 at its first token, or the model attends otherwise. Each row then attends to itself
+    alone, with no ``(B, 1, L, L)`` mask and no compute on padding.
     """
     if attention_mask is None or input_ids.dim() != 2 or input_ids.shape[1] < PADDING_FREE_MIN_LENGTH:
         return None
@@ -131,19 +131,34 @@ def padding_free_layout(model: nn.Module, input_ids: torch.Tensor, attention_mas
         return None
     if getattr(model, "_is_prompt_learning", False) or bool(attention_mask.all()):
         return None
-    valid = attention_mask.bool()
-    lengths = valid.sum(1)
-    first = valid.int().argmax(1)
-    columns = torch.arange(valid.shape[1], device=valid.device)
+    attended = attention_mask.bool()
+    lengths = attended.sum(1)
+    first = attended.int().argmax(1)
+    columns = torch.arange(attended.shape[1], device=attended.device)
     within = columns[None] - first[:, None]
-    if bool((lengths == 0).any()) or not torch.equal((within >= 0) & (within < lengths[:, None]), valid):
+    if bool((lengths == 0).any()) or not torch.equal((within >= 0) & (within < lengths[:, None]), attended):
         return None
-    if position_ids is not None and not torch.equal(position_ids.expand_as(valid)[valid], within[valid]):
+    if position_ids is not None and not torch.equal(position_ids.expand_as(attended)[attended], within[attended]):
         return None
-    if not bool(valid[:, :-1][selected].all()):
+    return input_ids[attended][None], within[attended][None], attended
+
+
+def padding_free_layout(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None, selected: torch.Tensor):
+    """:func:`padded_batch_as_packed_row` for scoring the positions of ``selected`` ``(B, L - 1)``.
+
+    Returns ``(input_ids (1, n), position_ids (1, n), index)`` where ``index`` gives, for each position of
+    ``selected`` in order, its place in the packed row; ``None`` where the batch does not pack (see there) or
+    a selected position is on padding.
+    """
+    packed = padded_batch_as_packed_row(model, input_ids, attention_mask, position_ids)
+    if packed is None:
         return None
-    place = valid.flatten().cumsum(0).view_as(valid) - 1
-    return input_ids[valid][None], within[valid][None], place[:, :-1][selected]
+    packed_ids, packed_positions, attended = packed
+    if not bool(attended[:, :-1][selected].all()):
+        return None
+    place = attended.flatten().cumsum(0).view_as(attended) - 1
+    return packed_ids, packed_positions, place[:, :-1][selected]
 
 
 def register_packed_sdpa() -> None:
@@ -165,6 +180,9 @@ def use_packed_attention(*models: nn.Module | None) -> list[bool]:
     switched = []
     for model in models:
         base = unwrap_model(model) if model is not None else None
+        inner = getattr(base, "pretrained_model", None)  # a value-head wrapper: the causal LM inside attends
+        if isinstance(inner, nn.Module):
+            base = unwrap_model(inner)
         current = getattr(getattr(base, "config", None), "_attn_implementation", None)
         if current == "sdpa" and hasattr(base, "set_attn_implementation"):
             register_packed_sdpa()

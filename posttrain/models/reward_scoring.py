@@ -26,6 +26,7 @@ from torch import nn
 
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
+from posttrain.models.packed_attention import padded_batch_as_packed_row
 
 
 def last_attended_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -80,10 +81,13 @@ def sequence_scores(
     head = getattr(unwrap_model(model), "score", None)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     captured: list[torch.Tensor] = []
-    handle = None
+    handle = packed = None
     if isinstance(head, nn.Module):
         inputs["position_ids"] = position_ids if position_ids is not None else positions_from_mask(attention_mask)
         inputs["use_cache"] = False
+        packed = padded_batch_as_packed_row(model, input_ids, attention_mask, inputs["position_ids"])
+        if packed is not None:  # a long padded batch as one packed row: each row attends to itself, no (B, 1, L, L) mask
+            inputs.update(input_ids=packed[0], attention_mask=None, position_ids=packed[1])
         handle = head.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
         with _pad_id_for_pooling(unwrap_model(model), needed=handle is not None):
@@ -93,6 +97,9 @@ def sequence_scores(
             handle.remove()
     if captured:
         token_scores = captured[-1]  # (B, L, 1): the head at every position
+        if packed is not None and tuple(token_scores.shape) == (*packed[0].shape, 1):
+            rows_end = packed[2].sum(1).cumsum(0) - 1  # each row's last token in the packed row
+            return token_scores[0, rows_end, 0].float()
         if tuple(token_scores.shape) != (*input_ids.shape, 1):
             raise ConfigError(
                 f"the reward model's score layer gave shape {tuple(token_scores.shape)}, "

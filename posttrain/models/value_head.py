@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
+from posttrain.models.packed_attention import padded_batch_as_packed_row
 from posttrain.models.reward_scoring import sequence_scores
 from posttrain.models.wrappers import is_peft_model
 
@@ -102,7 +103,17 @@ def token_values(
     ``input_ids[b, :t+1]``. For a reward model, the value at a sequence's last token is its reward.
     """
     inner = model.pretrained_model if isinstance(model, AutoModelForCausalLMWithValueHead) else model
-    hidden = backbone_hidden_states(inner, input_ids, attention_mask, position_ids)
+    packed = padded_batch_as_packed_row(inner, input_ids, attention_mask, position_ids)
+    if packed is not None:  # a long padded batch as one packed row: each row attends to itself, no (B, 1, L, L) mask
+        packed_ids, packed_positions, attended = packed
+        packed_values = _scalar_head_values(model, backbone_hidden_states(inner, packed_ids, None, packed_positions))
+        # padding has no hidden state here: its value is 0 (callers read values at attended positions only)
+        return packed_values.new_zeros(attended.shape).masked_scatter(attended, packed_values[0])
+    return _scalar_head_values(model, backbone_hidden_states(inner, input_ids, attention_mask, position_ids))
+
+
+def _scalar_head_values(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``(B, L, d) -> (B, L)`` float32 through the model's scalar head."""
     values = scalar_head_of(model)(hidden)
     if values.dim() == 3:  # a `score` layer of shape (d, 1)
         values = values.squeeze(-1)

@@ -9,6 +9,7 @@ import torch
 
 from posttrain.errors import ConfigError
 from posttrain.models.modes import evaluation_mode
+from posttrain.models.packed_attention import use_packed_attention
 from posttrain.models.reward_scoring import require_reward_model, sequence_scores
 from posttrain.rewards.text import completion_text
 
@@ -97,6 +98,7 @@ class RewardModelScorer:
             )
         if device is not None:
             model = model.to(device)
+        use_packed_attention(model)  # rows 2,048 tokens or longer are scored padding-free
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

@@ -42,6 +42,7 @@ from transformers import AutoModelForSequenceClassification, TrainerState
 from posttrain.data.prompts import prepare_prompt_dataset
 from posttrain.errors import ConfigError
 from posttrain.models.lm_head import unwrap_model
+from posttrain.models.packed_attention import use_packed_attention
 from posttrain.models.reward_scoring import append_after_eos, require_reward_model, sequence_scores
 from posttrain.models.value_head import PolicyAndValueModel
 from posttrain.models.wrappers import unwrap_model_keep_peft
@@ -165,6 +166,8 @@ class PPOTrainer(PosttrainTrainer):
             optimizers=optimizers,
         )
         self.reward_model.to(self.accelerator.device)
+        # rollouts 2,048 columns wide or more are scored padding-free, each row alone, by all four models
+        use_packed_attention(self.policy, self.reference.model, self.value_model, self.reward_model)
         self.reference.prepare(self.accelerator)
         # shuffles mini-batches; completions are drawn from keys of (seed, update, prompt position) instead
         self._sample_generator = torch.Generator(device=self.accelerator.device)

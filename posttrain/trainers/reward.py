@@ -31,6 +31,7 @@ from posttrain.data.sharegpt import convert_sharegpt
 from posttrain.data.tokenize import tokenize_preference, truncate_pair
 from posttrain.errors import ConfigError, DataError
 from posttrain.losses.reward import bradley_terry_loss, center_rewards_penalty, reward_metrics
+from posttrain.models.packed_attention import use_packed_attention
 from posttrain.models.reward_scoring import sequence_scores
 from posttrain.trainers.base import (
     PosttrainTrainer,
@@ -165,6 +166,7 @@ class RewardTrainer(PosttrainTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.loss_is_scaled_for_ga = True
+        use_packed_attention(self.model)  # pairs 2,048 columns wide or more are scored padding-free
 
     # -- data
 

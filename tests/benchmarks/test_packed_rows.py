@@ -27,3 +27,19 @@ def test_the_padded_batch_runs_padding_free_at_its_width(tmp_path):
     assert packed_rows.main(["--padded", "--sequences", "2", "--sequence-tokens", "2100", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
+
+
+@pytest.mark.slow  # two processes over 2 x 2,100 tokens, about 6 s
+def test_the_reward_model_scores_the_padded_batch_alike_in_both_settings(tmp_path):
+    out = tmp_path / "reward.json"
+    assert packed_rows.main(["--reward", "--sequences", "2", "--sequence-tokens", "2100", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["reward"] and [r["setting"] for r in saved["results"]] == ["masked", "packed"]
+    masked, packed = saved["results"]
+    assert masked["loss"] != 0 and abs(masked["loss"] - packed["loss"]) < 1e-5
+
+
+def test_reward_and_sft_are_refused_together(capsys):
+    with pytest.raises(SystemExit):
+        packed_rows.main(["--reward", "--sft"])
+    assert "pick one" in capsys.readouterr().err

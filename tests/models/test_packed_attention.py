@@ -314,3 +314,42 @@ def test_the_sft_head_scores_long_padded_batches_padding_free(arch, own_pad_toke
     assert packed_grads.keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("arch,variant", [("qwen2", "pad_is_eos"), ("gpt2", "no_pad"), ("llama", "own_pad")])
+def test_reward_scores_and_values_of_long_padded_batches_are_padding_free(arch, variant, monkeypatch):
+    """Reward models (RewardTrainer, PPO, model rewards) and value models (PPO) read a long padded batch as one
+    packed row: the same scores, values and gradients as the padded forward, and no (B, 1, L, L) mask."""
+    from posttrain.models import packed_attention
+    from posttrain.models.reward_scoring import sequence_scores
+    from posttrain.models.value_head import AutoModelForCausalLMWithValueHead, token_values
+
+    monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", 8)  # the batch is 11 wide
+    tokenizer = build_tokenizer_variant(variant)
+    dropout_off = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if arch == "gpt2" else {}
+    classifier = build_tiny_model(arch, tokenizer, reward=True, **dropout_off).double().train()
+    torch.manual_seed(3)
+    with_value_head = AutoModelForCausalLMWithValueHead(build_tiny_model(arch, tokenizer, **dropout_off)).double().train()
+    input_ids, _, attention_mask, position_ids = padded_batch(classifier.config.vocab_size)
+    attended = attention_mask.bool()
+    for plain in (classifier, with_value_head):
+        model = copy.deepcopy(plain)
+        assert use_packed_attention(model) == [True]
+        recorder = MaskRecorder(monkeypatch)
+        results = []
+        for candidate in (plain, model):
+            candidate.zero_grad(set_to_none=True)
+            values = token_values(candidate, input_ids, attention_mask, position_ids)
+            scores = sequence_scores(candidate, input_ids, attention_mask) if plain is classifier else values.new_zeros(3)
+            (scores.sum() + (values * attention_mask).square().sum()).backward()
+            grads = {name: p.grad.clone() for name, p in candidate.named_parameters() if p.grad is not None}
+            results.append((scores.detach(), values.detach(), grads))
+        assert recorder.masks and all(type(mask) is PackedSequences for mask in recorder.masks)
+        assert recorder.masks[0].bounds == ((0, 9), (9, 16), (16, 21))
+        (scores, values, grads), (packed_scores, packed_values, packed_grads) = results
+        torch.testing.assert_close(packed_scores, scores, rtol=0, atol=1e-10)
+        torch.testing.assert_close(packed_values[attended], values[attended], rtol=0, atol=1e-10)
+        assert bool((packed_values[~attended] == 0).all())
+        assert grads and packed_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-10, msg=name)
