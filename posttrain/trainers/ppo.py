@@ -48,7 +48,6 @@ from posttrain.models.value_head import PolicyAndValueModel
 from posttrain.models.wrappers import unwrap_model_keep_peft
 from posttrain.rollout.sequences import RolloutSequences, completion_token_logps
 from posttrain.trainers.base import PosttrainTrainer, apply_peft, load_pretrained, resolve_processing_class
-from posttrain.trainers.config import note_alias_once
 from posttrain.trainers.ppo_checkpoint import (
     TRAINER_STATE_FILE,
     VALUE_MODEL_DIR,
@@ -59,7 +58,7 @@ from posttrain.trainers.ppo_checkpoint import (
     save_ppo_state,
     save_value_model,
 )
-from posttrain.trainers.ppo_config import PPOConfig
+from posttrain.trainers.ppo_config import PPOConfig, older_name, resolve_ppo_args
 from posttrain.trainers.reference import disable_dropout, freeze, reference_description, resolve_reference
 
 logger = logging.getLogger("posttrain")
@@ -114,9 +113,9 @@ class PPOTrainer(PosttrainTrainer):
     ) -> None:
         if isinstance(args, (nn.Module, str)) and model is None:  # PPOTrainer(model) written model-first
             args, model = None, args
-        args = _resolve_ppo_args(args, config, model if model is not None else policy)
-        model = _older_name(model, policy, "policy", "model")
-        ref_model = _older_name(ref_model, ref_policy, "ref_policy", "ref_model")
+        args = resolve_ppo_args(args, config, model if model is not None else policy)
+        model = older_name(model, policy, "policy", "model")
+        ref_model = older_name(ref_model, ref_policy, "ref_policy", "ref_model")
         model = model if model is not None else args.sft_model_path
         if model is None:
             raise ConfigError("no policy model given", field="sft_model_path",
@@ -574,23 +573,6 @@ def _metric(metrics: dict, *names: str) -> float:
             value = metrics[name]
             return float(value.item() if torch.is_tensor(value) else value)
     return float("nan")
-
-
-def _older_name(value, older, old_name: str, new_name: str):
-    if older is None:
-        return value
-    if value is not None:
-        raise ConfigError(f"both {new_name} and {old_name} were given", field=old_name,
-                          fix=f"pass only {new_name} ({old_name} is its older name)")
-    note_alias_once(old_name, new_name, "PPOTrainer")
-    return older
-
-
-def _resolve_ppo_args(args, config, model) -> PPOConfig:
-    from posttrain.trainers.base import resolve_args
-
-    args = _older_name(args, config, "config", "args")
-    return resolve_args(args, model if model is not None else "policy", PPOConfig, "PPO")
 
 
 def _check_same_vocabulary(policy: nn.Module, reward_model: nn.Module, tokenizer) -> None:

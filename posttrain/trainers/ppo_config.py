@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from posttrain.errors import ConfigError
-from posttrain.trainers.config import PosttrainConfig
+from posttrain.trainers.config import PosttrainConfig, note_alias_once
 
 
 @dataclass
@@ -110,3 +110,22 @@ class PPOConfig(PosttrainConfig):
                 field="gradient_accumulation_steps",
                 fix="make per_device_train_batch_size / num_mini_batches divisible by gradient_accumulation_steps",
             )
+
+
+def older_name(value, older, old_name: str, new_name: str):
+    """``older`` (a value passed under PPOTrainer's older argument name) where given, else ``value``; both is an error."""
+    if older is None:
+        return value
+    if value is not None:
+        raise ConfigError(f"both {new_name} and {old_name} were given", field=old_name,
+                          fix=f"pass only {new_name} ({old_name} is its older name)")
+    note_alias_once(old_name, new_name, "PPOTrainer")
+    return older
+
+
+def resolve_ppo_args(args, config, model) -> PPOConfig:
+    """The PPOConfig of ``args`` (or of the older ``config=``), resolved as every trainer resolves its config."""
+    from posttrain.trainers.base import resolve_args
+
+    args = older_name(args, config, "config", "args")
+    return resolve_args(args, model if model is not None else "policy", PPOConfig, "PPO")
