@@ -26,8 +26,18 @@ def trained_layout(tokenizer, prompt, completion) -> list[int]:
     return row["prompt_input_ids"] + row["chosen_input_ids"]
 
 
-def test_plain_rows_are_scored_at_the_token_reward_training_scores(reward_model_dir):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_plain_rows_are_scored_at_the_token_reward_training_scores(reward_model_dir, padding_free, monkeypatch):
+    from posttrain.models import packed_attention
+
+    if padding_free:  # every padded batch counts as long: scored as one packed row, each row attending to itself
+        monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", 1)
+    layouts_taken = []
+    original = packed_attention.padded_batch_as_packed_row
+    monkeypatch.setattr("posttrain.models.reward_scoring.padded_batch_as_packed_row",
+                        lambda *a, **k: layouts_taken.append(original(*a, **k)) or layouts_taken[-1])
     scorer = RewardModelScorer(reward_model_dir, batch_size=2)
+    assert scorer.model.config._attn_implementation == packed_attention.PACKED_SDPA
     assert scorer.__name__ == "reward_model"
     prompts = ["what is two plus two?", "hello", "what is two plus two?"]
     completions = [" it is four.", " there, the answer is 4", [{"role": "assistant", "content": " four"}]]
@@ -42,6 +52,8 @@ def test_plain_rows_are_scored_at_the_token_reward_training_scores(reward_model_
     expected = [reference_score(model, ids) for ids in layouts]
     assert scores == pytest.approx(expected, abs=1e-5)
     assert len(set(round(s, 4) for s in scores)) == 3
+    # the batch of two rows of different lengths takes the packed row; the one-row batch has no padding
+    assert [layout is not None for layout in layouts_taken] == [padding_free, False]
 
 
 def test_conversational_rows_use_the_chat_template_and_long_inputs_keep_their_end(reward_model_dir, tokenizer):

@@ -226,11 +226,13 @@ def test_sft_scores_long_padded_batches_padding_free_with_the_same_run(tiny_mode
         assert torch.allclose(packed[2][name], value, rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("method", ["ppo", "reward"])
+@pytest.mark.parametrize("method", ["ppo", "reward", "reward_lora"])
 def test_ppo_and_reward_models_score_long_padded_batches_padding_free_with_the_same_run(method, tiny_model_dir, tmp_path,
                                                                                        monkeypatch):
     """PPO's policy, reference, value and reward models and RewardTrainer's model read padded batches (left-padded
     prompts, pairs of different lengths) past PADDING_FREE_MIN_LENGTH columns as one packed row: the same run."""
+    from peft import LoraConfig
+
     from posttrain import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer
     from posttrain.models import packed_attention, reward_scoring, value_head
     from posttrain.models.tiny import tiny_model_path
@@ -254,9 +256,10 @@ def test_ppo_and_reward_models_score_long_padded_batches_padding_free_with_the_s
         monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", min_length)
         calls.clear()
         out = str(tmp_path / str(min_length))
-        if method == "reward":
-            trainer = RewardTrainer(model=tiny_model_dir, train_dataset=_preferences(8), args=RewardConfig(
-                output_dir=out, per_device_train_batch_size=4, **COMMON))
+        if method.startswith("reward"):
+            lora = LoraConfig(r=4, target_modules="all-linear") if method == "reward_lora" else None
+            trainer = RewardTrainer(model=tiny_model_dir, train_dataset=_preferences(8), peft_config=lora,
+                                    args=RewardConfig(output_dir=out, per_device_train_batch_size=4, **COMMON))
         else:
             ppo_fields = {k: v for k, v in COMMON.items() if k != "max_steps"}
             trainer = PPOTrainer(model=tiny_model_dir, reward_model=tiny_model_path(reward=True), train_dataset=prompts,
@@ -266,7 +269,7 @@ def test_ppo_and_reward_models_score_long_padded_batches_padding_free_with_the_s
         return _losses_and_weights(trainer), {where: list(taken) for where, taken in calls.items()}
 
     (plain, plain_calls), (packed, packed_calls) = run(10**9), run(1)
-    expected = {"reward"} if method == "reward" else {"policy", "value", "reward"}
+    expected = {"reward"} if method.startswith("reward") else {"policy", "value", "reward"}
     assert set(plain_calls) == expected and not any(any(taken) for taken in plain_calls.values())
     assert set(packed_calls) == expected and all(any(taken) for taken in packed_calls.values())
     assert packed[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-7)
