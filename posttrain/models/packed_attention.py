@@ -180,9 +180,6 @@ def use_packed_attention(*models: nn.Module | None) -> list[bool]:
     switched = []
     for model in models:
         base = unwrap_model(model) if model is not None else None
-        inner = getattr(base, "pretrained_model", None)  # a value-head wrapper: the causal LM inside attends
-        if isinstance(inner, nn.Module):
-            base = unwrap_model(inner)
         current = getattr(getattr(base, "config", None), "_attn_implementation", None)
         if current == "sdpa" and hasattr(base, "set_attn_implementation"):
             register_packed_sdpa()

@@ -238,6 +238,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def get_output_embeddings(self):
         return self.pretrained_model.get_output_embeddings()
 
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        unwrap_model(self.pretrained_model).set_attn_implementation(attn_implementation)
+
     def get_input_embeddings(self):
         return self.pretrained_model.get_input_embeddings()
 
