@@ -21,9 +21,11 @@ scale, logit soft-capping and sampling temperature, so that they match ``model(.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from posttrain.ops.host_memory import before_large_host_allocation
 from posttrain.ops.tied_embedding import TiedGradient
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -159,7 +161,20 @@ def _exp_in_place_parts(logits: torch.Tensor, shift: torch.Tensor, with_entropy:
     return logits.sum(dim=-1), weighted
 
 
-def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, with_entropy: bool):
+class SoftmaxStats(NamedTuple):
+    """Per-row statistics of the softmax over the whole vocabulary, (R,) each unless noted."""
+
+    lse: torch.Tensor
+    target_logits: torch.Tensor
+    argmax: torch.Tensor
+    entropy: torch.Tensor | None
+    # with_expected only: (R, d) sum_v p_v s_v W_v and (R,) s_t at the target, s_v = d logits_v / d z_v
+    expected_row: torch.Tensor | None = None
+    target_slope: torch.Tensor | None = None
+
+
+def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, with_entropy: bool,
+                          with_expected: bool = False) -> SoftmaxStats:
     """Log-sum-exp, target logit, argmax and entropy (or None) of the rows ``hidden`` (R, d) over the whole
     vocabulary, computed a slice of ``weight`` at a time (:func:`slice_width` columns) with a running max
     (the online softmax of Milakov and Gimelshein, 2018): the logits held at once are one (R, width) block.
@@ -168,29 +183,46 @@ def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, wi
     ``A = sum e * (z - m)`` are carried to a new max ``m'`` by ``S <- S exp(m - m')`` and
     ``A <- (A + S (m - m')) exp(m - m')``. Then ``lse = m + log S`` and ``H = log S - A / S``; with one
     slice this is exactly :func:`_exp_in_place`.
+
+    ``with_expected`` also carries ``E = sum e * s * W`` (R, d) like ``S``, with ``s`` the slope of the
+    head's transform at each logit, and returns ``E / S``: what ``d log p(t) / d h = s_t W_t - E / S``
+    needs, so that the backward can make that gradient without rebuilding the logits.
     """
     vocab = weight.shape[0]
     width = slice_width(hidden.shape[0], vocab)
     running = None
     target_logits = None
+    target_slope = None
     for first in range(0, vocab, width):
         last = min(first + width, vocab)
-        logits, _ = _chunk_logits(hidden, weight[first:last], bias[first:last] if bias is not None else None, head)
+        logits, tanh_grad = _chunk_logits(hidden, weight[first:last], bias[first:last] if bias is not None else None, head)
         if width >= vocab:
             target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+            if with_expected and tanh_grad is not None:
+                target_slope = tanh_grad.gather(1, targets[:, None]).squeeze(1)
         else:
             if target_logits is None:
                 target_logits = logits.new_zeros(hidden.shape[0])
+                if with_expected and tanh_grad is not None:
+                    target_slope = logits.new_zeros(hidden.shape[0])
             in_slice = ((targets >= first) & (targets < last)).nonzero().squeeze(1)
             target_logits[in_slice] = logits[in_slice, targets[in_slice] - first]
+            if target_slope is not None:
+                target_slope[in_slice] = tanh_grad[in_slice, targets[in_slice] - first]
         slice_max, argmax = logits.max(dim=-1)
         # a slice whose logits are all -inf contributes exp(-inf) = 0 rather than NaN
         shift = slice_max.nan_to_num(nan=float("nan"), posinf=float("inf"), neginf=0.0)
         slice_sum, weighted = _exp_in_place_parts(logits, shift, with_entropy)
+        expected = None
+        if with_expected:  # logits now holds e
+            sloped = logits if tanh_grad is None else tanh_grad.mul_(logits)
+            # a gradient's product: in float32 even under autocast, as the backward's would be
+            with torch.autocast(logits.device.type, enabled=False):
+                expected = sloped @ weight[first:last].to(logits.dtype)
         if running is None:
-            running = [slice_max, argmax, slice_sum, weighted]
+            running = [slice_max, argmax, slice_sum, weighted, expected]
             continue
-        row_max, best, row_sum, weighted_sum = running
+        row_max, best, row_sum, weighted_sum, expected_sum = running
         new_max = torch.maximum(row_max, slice_max)
         old_scale = (row_max - new_max).exp().nan_to_num(nan=0.0)
         # from the slice's own max: a slice of -inf logits (shift 0, sum 0) gets scale 0, never inf
@@ -199,13 +231,25 @@ def _sliced_softmax_stats(hidden, weight, bias, targets, head: HeadTransform, wi
             weighted_sum = torch.where(row_sum > 0, old_scale * (weighted_sum + row_sum * (row_max - new_max)), 0.0)
             carried = new_scale * (weighted + slice_sum * (shift - new_max))
             weighted_sum = weighted_sum + torch.where(slice_sum > 0, carried, 0.0)
+        if with_expected:
+            expected_sum = expected_sum.mul_(old_scale[:, None]).add_(expected * new_scale[:, None])
         row_sum = row_sum * old_scale + slice_sum * new_scale
         best = torch.where(slice_max > row_max, argmax + first, best)
-        running = [new_max, best, row_sum, weighted_sum]
-    row_max, argmax, row_sum, weighted_sum = running
+        running = [new_max, best, row_sum, weighted_sum, expected_sum]
+    row_max, argmax, row_sum, weighted_sum, expected_sum = running
     log_sum = row_sum.log()
     entropy = log_sum - weighted_sum / row_sum if with_entropy else None
-    return row_max + log_sum, target_logits, argmax, entropy
+    stats = SoftmaxStats(row_max + log_sum, target_logits, argmax, entropy)
+    if not with_expected:
+        return stats
+    # the transform's constant factor: logits = softcap * tanh(scale * z / softcap) / temperature
+    slope = head.scale / head.temperature
+    expected_row = expected_sum.div_(row_sum[:, None]).mul_(slope)
+    if target_slope is None:
+        target_slope = torch.full_like(row_sum, slope)
+    else:
+        target_slope = target_slope.mul_(slope)
+    return stats._replace(expected_row=expected_row, target_slope=target_slope)
 
 
 def _logits_grad_to_z(grad_logits: torch.Tensor, tanh_grad: torch.Tensor | None, head: HeadTransform) -> torch.Tensor:
@@ -230,25 +274,34 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk_size, head, with_entropy, tied):
         n = hidden.shape[0]
         acc = _accumulation_dtype(hidden)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # a tied weight's head gradient can wait for the lookup's backward (see backward); the
+        # gradient of ``hidden`` is then made from E = sum_v p_v s_v W_v, carried here at the cost of
+        # the product that the backward no longer makes
+        defer = tied is not None and tied.lookups > 0 and need_hidden and need_weight and not need_bias
         logps = hidden.new_empty(n, dtype=acc)
         lse = hidden.new_empty(n, dtype=acc)
         entropy = hidden.new_empty(n, dtype=acc)
         argmax_match = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        expected_rows = hidden.new_empty(n, hidden.shape[1], dtype=acc) if defer else None
+        target_slopes = hidden.new_empty(n, dtype=acc) if defer else None
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            chunk_lse, target_logits, argmax, chunk_entropy = _sliced_softmax_stats(
-                hidden[start:stop], weight, bias, targets[start:stop], head, with_entropy)
+            stats = _sliced_softmax_stats(hidden[start:stop], weight, bias, targets[start:stop], head, with_entropy,
+                                          with_expected=defer)
             if with_entropy:
-                entropy[start:stop] = chunk_entropy
-            logps[start:stop] = target_logits - chunk_lse
-            lse[start:stop] = chunk_lse
-            argmax_match[start:stop] = argmax == targets[start:stop]
-        if with_entropy:
-            ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        else:
+                entropy[start:stop] = stats.entropy
+            logps[start:stop] = stats.target_logits - stats.lse
+            lse[start:stop] = stats.lse
+            argmax_match[start:stop] = stats.argmax == targets[start:stop]
+            if defer:
+                expected_rows[start:stop] = stats.expected_row
+                target_slopes[start:stop] = stats.target_slope
+        if not with_entropy:
             entropy.fill_(float("nan"))
-            ctx.save_for_backward(hidden, weight, bias, targets, lse)
             ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if with_entropy else None,
+                              expected_rows, target_slopes)
         ctx.chunk_size = chunk_size
         ctx.head = head
         ctx.tied = tied
@@ -259,61 +312,96 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, _grad_match):
-        hidden, weight, bias, targets, lse, *saved_entropy = ctx.saved_tensors
-        head = ctx.head
+        hidden, weight, bias, targets, lse, entropy, expected_rows, target_slopes = ctx.saved_tensors
         if grad_logps is None and grad_entropy is None:
             return None, None, None, None, None, None, None, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         acc = _accumulation_dtype(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None
         grad_logps = torch.zeros_like(lse) if grad_logps is None else grad_logps.to(acc)
         if grad_entropy is not None:
             grad_entropy = grad_entropy.to(acc)
-        vocab = weight.shape[0]
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, hidden.shape[0])
-            hidden_chunk, g, chunk_targets = hidden[start:stop], grad_logps[start:stop], targets[start:stop]
-            chunk_lse = lse[start:stop, None]
-            chunk_grad_hidden = (hidden_chunk.new_zeros(stop - start, hidden.shape[1], dtype=acc)
-                                 if need_hidden else None)
-            # the vocabulary a slice at a time: the logits of a block fit in SLICE_BYTES, and each
-            # row of the weight gradient is written by one product over the chunk's rows, as before
-            width = slice_width(stop - start, vocab)
-            for first in range(0, vocab, width):
-                last = min(first + width, vocab)
-                weight_slice = weight[first:last]
-                bias_slice = bias[first:last] if bias is not None else None
-                logits, tanh_grad = _chunk_logits(hidden_chunk, weight_slice, bias_slice, head)
-                log_probs = logits.sub_(chunk_lse)
-                if grad_entropy is None:
-                    # d log p(t) / d logits = onehot(t) - softmax(logits)
-                    grad_logits = log_probs.exp_().mul_(-g[:, None])
-                else:
-                    # d H / d logits_j = -p_j (log p_j + H), added to the log-prob term's -g p_j
-                    probs = log_probs.exp()
-                    h = saved_entropy[0][start:stop]
-                    grad_logits = log_probs.add_(h[:, None]).mul_(grad_entropy[start:stop, None]).add_(g[:, None])
-                    grad_logits.mul_(probs).neg_()
-                in_slice = ((chunk_targets >= first) & (chunk_targets < last)).nonzero().squeeze(1)
-                grad_logits.index_put_((in_slice, chunk_targets[in_slice] - first), g[in_slice], accumulate=True)
-                grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
-                if need_hidden:
-                    chunk_grad_hidden.addmm_(grad_z, weight_slice.to(acc))
-                _accumulate_param_grads(grad_z, hidden_chunk, weight_slice, bias_slice,
-                                        grad_weight[first:last] if need_weight else None,
-                                        grad_bias[first:last] if need_bias else None, need_weight, need_bias)
-            if need_hidden:
-                grad_hidden[start:stop] = chunk_grad_hidden.to(hidden.dtype)
+        pass_inputs = _HeadBackwardInputs(hidden, weight, bias, targets, lse, entropy, grad_logps, grad_entropy,
+                                          ctx.head, ctx.chunk_size)
+        tied = ctx.tied
+        if expected_rows is not None and grad_entropy is None:
+            # d log p(t) / d h = s_t W_t - sum_v p_v s_v W_v, from the forward's E: no logits rebuilt here
+            grad_hidden = grad_logps[:, None] * (target_slopes[:, None] * weight[targets].to(acc) - expected_rows)
+
+            def make_weight_gradient() -> torch.Tensor:
+                # by the lookup's backward the layers' activations are freed: hand their pages back first
+                before_large_host_allocation(weight.numel() * torch.finfo(acc).bits // 8, weight.device)
+                return _head_backward(pass_inputs, want_hidden=False, want_weight=True)[1].to(weight.dtype)
+
+            grad_weight = None if tied.deposit(make_weight_gradient) else make_weight_gradient()
+            return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None
+        grad_hidden, grad_weight, grad_bias = _head_backward(pass_inputs, need_hidden, need_weight, need_bias)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
             # a tied input embedding's lookup adds its rows into this one and returns the sum
-            if ctx.tied is not None and need_hidden and ctx.tied.deposit(grad_weight):
+            if tied is not None and need_hidden and tied.deposit(grad_weight):
                 grad_weight = None
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+class _HeadBackwardInputs(NamedTuple):
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    grad_logps: torch.Tensor
+    grad_entropy: torch.Tensor | None
+    head: HeadTransform
+    chunk_size: int
+
+
+def _head_backward(inputs: _HeadBackwardInputs, want_hidden: bool = False, want_weight: bool = False,
+                   want_bias: bool = False):
+    """The gradients of ``hidden``, ``weight`` and ``bias`` (each None unless wanted) from the rebuilt logits,
+    a chunk of rows and a slice of the vocabulary at a time."""
+    hidden, weight, bias, targets, lse, entropy, grad_logps, grad_entropy, head, chunk_size = inputs
+    acc = _accumulation_dtype(hidden)
+    grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+    grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
+    grad_bias = torch.zeros_like(bias, dtype=acc) if want_bias else None
+    vocab = weight.shape[0]
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = min(start + chunk_size, hidden.shape[0])
+        hidden_chunk, g, chunk_targets = hidden[start:stop], grad_logps[start:stop], targets[start:stop]
+        chunk_lse = lse[start:stop, None]
+        chunk_grad_hidden = hidden_chunk.new_zeros(stop - start, hidden.shape[1], dtype=acc) if want_hidden else None
+        # the vocabulary a slice at a time: the logits of a block fit in SLICE_BYTES, and each
+        # row of the weight gradient is written by one product over the chunk's rows
+        width = slice_width(stop - start, vocab)
+        for first in range(0, vocab, width):
+            last = min(first + width, vocab)
+            weight_slice = weight[first:last]
+            bias_slice = bias[first:last] if bias is not None else None
+            logits, tanh_grad = _chunk_logits(hidden_chunk, weight_slice, bias_slice, head)
+            log_probs = logits.sub_(chunk_lse)
+            if grad_entropy is None:
+                # d log p(t) / d logits = onehot(t) - softmax(logits)
+                grad_logits = log_probs.exp_().mul_(-g[:, None])
+            else:
+                # d H / d logits_j = -p_j (log p_j + H), added to the log-prob term's -g p_j
+                probs = log_probs.exp()
+                h = entropy[start:stop]
+                grad_logits = log_probs.add_(h[:, None]).mul_(grad_entropy[start:stop, None]).add_(g[:, None])
+                grad_logits.mul_(probs).neg_()
+            in_slice = ((chunk_targets >= first) & (chunk_targets < last)).nonzero().squeeze(1)
+            grad_logits.index_put_((in_slice, chunk_targets[in_slice] - first), g[in_slice], accumulate=True)
+            grad_z = _logits_grad_to_z(grad_logits, tanh_grad, head)
+            if want_hidden:
+                chunk_grad_hidden.addmm_(grad_z, weight_slice.to(acc))
+            _accumulate_param_grads(grad_z, hidden_chunk, weight_slice, bias_slice,
+                                    grad_weight[first:last] if want_weight else None,
+                                    grad_bias[first:last] if want_bias else None, want_weight, want_bias)
+        if want_hidden:
+            grad_hidden[start:stop] = chunk_grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def chunked_token_logps(

@@ -8,14 +8,16 @@ big-vocabulary model at the backward's peak (148 MB each at V = 151,936, d = 256
 
 Here the head's backward hands its gradient to the lookup of the same forward through a
 :class:`TiedGradient`; the lookup's backward adds its rows into it and returns the sum as the
-weight's one gradient. The sum is the same float for float: the lookup's rows are first summed per
+weight's one gradient. The head may hand over a function that makes its gradient instead of the
+gradient itself: the lookup's backward runs after the decoder layers', so the (V, d) matrix is then
+made once their saved activations are freed rather than beside them. The sum is the same float for float: the lookup's rows are first summed per
 distinct token in the order ``nn.Embedding``'s backward sums them, then each is added once, as
 autograd's ``dW_head + dW_lookup`` adds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -31,18 +33,20 @@ class TiedGradient:
 
     def __init__(self) -> None:
         self.lookups = 0
-        self.pending: torch.Tensor | None = None
+        self.pending: torch.Tensor | Callable[[], torch.Tensor] | None = None
 
-    def deposit(self, grad_weight: torch.Tensor) -> bool:
-        """Hold the head's (V, d) gradient for a lookup's backward; False when no lookup will take it."""
+    def deposit(self, grad_weight: torch.Tensor | Callable[[], torch.Tensor]) -> bool:
+        """Hold the head's (V, d) gradient, or a function that makes it, for a lookup's backward; False
+        when no lookup will take it."""
         if self.lookups == 0 or self.pending is not None:
             return False
         self.pending = grad_weight
         return True
 
     def take(self) -> torch.Tensor | None:
+        """The head's gradient (made now if it was deposited as a function), or None."""
         grad_weight, self.pending = self.pending, None
-        return grad_weight
+        return grad_weight() if callable(grad_weight) else grad_weight
 
 
 class _TiedEmbedding(torch.autograd.Function):
