@@ -40,12 +40,10 @@ from posttrain.losses.preference import (
     combined_preference_loss,
     dpo_rewards,
     f_divergence_scores,
-    length_desensitized_logps,
-    log_sum_squared_probs,
     preference_metrics,
     validate_preference_config,
-    wpo_weights,
 )
+from posttrain.losses.token_weighting import length_desensitized_logps, log_sum_squared_probs, wpo_weights
 from posttrain.losses.registry import Registry
 from posttrain.losses.reward import bradley_terry_loss, center_rewards_penalty, reward_metrics
 

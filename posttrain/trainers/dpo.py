@@ -36,11 +36,9 @@ from posttrain.losses.preference import (
     PreferenceLogps,
     RunningMean,
     combined_preference_loss,
-    length_desensitized_logps,
-    log_sum_squared_probs,
     validate_preference_config,
-    wpo_weights,
 )
+from posttrain.losses.token_weighting import length_desensitized_logps, log_sum_squared_probs, wpo_weights
 from posttrain.models.lm_head import (
     TokenLogps,
     target_logits_chunks,

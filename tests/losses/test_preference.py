@@ -15,10 +15,8 @@ from posttrain.losses.preference import (
     combined_preference_loss,
     dpo_rewards,
     f_divergence_scores,
-    length_desensitized_logps,
-    log_sum_squared_probs,
-    wpo_weights,
 )
+from posttrain.losses.token_weighting import length_desensitized_logps, log_sum_squared_probs, wpo_weights
 
 POLICY_CHOSEN = [-5.0, -9.5, -3.2]
 POLICY_REJECTED = [-6.1, -8.0, -7.7]
