@@ -80,6 +80,8 @@ def load_eval_model(source: str, *, name: str | None = None, device: str | torch
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from posttrain.models.packed_attention import use_packed_attention
+
     name = name or os.path.basename(str(source).rstrip("/")) or str(source)
     adapter = _read_json(os.path.join(source, "adapter_config.json")) if os.path.isdir(source) else None
     base = adapter.get("base_model_name_or_path") if adapter else source
@@ -101,6 +103,8 @@ def load_eval_model(source: str, *, name: str | None = None, device: str | torch
         model = PeftModel.from_pretrained(model, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # long padded batches (log-probs, reward scores) then run as one packed row, without a (B, 1, L, L) mask
+    use_packed_attention(model)
     return EvalModel(name=name, model=model.to(device).eval(), tokenizer=tokenizer, kind=kind, source=str(source))
 
 

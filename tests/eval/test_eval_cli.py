@@ -122,6 +122,41 @@ def test_preference_accuracy_of_reward_model_and_of_policy_against_reference(run
     assert policy["preference_margin"]["mean"] == pytest.approx(figures["margin"]["mean"], abs=1e-6)
 
 
+def test_long_padded_batches_run_as_one_packed_row_with_the_same_figures(runs, monkeypatch):
+    """Past PADDING_FREE_MIN_LENGTH columns (lowered here) log-probs and reward scores come from one packed row."""
+    from posttrain.data import load_data
+    from posttrain.eval.suite import evaluate_language_modeling, evaluate_preferences, load_eval_model
+    from posttrain.models import packed_attention
+
+    candidate, reference = load_eval_model(runs["policy"]), load_eval_model(runs["base"])
+    reward = load_eval_model(runs["reward"])
+    for loaded in (candidate, reference, reward):
+        assert loaded.model.config._attn_implementation == packed_attention.PACKED_SDPA
+    pairs, chat = load_data(runs["pairs"]), load_data(runs["chat"])
+
+    def figures():
+        return (evaluate_preferences(candidate, pairs, reference=reference, beta=0.1),
+                evaluate_preferences(reward, pairs), evaluate_language_modeling(candidate, chat))
+
+    padded = figures()
+    layouts = []
+    real = packed_attention.padded_batch_as_packed_row
+
+    def spy(*args, **kwargs):
+        layouts.append(real(*args, **kwargs))
+        return layouts[-1]
+
+    monkeypatch.setattr(packed_attention, "PADDING_FREE_MIN_LENGTH", 1)
+    monkeypatch.setattr(packed_attention, "padded_batch_as_packed_row", spy)
+    packed = figures()
+    assert any(layout is not None for layout in layouts)  # the reward model's scores took the packed row
+    for name in ("margin", "accuracy"):
+        assert packed[0][name]["mean"] == pytest.approx(padded[0][name]["mean"], abs=1e-5)
+        assert packed[1][name]["mean"] == pytest.approx(padded[1][name]["mean"], abs=1e-5)
+    assert packed[2]["nll"] == pytest.approx(padded[2]["nll"], rel=1e-6)
+    assert packed[2]["tokens"] == padded[2]["tokens"]
+
+
 @pytest.mark.parametrize("case", ["no_answer_column", "causal_lm_as_reward_model", "different_tokenizers", "baseline_unknown"])
 def test_bad_input_is_one_line_error(case, runs, tmp_path, capsys):
     from posttrain.models.tiny import tiny_model_path
