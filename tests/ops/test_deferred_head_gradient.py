@@ -110,3 +110,23 @@ def test_float32_gradients_match_float64():
     want = _grads(_reference(*inputs64, head), inputs64[0], inputs64[1])
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("float32_matmul", [False, True])
+def test_bfloat16_weights_give_the_rebuilt_logits_gradients(float32_matmul):
+    """Half-precision weights: the forward's expected row is a float32 product, as the backward's was."""
+    head = HeadTransform(softcap=3.0, float32_matmul=float32_matmul)
+    weight, mix, ids, targets, coefficients = (t.detach().to(torch.bfloat16).requires_grad_() if t.is_floating_point()
+                                               else t for t in _inputs(torch.float32))
+    coefficients = coefficients.detach().float()
+
+    def grads(hand_off: bool):
+        tied = TiedGradient() if hand_off else None
+        looked_up = tied_embedding(weight, ids, None, tied) if hand_off else torch.nn.functional.embedding(ids, weight)
+        logps, _, _ = chunked_token_logps(torch.tanh(looked_up @ mix), weight, targets, head=head, chunk_size=4,
+                                          tied=tied)
+        return _grads((logps * coefficients).sum(), weight, mix)
+
+    for got, want in zip(grads(True), grads(False)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
