@@ -337,6 +337,25 @@ class PosttrainTrainer(Trainer):
         # a head transformation the chunked log-probs do not know falls back to full logits, with a warning
         check_output_heads(self.model, getattr(getattr(self, "reference", None), "model", None))
         apply_sequence_memory_options(self.model, self.args)
+        self._check_learned_positions()
+
+    def _check_learned_positions(self) -> None:
+        """For a model with a learned position table (GPT-2 style): every prepared row must fit it, and every
+        forward checks its positions, so a too-long sequence is a clear error rather than an index error."""
+        from posttrain.data.load import describe_source
+        from posttrain.models.positions import check_rows_fit_positions, guard_position_table
+
+        if guard_position_table(self.model) is None:
+            return
+        guard_position_table(getattr(getattr(self, "reference", None), "model", None))
+        named = [("train dataset", self.train_dataset)]
+        if isinstance(self.eval_dataset, dict):
+            named += [(f"eval dataset '{name}'", dataset) for name, dataset in self.eval_dataset.items()]
+        elif self.eval_dataset is not None:
+            named.append(("eval dataset", self.eval_dataset))
+        for fallback, dataset in named:
+            if dataset is not None:
+                check_rows_fit_positions(self.model, dataset, source=describe_source(dataset, fallback=fallback))
 
     def _install_run_safety(self) -> None:
         """Skip non-finite optimizer steps, warn about unhealthy logs, write checkpoints atomically."""
