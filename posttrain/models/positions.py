@@ -113,18 +113,19 @@ def check_rows_fit_positions(model: nn.Module, dataset: Any, *, source: str) -> 
         return
     wanted = ["seq_lengths"] if packed else sorted({name for sequence in sequences for name in sequence})
     for start, batch in _rows(dataset, wanted):
-        if packed:
-            lengths = [max(row, default=0) for row in batch["seq_lengths"]]
-        else:
-            lengths = [max(sum(len(batch[name][offset]) for name in sequence) for sequence in sequences)
-                       for offset in range(len(batch[wanted[0]]))]
-        for offset, length in enumerate(lengths):
-            if length > positions:
-                what = ("a sequence packed in this row" if packed else
-                        " + ".join(sequences[0]) if len(sequences) == 1 else "a sequence of this pair")
-                raise DataError(
-                    f"{what} is {length} tokens long; {_model_name(model)} has {positions} learned positions "
-                    f"({table_name}) and cannot encode position {positions} or past it",
-                    source=source, row=start + offset, expected=f"at most {positions} tokens", found=str(length),
-                    fix=f"set --max_length {positions} (longer rows are then truncated), or shorten or drop the row",
-                )
+        for offset in range(len(batch[wanted[0]])):
+            if packed:
+                candidates = [("a sequence packed in this row", "seq_lengths", max(batch["seq_lengths"][offset], default=0))]
+            else:
+                # each sequence named by its last column: the completion of a pair, or input_ids
+                candidates = [("the row" if len(sequences) == 1 else "a sequence of this pair", sequence[-1],
+                         sum(len(batch[name][offset]) for name in sequence)) for sequence in sequences]
+            for what, column, length in candidates:
+                if length > positions:
+                    raise DataError(
+                        f"{what} is {length} tokens long; {_model_name(model)} has {positions} learned positions "
+                        f"({table_name}) and cannot encode position {positions} or past it",
+                        source=source, row=start + offset, column=column, expected=f"at most {positions} tokens",
+                        found=str(length),
+                        fix=f"set --max_length {positions} (longer rows are then truncated), or shorten or drop the row",
+                    )

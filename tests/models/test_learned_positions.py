@@ -40,9 +40,9 @@ def test_sft_names_the_row_longer_than_the_position_table(tmp_path, tokenizer):
     with pytest.raises(DataError) as caught:
         SFTTrainer(model, args=_sft_args(tmp_path), train_dataset=_chats([5, 5, 200, 5]), processing_class=tokenizer)
     message = str(caught.value)
-    assert "train dataset, row 2" in message and f"{POSITIONS} learned positions" in message
+    assert "train dataset, row 2, column 'input_ids': the row is" in message and f"{POSITIONS} learned positions" in message
     assert "transformer.wpe" in message and f"--max_length {POSITIONS}" in message
-    assert caught.value.row == 2
+    assert caught.value.row == 2 and caught.value.column == "input_ids"
 
 
 def test_sft_rows_cut_to_the_table_train(tmp_path, tokenizer):
@@ -71,9 +71,9 @@ def test_dpo_names_the_pair_longer_than_the_position_table(tmp_path, tokenizer):
         {"prompt": "1+1", "chosen": "2", "rejected": " ".join(["3"] * 100)}]
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to="none",
                      save_strategy="no", disable_tqdm=True, max_length=None)
-    with pytest.raises(DataError, match="row 3: a sequence of this pair is") as caught:
+    with pytest.raises(DataError, match="row 3, column 'rejected_input_ids': a sequence of this pair is") as caught:
         DPOTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    assert caught.value.row == 3
+    assert caught.value.row == 3 and caught.value.column == "rejected_input_ids"
 
 
 def test_a_rotary_model_runs_past_max_position_embeddings(tmp_path, tokenizer):
