@@ -87,19 +87,27 @@ def _rows(dataset: Any, columns: Sequence[str], batch_size: int = 1024) -> Itera
 
 def row_sequences(columns: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     """The sequences a tokenized row holds, as the token columns each is made of: a preference pair's
-    prompt + chosen and prompt + rejected, or one ``input_ids``; none for untokenized rows (prompts)."""
+    prompt + chosen and prompt + rejected, one ``input_ids``, or a prompt to sample from
+    (``prompt_input_ids`` alone); none for untokenized rows."""
     if all(name in columns for name in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")):
         return ("prompt_input_ids", "chosen_input_ids"), ("prompt_input_ids", "rejected_input_ids")
     if "chosen_input_ids" in columns and "rejected_input_ids" in columns:
         return ("chosen_input_ids",), ("rejected_input_ids",)
-    return (("input_ids",),) if "input_ids" in columns else ()
+    if "input_ids" in columns:
+        return (("input_ids",),)
+    return (("prompt_input_ids",),) if "prompt_input_ids" in columns else ()
 
 
-def check_rows_fit_positions(model: nn.Module, dataset: Any, *, source: str) -> None:
+def check_rows_fit_positions(model: nn.Module, dataset: Any, *, source: str, completion_tokens: int = 0,
+                             completion_field: str = "max_completion_length") -> None:
     """Raise a :class:`DataError` naming the first row of ``dataset`` with a sequence longer than ``model``'s
     learned position table; nothing for a model without one, untokenized rows or a dataset that is not
     map-style (a stream). Rows are checked as the trainer prepared them (truncated, dropped, packed); a
     ``seq_lengths`` column (packed rows) gives the sequences' own lengths, since positions restart at each.
+
+    ``completion_tokens``: for prompts that are sampled from (``prompt_input_ids`` alone), the most tokens a
+    rollout appends (``completion_field`` names the setting), so that a prompt whose longest completion
+    would run past the table is named before the first rollout rather than in the middle of one.
     """
     found = learned_position_table(model)
     if found is None or not hasattr(dataset, "select_columns") or not hasattr(dataset, "__len__"):
@@ -111,9 +119,16 @@ def check_rows_fit_positions(model: nn.Module, dataset: Any, *, source: str) -> 
     sequences = row_sequences(columns)
     if not (packed or sequences):
         return
+    sampled_prompts = not packed and sequences == (("prompt_input_ids",),)
     wanted = ["seq_lengths"] if packed else sorted({name for sequence in sequences for name in sequence})
     for start, batch in _rows(dataset, wanted):
         for offset in range(len(batch[wanted[0]])):
+            if sampled_prompts:
+                prompt_length = len(batch["prompt_input_ids"][offset])
+                if prompt_length + completion_tokens > positions:
+                    raise _prompt_error(model, table_name, positions, prompt_length, completion_tokens,
+                                        completion_field, source=source, row=start + offset)
+                continue
             if packed:
                 candidates = [("a sequence packed in this row", "seq_lengths", max(batch["seq_lengths"][offset], default=0))]
             else:
@@ -129,3 +144,21 @@ def check_rows_fit_positions(model: nn.Module, dataset: Any, *, source: str) -> 
                         found=str(length),
                         fix=f"set --max_length {positions} (longer rows are then truncated), or shorten or drop the row",
                     )
+
+
+def _prompt_error(model: nn.Module, table_name: str, positions: int, prompt_length: int, completion_tokens: int,
+                  completion_field: str, *, source: str, row: int) -> DataError:
+    """The error for a prompt whose longest rollout would not fit the position table, with a fix that works."""
+    fixes = []
+    if completion_tokens < positions:
+        fixes.append(f"set --max_prompt_length {positions - completion_tokens} (longer prompts then keep their end)")
+    if prompt_length < positions:
+        fixes.append(f"lower --{completion_field} to {positions - prompt_length}")
+    fix = ", ".join(fixes + ["or drop the row"]) if fixes else "drop the row"
+    return DataError(
+        f"the prompt is {prompt_length} tokens long and a completion may add {completion_tokens} "
+        f"({completion_field}); {_model_name(model)} has {positions} learned positions ({table_name}), so a rollout "
+        f"from this prompt would run past them",
+        source=source, row=row, column="prompt_input_ids", expected=f"prompt + {completion_field} <= {positions}",
+        found=f"{prompt_length} + {completion_tokens} = {prompt_length + completion_tokens}", fix=fix,
+    )

@@ -319,6 +319,8 @@ class PosttrainTrainer(Trainer):
 
     method_name: ClassVar[str] = "base"
     config_class: ClassVar[type] = PosttrainConfig
+    # the config field bounding the tokens a rollout appends to a prompt; None for methods that do not sample
+    completion_length_field: ClassVar[str | None] = None
 
     def __init__(self, *args, **kwargs) -> None:
         from posttrain.report.metrics import MetricsFileCallback
@@ -353,9 +355,12 @@ class PosttrainTrainer(Trainer):
             named += [(f"eval dataset '{name}'", dataset) for name, dataset in self.eval_dataset.items()]
         elif self.eval_dataset is not None:
             named.append(("eval dataset", self.eval_dataset))
+        field = self.completion_length_field
+        completion = dict(completion_tokens=getattr(self.args, field), completion_field=field) if field else {}
         for fallback, dataset in named:
             if dataset is not None:
-                check_rows_fit_positions(self.model, dataset, source=describe_source(dataset, fallback=fallback))
+                check_rows_fit_positions(self.model, dataset, source=describe_source(dataset, fallback=fallback),
+                                         **completion)
 
     def _install_run_safety(self) -> None:
         """Skip non-finite optimizer steps, warn about unhealthy logs, write checkpoints atomically."""

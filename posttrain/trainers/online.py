@@ -91,6 +91,7 @@ class OnlineTrainer(RolloutEngineMixin, ResumableOnlineLoop, PosttrainTrainer):
     """
 
     config_class: ClassVar[type] = OnlineConfig
+    completion_length_field: ClassVar[str | None] = "max_completion_length"
     supports_turn_credit: ClassVar[bool] = False  # credit_assignment="turn" (per-token advantages per turn)
 
     def __init__(

@@ -125,6 +125,7 @@ class OnlineDPOTrainer(ResumableOnlineLoop, PosttrainTrainer):
 
     method_name: ClassVar[str] = "OnlineDPO"
     config_class: ClassVar[type] = OnlineDPOConfig
+    completion_length_field: ClassVar[str | None] = "max_completion_length"
 
     def __init__(
         self,

@@ -91,6 +91,7 @@ class PPOTrainer(PosttrainTrainer):
 
     method_name: ClassVar[str] = "PPO"
     config_class: ClassVar[type] = PPOConfig
+    completion_length_field: ClassVar[str | None] = "response_length"
 
     def __init__(
         self,

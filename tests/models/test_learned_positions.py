@@ -96,17 +96,72 @@ def test_a_forward_past_the_table_is_a_data_error_and_the_model_still_pickles(to
     pickle.loads(pickle.dumps(model))
 
 
-def test_grpo_generation_past_the_table_stops_with_the_explanation(tmp_path, tokenizer):
+def _length_reward(completions, **kwargs):
+    return [float(len(text)) for text in completions]
+
+
+def _grpo(model, tokenizer, tmp_path, prompts, **overrides):
+    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=1,
+                  max_completion_length=8, report_to="none", save_strategy="no", disable_tqdm=True)
+    return GRPOTrainer(model, reward_funcs=_length_reward, args=GRPOConfig(**{**values, **overrides}),
+                       processing_class=tokenizer, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
+
+
+def _long_prompt(tokens: int) -> str:
+    return " ".join(["1+1"] * tokens)
+
+
+def test_grpo_names_the_prompt_whose_rollout_would_not_fit_and_its_fix_trains(tmp_path, tokenizer):
     model = build_tiny_model("gpt2", tokenizer, n_positions=POSITIONS)
+    prompts = ["1+1="] * 3 + [_long_prompt(40)]
+    with pytest.raises(DataError) as caught:
+        _grpo(model, tokenizer, tmp_path, prompts, max_completion_length=32)
+    error = caught.value
+    assert error.row == 3 and error.column == "prompt_input_ids"
+    prompt_length = int(error.found.split(" + ")[0])
+    assert prompt_length + 32 > POSITIONS
+    message = str(error)
+    assert "max_completion_length" in message and f"{POSITIONS} learned positions" in message
+    assert f"--max_prompt_length {POSITIONS - 32}" in message
+    # the fix it names: prompts cut to the table less the completion budget; the longest rollout then fits
+    trainer = _grpo(model, tokenizer, tmp_path, prompts, max_completion_length=32, max_prompt_length=POSITIONS - 32)
+    assert max(len(ids) for ids in trainer.train_dataset["prompt_input_ids"]) == POSITIONS - 32
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
 
-    def reward(completions, **kwargs):
-        return [float(len(text)) for text in completions]
 
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=1,
-                      max_completion_length=POSITIONS + 8, report_to="none", save_strategy="no", disable_tqdm=True,
-                      temperature=1.0)
-    trainer = GRPOTrainer(model, reward_funcs=reward, args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 4))
-    # seeded: the longest completion of the first rollout runs past the table
-    with pytest.raises(DataError, match=f"past the {POSITIONS} learned positions of GPT2LMHeadModel"):
-        trainer.train()
+def test_a_completion_budget_past_the_table_names_the_completion_setting(tmp_path, tokenizer):
+    model = build_tiny_model("gpt2", tokenizer, n_positions=POSITIONS)
+    with pytest.raises(DataError, match=r"row 0, column 'prompt_input_ids'.*lower --max_completion_length to") as caught:
+        _grpo(model, tokenizer, tmp_path, ["1+1="] * 4, max_completion_length=POSITIONS + 8)
+    assert "--max_prompt_length" not in str(caught.value)
+
+
+def test_a_rotary_model_samples_past_max_position_embeddings(tmp_path, tokenizer):
+    model = build_tiny_model("qwen2", tokenizer, max_position_embeddings=16)
+    trainer = _grpo(model, tokenizer, tmp_path, ["1+1="] * 4, max_completion_length=32)  # no table: no check
+    assert max(len(ids) for ids in trainer.train_dataset["prompt_input_ids"]) < 16
+
+
+@pytest.mark.parametrize("method", ["rloo", "online_dpo", "ppo"])
+def test_other_sampling_methods_check_prompt_plus_completion(tmp_path, tokenizer, method):
+    from posttrain import OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, PPOTrainer, RLOOConfig, RLOOTrainer
+
+    model = build_tiny_model("gpt2", tokenizer, n_positions=POSITIONS)
+    prompts = Dataset.from_list([{"prompt": "1+1="}, {"prompt": _long_prompt(40)}])
+    common = dict(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True)
+    with pytest.raises(DataError, match=r"row 1, column 'prompt_input_ids'") as caught:
+        if method == "rloo":
+            RLOOTrainer(model, reward_funcs=_length_reward, train_dataset=prompts, processing_class=tokenizer,
+                        args=RLOOConfig(per_device_train_batch_size=2, num_generations=2, max_completion_length=32,
+                                        **common))
+        elif method == "online_dpo":
+            OnlineDPOTrainer(model, reward_funcs=_length_reward, train_dataset=prompts, processing_class=tokenizer,
+                             args=OnlineDPOConfig(per_device_train_batch_size=2, max_completion_length=32, **common))
+        else:
+            scorer = build_tiny_model("gpt2", tokenizer, reward=True, n_positions=POSITIONS)
+            PPOTrainer(model=model, reward_model=scorer, train_dataset=prompts, processing_class=tokenizer,
+                       args=PPOConfig(per_device_train_batch_size=2, total_episodes=2, response_length=32,
+                                      num_mini_batches=1, **common))
+    field = "response_length" if method == "ppo" else "max_completion_length"
+    assert f"({field})" in str(caught.value)
