@@ -1,6 +1,6 @@
 """GRPO, RLOO, online DPO and PPO give the same run on 1 process with global batch B and on 2 gloo processes
 with B/2 each: the same completions for every prompt, the same rewards and advantages (batch statistics
-are taken over both processes), and final weights equal to float32 rounding of the gradient all-reduce.
+are taken over both processes), and final weights (plain SGD) equal to float32 rounding of the gradient all-reduce.
 
 The two-process runs start once for the module (``torch.distributed.run``, see ``_online_launch.py``);
 each test runs its trainer on one process here and compares.
@@ -75,4 +75,5 @@ def test_two_processes_equal_one(run, two_process_runs, tmp_path):
     difference = max((two[0]["weights"][name] - weights[name]).abs().max().item() for name in weights)
     print(f"{run}: 1 vs 2 processes, max weight difference {difference:.3g} (largest update {moved:.3g})")
     assert moved > 1e-4  # the steps did train
-    assert difference <= 2e-2 * moved  # before sampling was keyed by prompt: about 2x the update
+    # float32 rounding of the all-reduce is about 1e-6 of the update; before sampling was keyed by prompt, 2x it
+    assert difference <= 1e-4 * moved
