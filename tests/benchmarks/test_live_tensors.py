@@ -1,0 +1,35 @@
+"""The live-tensor counter behind benchmarks/live_tensors.py: freed storages leave the total, views count once,
+and a peak reached inside the backward is charged to the autograd node running then."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.live_tensors import LiveTensorPeaks
+
+
+def test_the_total_follows_allocations_and_frees():
+    with LiveTensorPeaks(min_bytes=1) as counter:
+        first = torch.ones(1024)  # 4 KiB
+        second = first * 2  # 8 KiB live
+        del first, second
+        third = torch.ones(1536)  # 6 KiB: under the 8 KiB peak
+        view = third[:10] + 0  # a new 40-byte tensor
+        alias = third[5:]  # a view: no new storage
+        fourth = torch.ones(1024)  # 6 KiB + 40 B + 4 KiB
+        assert counter.total == 6144 + 40 + 4096
+    assert counter.peaks["forward"] == 6144 + 40 + 4096
+    assert alias.untyped_storage().data_ptr() == third.untyped_storage().data_ptr()
+    del view, fourth
+
+
+def test_a_backward_peak_is_charged_to_its_node():
+    weight = torch.ones(512, 512, requires_grad=True)  # made before counting: not counted
+    with LiveTensorPeaks(min_bytes=1024) as counter:
+        out = (weight @ weight).sum()
+        out.backward()
+    backward = {phase: peak for phase, peak in counter.peaks.items() if phase != "forward"}
+    assert "MmBackward0" in backward
+    # the matmul's (512, 512) output was freed after the sum; its backward makes two gradients of 1 MiB each
+    assert backward["MmBackward0"] >= 2 * 2**20
+    assert counter.peaks["forward"] == 2**20
