@@ -46,18 +46,33 @@ class LiveTensorPeaks(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         node = torch._C._current_autograd_node()
         phase = type(node).__name__ if node is not None else "forward"
+        # storages freed since the last operator leave first: a new storage may sit at a freed one's address
+        self.forget_freed()
         for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
-                continue
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if storage.nbytes() >= self.min_bytes and key not in self.live:
-                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                self.total += storage.nbytes()
-        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
-            self.total -= self.live.pop(key)[1]
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self.record(tensor.untyped_storage())
         self.peaks[phase] = max(self.peaks[phase], self.total)
         return out
+
+    def record(self, storage) -> None:
+        """Count ``storage`` from now until it is freed (once, however many tensors view it)."""
+        key = storage.data_ptr()
+        if storage.nbytes() >= self.min_bytes and key not in self.live:
+            self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.total += storage.nbytes()
+
+    def forget_freed(self) -> None:
+        """Drop storages freed since the last look, and count ones resized since (``resize_(0)`` frees one's
+        memory while the storage object lives on) at their new size."""
+        for key, (ref, nbytes) in list(self.live.items()):
+            storage = None if ref.expired() else torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
+            now = 0 if storage is None else storage.nbytes()
+            if now != nbytes:
+                self.total += now - nbytes
+                if now:
+                    self.live[key] = (ref, now)
+                else:
+                    del self.live[key]
 
 
 def measure(impl: str, length: int, options: dict, min_bytes: int) -> dict[str, int]:

@@ -33,3 +33,33 @@ def test_a_backward_peak_is_charged_to_its_node():
     # the matmul's (512, 512) output was freed after the sum; its backward makes two gradients of 1 MiB each
     assert backward["MmBackward0"] >= 2 * 2**20
     assert counter.peaks["forward"] == 2**20
+
+
+
+def test_a_new_storage_at_a_freed_ones_address_is_counted():
+    # the allocator may give a freed storage's address to the next output before the counter has seen the
+    # free: keyed by address, the new storage must replace the old entry, not hide behind it. Two storages
+    # over one buffer stand in for that reuse
+    memory = bytearray(4096)
+    source = torch.ones(1024)
+    with LiveTensorPeaks(min_bytes=1) as counter:
+        first = torch.frombuffer(memory, dtype=torch.float32)
+        torch.add(source, 1, out=first)
+        assert counter.total == 4096
+        del first
+        second = torch.frombuffer(memory, dtype=torch.float32)
+        torch.add(source, 2, out=second)
+        assert counter.total == 4096
+    assert second.sum().item() == 3 * 1024
+
+
+def test_a_storage_resized_to_nothing_leaves_the_total():
+    with LiveTensorPeaks(min_bytes=1) as counter:
+        kept = torch.ones(1024)  # 4 KiB
+        freed = torch.ones(2048)  # 8 KiB
+        assert counter.total == 12288
+        freed.untyped_storage().resize_(0)  # its memory is gone, the storage object is not
+        torch.ones(1)  # any operator: the counter looks again
+        assert counter.total == 4096 + 4
+    assert counter.peaks["forward"] == 12288
+    assert kept.sum().item() == 1024 and freed.untyped_storage().nbytes() == 0
