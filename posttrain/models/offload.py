@@ -18,13 +18,17 @@ In the backward each layer is recomputed from its input (under the same autocast
 state as the forward) and differentiated at once, so at most one layer's intermediates exist at a
 time. On the CPU the tensors that recompute saves for its own backward (normalised inputs, queries,
 keys, values, the attention output, ...) are spilled the same way, so while the backward goes
-through the MLP the attention's saved tensors are on file rather than in memory. Values are
+through the MLP the attention's saved tensors are on file rather than in memory, and the recomputed
+layer output and the layer input read back from file, whose values no gradient reads, are freed
+unless something else holds them. Values are
 unchanged: a spilled tensor comes back with the same bytes, shape and strides. Gradients reach the
 layer input and the layer's parameters exactly as without offloading.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import tempfile
 import types
 import warnings
@@ -72,9 +76,13 @@ def _is_dense(tensor: torch.Tensor) -> bool:
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a dense CPU tensor, in storage order (a view, no copy)."""
-    flat = tensor.detach().as_strided((tensor.numel(),), (1,))
-    return memoryview(flat.view(torch.uint8).numpy())
+    """The bytes of a dense CPU tensor, in storage order (a view, no copy; valid while ``tensor`` lives).
+
+    Through ctypes rather than ``.numpy()``, which would make the storage non-resizable for good, and the
+    backward frees some of these storages by resizing them (:meth:`_CpuSpill.release`).
+    """
+    start = tensor.detach().as_strided((tensor.numel(),), (1,)).data_ptr()
+    return memoryview((ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(start)).cast("B")
 
 
 class SpilledTensor:
@@ -117,25 +125,61 @@ class _CpuSpill:
     call arguments), whose spilled copy would only add a write and, in the backward, a second copy.
     """
 
+    released = 0
+    """How many storages :meth:`release` has freed in this process."""
+
     def __init__(self, keep: frozenset[int] = frozenset(), min_bytes: int | None = None) -> None:
         self.keep = keep
         self.min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
+        self.held: set[int] = set()  # storages of the tensors saved by reference rather than spilled
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if (tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < self.min_bytes
                 or type(tensor) is not torch.Tensor or tensor.layout != torch.strided or tensor.is_quantized
                 or not _is_dense(tensor) or tensor.untyped_storage().data_ptr() in self.keep):
-            return tensor
+            return self._by_reference(tensor)
         try:
             return SpilledTensor(tensor)
         except OSError as error:  # e.g. a full or read-only $TMPDIR: keep it, as the plain path would
             warnings.warn(f"activation_offloading could not spill a saved tensor to {tempfile.gettempdir()} "
                           f"({error}); keeping it in memory. Point TMPDIR at a disk with free space.", stacklevel=2)
-            return tensor
+            return self._by_reference(tensor)
+
+    def _by_reference(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cpu":
+            self.held.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Free the memory of ``tensor``, an end of a graph recomputed under these hooks (its output, or its
+        input when that is a private copy read back from file), unless the backward may read it.
+
+        The backward reads what the graph saved: a spilled copy, or the tensor itself when saved by reference
+        (recorded by :meth:`pack`). A view of the storage or another tensor on it elsewhere raises torch's
+        count of the storage's holders, and then the memory stays too, as it does without torch's count.
+        """
+        storage = tensor.untyped_storage()
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if (tensor.device.type != "cpu" or use_count is None or storage.data_ptr() in self.held | self.keep
+                # holders: ``tensor`` and ``storage``
+                or use_count(storage._cdata) != 2):
+            return
+        storage.resize_(0)
+        _CpuSpill.released += 1
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
         return packed.load() if isinstance(packed, SpilledTensor) else packed
+
+
+def _private(tensor: torch.Tensor) -> bool:
+    """Whether only the caller's one variable holds ``tensor`` and its memory: no other reference to it and no
+    other tensor on its storage (False when this torch has no count of a storage's holders)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    # getrefcount counts its argument and this function's parameter besides the caller's variable; the
+    # storage's holders while asking are the tensor and the storage object taken from it here
+    return (use_count is not None and sys.getrefcount(tensor) == 3
+            and use_count(tensor.untyped_storage()._cdata) == 2)
 
 
 def _storages(tensors) -> frozenset[int]:
@@ -219,9 +263,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         needs_input_grad = ctx.needs_input_grad[2]
         hidden_states = hidden_states.detach().requires_grad_(needs_input_grad)
         devices = [hidden_states.device] if ctx.device_type == "cuda" else []
+        # a layer input read back from file is this backward's own copy: what the recompute saves of it is
+        # spilled and the copy freed below. One held elsewhere (by the caller) stays, never worth a file
+        private_input = ctx.device_type == "cpu" and _private(hidden_states)
         # on the CPU the recompute's own saved tensors go to files too: while the backward runs through the
         # MLP, the attention's queries, keys, values and output wait on file instead of in memory
-        spill = _CpuSpill(ctx.keep | _storages([hidden_states])) if ctx.device_type == "cpu" else None
+        keep = ctx.keep if private_input else ctx.keep | _storages([hidden_states])
+        spill = _CpuSpill(keep) if ctx.device_type == "cpu" else None
         hooks = torch.autograd.graph.saved_tensors_hooks(spill.pack, spill.unpack) if spill else nullcontext()
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), hooks:
             torch.set_rng_state(ctx.cpu_rng)
@@ -229,6 +277,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.cuda_rng, hidden_states.device)
             with torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
                 output = ctx.run(hidden_states)
+        if spill is not None:
+            # the graph's ends: differentiating needs their shapes, not their values. Freed unless something
+            # saved them by reference: a (T, hidden) tensor each less while this layer's backward runs
+            spill.release(output)
+            if private_input:
+                spill.release(hidden_states)
         inputs = ([hidden_states] if needs_input_grad else []) + [
             p for p, needed in zip(ctx.param_refs, params) if needed
         ]

@@ -124,10 +124,28 @@ def matrix_loss_and_grads(model: torch.nn.Module, pad_id: int):
 MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 
 
+class CountingRelease:
+    """How many storages the offloaded backward freed from here on."""
+
+    def __init__(self, monkeypatch):
+        monkeypatch.setattr(offload._CpuSpill, "released", 0)
+
+    @property
+    def freed(self) -> int:
+        return offload._CpuSpill.released
+
+
 @pytest.mark.parametrize("arch", list(MATRIX_ARCHITECTURES))
-def test_levers_give_the_plain_loss_and_gradients_on_every_architecture(arch, own_pad_tokenizer):
+@pytest.mark.parametrize("spill_everything", [False, True])
+def test_levers_give_the_plain_loss_and_gradients_on_every_architecture(arch, spill_everything, own_pad_tokenizer,
+                                                                       monkeypatch):
     """GPT-2 passes its KV cache to each block by position (which the recompute must not write twice), Gemma 2
-    soft-caps, Granite scales, Phi-3 fuses gate and up, the MoE models route; all in float64."""
+    soft-caps, Granite scales, Phi-3 fuses gate and up, the MoE models route; all in float64. With every saved
+    tensor spilled, as long rows are, the backward also frees each layer's recomputed output and its input
+    read back from file: no layer may read them after."""
+    released = CountingRelease(monkeypatch)
+    if spill_everything:
+        monkeypatch.setattr(offload, "SPILL_MIN_BYTES", 0)
     plain = build_tiny_model(arch, own_pad_tokenizer, num_hidden_layers=2, resid_pdrop=0.0, embd_pdrop=0.0,
                              attn_pdrop=0.0) if arch == "gpt2" else build_tiny_model(arch, own_pad_tokenizer,
                                                                                      num_hidden_layers=2)
@@ -146,6 +164,12 @@ def test_levers_give_the_plain_loss_and_gradients_on_every_architecture(arch, ow
         assert enable_tiled_mlp(model, sequence_tile_size=8) == 2  # 29 tokens: 4 tiles, the last one short
     assert_same(reference, matrix_loss_and_grads(model, own_pad_tokenizer.pad_token_id))
     assert_same(reference, matrix_loss_and_grads(model, own_pad_tokenizer.pad_token_id))
+    steps_times_layers = 3 * 2
+    if arch in MOE_ARCHITECTURES:
+        assert released.freed == 0  # router logits on: in-memory checkpointing, nothing recomputed here
+    else:
+        # every recomputed output; with everything spilled, every layer input too (each was read back from file)
+        assert released.freed == steps_times_layers * (2 if spill_everything else 1)
 
 
 def test_moe_layers_are_offloaded_unless_the_router_loss_needs_their_graph(own_pad_tokenizer):
@@ -182,6 +206,56 @@ def test_offloaded_layers_keep_only_their_input():
     recorder = record_offloads(model)
     assert saves_of(layer, hidden, position_embeddings) == []
     assert len(recorder.packed) == 1 and recorder.packed[0] is hidden
+
+
+class StridedExpLayer(transformers.modeling_layers.GradientCheckpointingLayer):
+    """A layer whose first operation saves a strided view of its input (never spilled: not dense) and whose
+    last (exp) saves its own result, the layer output."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width // 2, width)
+
+    def forward(self, hidden_states, **kwargs):
+        every_other = hidden_states[..., ::2]
+        return torch.exp(self.linear(every_other * every_other) * 0.1)
+
+
+class StridedExpStack(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([StridedExpLayer(width), StridedExpLayer(width)])
+
+    def forward(self, hidden_states):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+@pytest.mark.parametrize("spill_everything", [True, False])
+def test_recomputed_ends_that_the_backward_reads_are_not_freed(monkeypatch, spill_everything):
+    """Only storages nothing saved by reference are freed. Spilling everything, the layer input (read back from
+    file) stays, as a view of it was saved by reference, and the output (exp's saved result, spilled) goes;
+    spilling nothing, the output stays (saved by reference) and the input belongs to the caller."""
+    torch.manual_seed(0)
+    plain = StridedExpStack(64).double().train()
+    inputs = torch.randn(3, 40, 64, dtype=torch.float64, requires_grad=True)
+
+    def grads(model):
+        model.zero_grad(set_to_none=True)
+        inputs.grad = None
+        model(inputs).square().sum().backward()
+        return [inputs.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+
+    reference = grads(plain)
+    model = copy.deepcopy(plain)
+    assert enable_activation_offloading(model) == 2
+    monkeypatch.setattr(offload, "SPILL_MIN_BYTES", 0 if spill_everything else 1 << 30)
+    released = CountingRelease(monkeypatch)
+    for _ in range(2):
+        for expected, got in zip(reference, grads(model)):
+            assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    assert released.freed == (2 * 2 if spill_everything else 0)  # 2 steps x 2 layers x the output alone
 
 
 def test_offloading_recomputes_with_the_forward_dropout():
