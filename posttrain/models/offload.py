@@ -158,13 +158,10 @@ class _CpuSpill:
         (recorded by :meth:`pack`). A view of the storage or another tensor on it elsewhere raises torch's
         count of the storage's holders, and then the memory stays too, as it does without torch's count.
         """
-        storage = tensor.untyped_storage()
-        use_count = getattr(torch._C, "_storage_Use_Count", None)
-        if (tensor.device.type != "cpu" or use_count is None or storage.data_ptr() in self.held | self.keep
-                # holders: ``tensor`` and ``storage``
-                or use_count(storage._cdata) != 2):
+        if (tensor.device.type != "cpu" or tensor.untyped_storage().data_ptr() in self.held | self.keep
+                or not _storage_unshared(tensor)):
             return
-        storage.resize_(0)
+        tensor.untyped_storage().resize_(0)
         _CpuSpill.released += 1
 
     @staticmethod
@@ -172,14 +169,19 @@ class _CpuSpill:
         return packed.load() if isinstance(packed, SpilledTensor) else packed
 
 
+def _storage_unshared(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the only tensor on its storage (no view, no saved copy of its handle elsewhere).
+    False when this torch has no count of a storage's holders."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    # the storage's holders while asking: the tensor and the storage object taken from it here
+    return use_count is not None and use_count(tensor.untyped_storage()._cdata) == 2
+
+
 def _private(tensor: torch.Tensor) -> bool:
     """Whether only the caller's one variable holds ``tensor`` and its memory: no other reference to it and no
-    other tensor on its storage (False when this torch has no count of a storage's holders)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    # getrefcount counts its argument and this function's parameter besides the caller's variable; the
-    # storage's holders while asking are the tensor and the storage object taken from it here
-    return (use_count is not None and sys.getrefcount(tensor) == 3
-            and use_count(tensor.untyped_storage()._cdata) == 2)
+    other tensor on its storage."""
+    # getrefcount counts its argument and this function's parameter besides the caller's variable
+    return sys.getrefcount(tensor) == 3 and _storage_unshared(tensor)
 
 
 def _storages(tensors) -> frozenset[int]:
